@@ -46,8 +46,8 @@ class DiTConfig:
 
 
 PRESETS = {
-    "tiny": DiTConfig(in_channels=4, dim=32, depth=4, heads=2, text_dim=32, freq_dim=32),
-    "small": DiTConfig(in_channels=8, dim=96, depth=8, heads=4, text_dim=64, freq_dim=64),
+    "tiny": DiTConfig(in_channels=4, dim=32, depth=8, heads=2, text_dim=32, freq_dim=32),
+    "small": DiTConfig(in_channels=8, dim=64, depth=8, heads=4, text_dim=64, freq_dim=64),
 }
 
 
@@ -193,12 +193,12 @@ class Attention(nn.Module):
         cos, sin = rope
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v  # (B, H, N, d) each
 
-    def forward(self, x, grid, rope, causal=True, chunk=3, window=None, state=None):
+    def forward(self, x, grid, rope, causal=True, chunk=3, window=None, state=None, sink=0):
         B, N, D = x.shape                                           # x: (B, N, D), N = T*h*w of `grid`
         q, k, v = self.heads_qkv(x, rope)                           # (B, H, N, d)
         if state is None:
             T, h, w = grid
-            mask = block_causal_mask(T, h * w, chunk, window, device=x.device) if causal else None
+            mask = block_causal_mask(T, h * w, chunk, window, sink, device=x.device) if causal else None
             y = softmax_attention(q, k, v, mask)                    # (B, H, N, d)
         else:
             # Streaming: x is one chunk; it sees itself and the cached window (all past chunks are
@@ -273,12 +273,12 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada.weight)                             # AdaLN-Zero (DiT): gates start at 0
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, c, grid, rope, text, text_mask, causal=True, chunk=3, window=None, state=None):
+    def forward(self, x, c, grid, rope, text, text_mask, causal=True, chunk=3, window=None, state=None, sink=0):
         T, h, w = grid                                              # x: (B, N, D), c: (B, T, D)
         mod = self.ada(F.silu(c)).repeat_interleave(h * w, dim=1)  # (B, N, 6D): one modulation per frame
         b1, s1, g1, b2, s2, g2 = mod.chunk(6, dim=-1)               # (B, N, D) each
         a = self.attn(self.norm1(x) * (1 + s1) + b1, grid, rope, causal=causal, chunk=chunk,
-                      window=window, state=state)                  # (B, N, D)
+                      window=window, state=state, sink=sink)       # (B, N, D)
         x = x + g1 * a
         x = x + self.cross(self.norm_cross(x), text, text_mask, state)  # (B, N, D)
         f = self.ffn(self.norm2(x) * (1 + s2) + b2, grid, state)   # (B, N, D)
@@ -358,7 +358,7 @@ class DiT(Backbone):
     def run_blocks(self, tokens, c, grid, txt, text_mask, causal, t0, window, state):
         rope = rope_tables(grid, self.cfg.dim // self.cfg.heads, t0=t0, theta=self.cfg.rope_theta, device=tokens.device)
         for blk in self.blocks:
-            tokens = blk(tokens, c, grid, rope, txt, text_mask, causal, self.cfg.chunk, window, state)
+            tokens = blk(tokens, c, grid, rope, txt, text_mask, causal, self.cfg.chunk, window, state, self.cfg.sink)
         return tokens
 
 

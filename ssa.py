@@ -88,14 +88,14 @@ class StrideSelfAttention(nn.Module):
         self.attn = Attention(dim, heads)
         self.up = PixelShuffleUp(dim, stride)
 
-    def forward(self, x, grid, rope=None, causal=True, chunk=3, window=None, state=None, t0=None):
+    def forward(self, x, grid, rope=None, causal=True, chunk=3, window=None, state=None, sink=0, t0=None):
         # x: (B, N, D) on the high-resolution grid; `rope` is ignored: SSA builds its own tables on
         # the strided grid (positions at patch centres), time offset from the stream state.
         lo = low_res_grid(grid, self.stride)                        # (T, h/s, w/s)
         t0 = (state.frame0 if state is not None else 0) if t0 is None else t0
         rope_lo = rope_tables(lo, self.head_dim, t0=t0, stride=self.stride, device=x.device)  # (N/s^2, d/2) x 2
         x_S = self.down(x, grid)                                    # (B, N/s^2, D)
-        y_S = self.attn(x_S, lo, rope_lo, causal=causal, chunk=chunk, window=window, state=state)  # (B, N/s^2, D)
+        y_S = self.attn(x_S, lo, rope_lo, causal=causal, chunk=chunk, window=window, state=state, sink=sink)  # (B, N/s^2, D)
         return self.up(y_S, grid)                                   # (B, N, D)
 
 

@@ -1,0 +1,410 @@
+"""Budget-aware sandwich search (paper Alg. 1, Eq. 10, supplementary Sec. A).
+
+How the paper found its layout, in four steps:
+
+1. A latency table: one LCHA group at high resolution, one SSA group at low resolution and one branch
+   switch (down_n + up_n), measured on this CPU at the preset's shapes (one chunk of 3 latent frames);
+   plus an estimate for the paper's iPhone from FLOPs and bytes moved (`iphone_estimate`).
+2. The search space shrinks (Sec. A): 2^(2n) (each of 2n blocks picks LCHA or SSA) -> 2^n (the two
+   blocks of a group share their choice) -> 2^(n-2) (m_1 = m_M = 1) -> C(n-2, k) (the budget fixes k,
+   the number of LCHA groups among the n-2 middle ones).
+3. The budget-aware dynamic program picks k: the largest number of high-resolution (LCHA) groups whose
+   cheapest arrangement still meets the latency (or memory) budget.
+4. Differentiable routing (Alg. 1): a supernet computes both branches of every group; binary routers
+   m_n = Gumbel-top-k with a straight-through estimator keep exactly k LCHA groups in the middle; the
+   supernet (inheriting T_theta's weights) and the routers are trained by self-distillation, Eq. 10:
+        L_SD = E_{x0, eps, t, e} || S_{theta, m}(x_t, t, e) - T_theta(x_t, t, e) ||^2
+   against the frozen, pretrained all-self-attention DiT T_theta. The layout is the top-k of the router logits.
+
+`python search.py --run runs/X --budget-ms N --json` prints the chosen layout, its latency and Eq. 10
+loss beside the alternatives at the same budget (hourglass, all-LCHA, all-SSA, random): the toy Tab. 3.
+`python search.py` alone runs a seconds-long planted-problem demo.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dit
+from dit import Attention, Backbone, Block, DiTConfig, rope_tables
+from lcha import make_attention, make_ffn
+from sandwich import S2DiT, STRIDE, PAPER_CFG, check_layout, count_flops, inherit_from, switches
+from ssa import PatchMerge, PixelShuffleUp, low_res_grid
+
+
+@dataclass
+class SearchConfig:
+    steps: int = 300              # router + supernet training steps (Eq. 10)
+    batch: int = 4                # clips per step
+    lr: float = 3e-4              # supernet weights
+    router_lr: float = 3e-2       # router logits (they must move faster than the weights)
+    tau: float = 0.5              # Gumbel-Softmax temperature, annealed to tau_end
+    tau_end: float = 0.3
+    budget_frac: float = 0.5      # default budget: this fraction of the way from all-SSA to all-LCHA latency
+    seed: int = 0
+
+
+PRESETS = {"tiny": SearchConfig(steps=40, batch=2), "small": SearchConfig(steps=300, batch=4)}
+
+
+def get_config(name):
+    if name not in PRESETS:
+        raise ValueError(f"unknown search preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Latency table
+# ----------------------------------------------------------------------------------------------
+def _time(fn, repeats=5):
+    with torch.no_grad():
+        fn()
+        ts = []
+        for _ in range(repeats):
+            s = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - s)
+    ts.sort()
+    return ts[len(ts) // 2] * 1e3
+
+
+def latency_table(cfg: DiTConfig, latent_hw, repeats=5):
+    """ms of one LCHA group (high-res), one SSA group (low-res), one switch (down + up), one chunk."""
+    torch.manual_seed(0)
+    D, H = cfg.dim, cfg.heads
+    grid = (cfg.chunk, latent_hw // 2, latent_hw // 2)
+    lo = low_res_grid(grid, STRIDE)
+    N, n_lo = math.prod(grid), math.prod(lo)
+    x, c = torch.randn(1, N, D), torch.randn(1, cfg.chunk, D)
+    txt, mask = torch.randn(1, 8, D), torch.ones(1, 8, dtype=torch.bool)
+    d = D // H
+    rope_hi, rope_lo = rope_tables(grid, d), rope_tables(lo, d, stride=STRIDE)
+    lcha = [Block(D, H, make_attention("lcha", D, H), make_ffn("lcha", D, cfg.mlp_ratio)) for _ in range(2)]
+    ssa = [Block(D, H, Attention(D, H), mlp_ratio=cfg.mlp_ratio) for _ in range(2)]
+    down, up = PatchMerge(D, STRIDE), PixelShuffleUp(D, STRIDE)
+    x_lo = torch.randn(1, n_lo, D)
+
+    def group(blocks, h, g, rope):
+        for b in blocks:
+            h = b(h, c, g, rope, txt, mask)
+        return h
+
+    return {"lcha_group_ms": _time(lambda: group(lcha, x, grid, rope_hi), repeats),
+            "ssa_group_ms": _time(lambda: group(ssa, x_lo, lo, rope_lo), repeats),
+            "switch_ms": _time(lambda: up(down(x, grid), grid), repeats),
+            "tokens_high": N, "tokens_low": n_lo}
+
+
+# ASSUMPTION (documented model of an iPhone 15 Pro class device, not a measurement): the Neural Engine
+# sustains ~8 TFLOP/s on fp16-activation transformer layers (about a quarter of its 35 TOPS int8 peak)
+# and the SoC ~50 GB/s of DRAM bandwidth; a layer takes max(FLOPs / compute, bytes / bandwidth)
+# (a roofline). Bytes = weights at the mixed W4/W8 precision (~0.6 byte/param) + 8-bit activations in/out.
+IPHONE = {"flops_per_s": 8e12, "bytes_per_s": 50e9, "bytes_per_param": 0.6, "bytes_per_act": 1}
+
+
+def iphone_estimate(cfg: DiTConfig = PAPER_CFG, tokens_high=3 * 18 * 32):
+    """Roofline estimate (ms) of one LCHA group, one SSA group and one switch at the paper's shapes."""
+    D, H = cfg.dim, cfg.heads
+    s = STRIDE
+    out = {}
+    with torch.device("meta"):
+        grid = (3, 18, 32)
+        lo = low_res_grid(grid, s)
+        c, txt, mask = torch.empty(1, 3, D), torch.empty(1, 77, D), torch.ones(1, 77, dtype=torch.bool)
+        from torch.utils.flop_counter import FlopCounterMode
+        for name, blocks, g, stride in (
+                ("lcha_group", [Block(D, H, make_attention("lcha", D, H), make_ffn("lcha", D, cfg.mlp_ratio), cfg.mlp_ratio)
+                                for _ in range(2)], grid, 1),
+                ("ssa_group", [Block(D, H, Attention(D, H), mlp_ratio=cfg.mlp_ratio) for _ in range(2)], lo, s)):
+            n = math.prod(g)
+            x = torch.empty(1, n, D)
+            rope = rope_tables(g, D // H, stride=stride, device="meta")
+            with FlopCounterMode(display=False) as fc:
+                for b in blocks:
+                    x = b(x, c, g, rope, txt, mask)
+            params = sum(p.numel() for b in blocks for p in b.parameters())
+            byts = params * IPHONE["bytes_per_param"] + 2 * 2 * n * D * IPHONE["bytes_per_act"]
+            out[name + "_ms"] = 1e3 * max(fc.get_total_flops() / IPHONE["flops_per_s"], byts / IPHONE["bytes_per_s"])
+        sw_params = 2 * s * s * D * D
+        out["switch_ms"] = 1e3 * (sw_params * IPHONE["bytes_per_param"] + 4 * math.prod(grid) * D) / IPHONE["bytes_per_s"]
+    return out
+
+
+def layout_latency(layout, table):
+    """Latency model: sum of group costs plus one switch cost per change of resolution."""
+    n_sw = sum(d + u for d, u in switches(layout))
+    return sum(table["lcha_group_ms"] if m else table["ssa_group_ms"] for m in layout) + n_sw * table["switch_ms"] / 2
+
+
+def layout_memory(layout, cfg: DiTConfig, tokens_high, bytes_per=4):
+    """Peak activation memory (MB) of one chunk: the largest working set of any group. LCHA keeps
+    (N, D) activations + per-head d x d states; SSA keeps its (N/s^2)^2 score matrix per head."""
+    D, H, d = cfg.dim, cfg.heads, cfg.dim // cfg.heads
+    n_lo = tokens_high // STRIDE ** 2
+    lcha = (6 * tokens_high * D + (1 + cfg.window) * H * d * d) * bytes_per
+    ssa = (6 * n_lo * D + H * n_lo * n_lo * (1 + cfg.window)) * bytes_per + tokens_high * D * bytes_per  # + skip S
+    return max(lcha if m else ssa for m in layout) / 2 ** 20
+
+
+# ----------------------------------------------------------------------------------------------
+# 2-3. Search space and the budget-aware dynamic program
+# ----------------------------------------------------------------------------------------------
+def search_space(n, k):
+    return {"blocks_2^(2n)": 2 ** (2 * n), "groups_2^n": 2 ** n, "ends_fixed_2^(n-2)": 2 ** (n - 2),
+            f"budget_C(n-2,k={k})": math.comb(n - 2, k)}
+
+
+def all_layouts(n, k=None):
+    for mid in itertools.product((0, 1), repeat=n - 2):
+        if k is None or sum(mid) == k:
+            yield (1,) + mid + (1,)
+
+
+def dp_cheapest(n, cost_L, cost_S, switch, agg="sum"):
+    """best[k] = (cost, layout): the cheapest layout with exactly k LCHA groups among the n-2 middle ones.
+
+    DP over groups: state (k so far, type of the last group). A step adds the group's cost and, when the
+    type changes, half a switch (down_n at the change to S, up_n at the change back: one switch per pair).
+    `agg="max"` turns the sum into a maximum (peak memory instead of latency)."""
+    comb = (lambda a, b: a + b) if agg == "sum" else max
+    INF = (float("inf"), None)
+    best = {(1, 1): (cost_L, (1,))}                                  # after group 1 (always LCHA)
+    for pos in range(1, n):
+        nxt = {}
+        choices = (1,) if pos == n - 1 else (0, 1)
+        for (k, last), (c, lay) in best.items():
+            for m in choices:
+                step = (cost_L if m else cost_S) + (switch / 2 if m != last else 0.0) if agg == "sum" else \
+                    (cost_L if m else cost_S)
+                key = (k + m, m)
+                cand = (comb(c, step), lay + (m,))
+                if cand[0] < nxt.get(key, INF)[0]:
+                    nxt[key] = cand
+        best = nxt
+    return {k - 2: v for (k, last), v in sorted(best.items())}       # k counts middle LCHA groups only
+
+
+def choose_k(n, table, budget_ms):
+    """The largest k whose cheapest layout meets the budget (more high-resolution groups = more detail)."""
+    best = dp_cheapest(n, table["lcha_group_ms"], table["ssa_group_ms"], table["switch_ms"])
+    feasible = [k for k, (c, _) in best.items() if c <= budget_ms]
+    if not feasible:
+        c, lay = min(best.values())
+        raise ValueError(f"no layout meets the budget of {budget_ms:.2f} ms: the cheapest layout "
+                         f"{''.join('L' if m else 'S' for m in lay)} costs {c:.2f} ms")
+    k = max(feasible)
+    return k, best[k]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Differentiable routing: the supernet of Alg. 1
+# ----------------------------------------------------------------------------------------------
+def gumbel_top_k(logits, k, tau, generator=None, hard_only=False):
+    """m for the middle groups: forward = exactly k ones (top-k of logits + Gumbel noise), backward =
+    gradient of the soft relaxation sigmoid((score - theta) / tau) (straight-through estimator);
+    theta sits halfway between the k-th and (k+1)-th score, so soft > 0.5 exactly on the hard top-k."""
+    n = logits.numel()
+    if hard_only:
+        score = logits
+    else:
+        u = torch.rand(n, generator=generator).clamp(1e-6, 1 - 1e-6)
+        score = logits - torch.log(-torch.log(u))                    # Gumbel(0, 1) perturbation
+    order = score.detach().argsort(descending=True)
+    hard = torch.zeros(n)
+    hard[order[:k]] = 1.0
+    if k == 0 or k == n:
+        return hard
+    theta = (score.detach()[order[k - 1]] + score.detach()[order[k]]) / 2
+    soft = torch.sigmoid((score - theta) / tau)
+    return hard + soft - soft.detach()                                # straight-through
+
+
+class SuperNet(Backbone):
+    """Both branches of every group, and down_n / up_n for every group; `forward(..., m=...)` runs
+    Alg. 1 with (possibly soft) routers. m: (M,) tensor with m_1 = m_M = 1."""
+
+    def __init__(self, cfg: DiTConfig, stride=STRIDE):
+        super().__init__(cfg)
+        D, H, M = cfg.dim, cfg.heads, cfg.depth // 2
+        self.M, self.stride = M, stride
+        self.lcha = nn.ModuleList([nn.ModuleList([Block(D, H, make_attention("lcha", D, H),
+                                                        make_ffn("lcha", D, cfg.mlp_ratio), cfg.mlp_ratio)
+                                                  for _ in range(2)]) for _ in range(M)])
+        self.ssa = nn.ModuleList([nn.ModuleList([Block(D, H, Attention(D, H), mlp_ratio=cfg.mlp_ratio)
+                                                 for _ in range(2)]) for _ in range(M)])
+        self.down = nn.ModuleList([PatchMerge(D, stride) for _ in range(M)])
+        self.up = nn.ModuleList([PixelShuffleUp(D, stride) for _ in range(M)])
+        self.router = nn.Parameter(torch.zeros(M - 2))               # logits of m_2..m_{M-1}
+        self.m = None                                                 # routers used by the next forward
+
+    def run_blocks(self, tokens, c, grid, txt, text_mask, causal, t0, window, state):
+        cfg, d = self.cfg, self.cfg.dim // self.cfg.heads
+        lo = low_res_grid(grid, self.stride)
+        rope_hi = rope_tables(grid, d, t0=t0, theta=cfg.rope_theta, device=tokens.device)
+        rope_lo = rope_tables(lo, d, t0=t0, stride=self.stride, theta=cfg.rope_theta, device=tokens.device)
+        args = (txt, text_mask, causal, cfg.chunk, window, state, cfg.sink)
+        m = self.m
+        # Alg. 1, line 1 (x_S, S_down start as zeros; with hard routers they are only read after line 5)
+        x_L, S = tokens, tokens
+        x_S = S_down = tokens.new_zeros(tokens.shape[0], math.prod(lo), tokens.shape[2])
+        for n in range(self.M):
+            m_prev = m[n - 1] if n > 0 else 1.0
+            d_n, u_n = m_prev * (1 - m[n]), (1 - m_prev) * m[n]      # lines 3-4, soft or hard
+            # line 5, blended: S <- x_L; x_S <- down_n(x_L); S_down <- x_S   (when d_n = 1)
+            S = d_n * x_L + (1 - d_n) * S
+            x_S = d_n * self.down[n](x_L, grid) + (1 - d_n) * x_S
+            S_down = d_n * x_S + (1 - d_n) * S_down
+            # line 6, blended: x_L <- S + up_n(x_S - S_down)   (when u_n = 1)
+            x_L = u_n * (S + self.up[n](x_S - S_down, grid)) + (1 - u_n) * x_L
+            # line 7, both branches: y_L = LCHA_n(x_L), y_S = SSA_n(x_S)
+            y_L, y_S = x_L, x_S
+            for b_L, b_S in zip(self.lcha[n], self.ssa[n]):
+                y_L = b_L(y_L, c, grid, rope_hi, *args)             # (B, N, D)
+                if 0 < n < self.M - 1:                              # m_1 = m_M = 1: no SSA branch at the ends
+                    y_S = b_S(y_S, c, lo, rope_lo, *args)           # (B, N/s^2, D)
+            x_L = m[n] * y_L + (1 - m[n]) * x_L                     # the unchosen stream passes unchanged
+            x_S = (1 - m[n]) * y_S + m[n] * x_S
+        return x_L                                                  # line 8
+
+    def routers(self, k, tau, generator=None, hard_only=False):
+        mid = gumbel_top_k(self.router, k, tau, generator, hard_only)
+        return torch.cat([torch.ones(1), mid, torch.ones(1)])
+
+    def layout(self, k):
+        return tuple(int(v) for v in self.routers(k, 1.0, hard_only=True).tolist())
+
+    def inherit(self, base: nn.Module):
+        """Both branches of group n inherit T_theta's blocks 2n, 2n+1 wherever compatible."""
+        def name_map(name):
+            p = name.split(".")
+            if p[0] in ("lcha", "ssa"):
+                return ".".join(["blocks", str(2 * int(p[1]) + int(p[2]))] + p[3:])
+            return name
+        return inherit_from(self, base, name_map)
+
+    def extract(self, layout) -> S2DiT:
+        """The S2DiT of `layout` with this supernet's weights (chosen branches, their switches)."""
+        layout = check_layout(layout, self.M)
+        model = S2DiT(self.cfg, layout, self.stride)
+
+        def name_map(name):
+            p = name.split(".")
+            if p[0] == "groups":
+                return ".".join(["lcha" if layout[int(p[1])] else "ssa"] + p[1:])
+            return name
+        rep = inherit_from(model, self, name_map)
+        assert not rep["fresh"], f"extract left tensors fresh: {rep['fresh']}"
+        return model
+
+
+def eq10_loss(student, teacher, x0, text, mask, generator=None):
+    """Eq. 10: || S(x_t, t, e) - T(x_t, t, e) ||^2 on flow-matching inputs (per-chunk t)."""
+    import flow
+    B, C, T = x0.shape[:3]
+    t = flow.sample_t(B, T, chunk=teacher.cfg.chunk, generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    x_t = flow.add_noise(x0, eps, t)
+    with torch.no_grad():
+        target = teacher(x_t, t, text, mask)
+    return F.mse_loss(student(x_t, t, text, mask), target)
+
+
+def run_search(supernet: SuperNet, teacher: nn.Module, batch_fn, k, cfg: SearchConfig, progress=True,
+               train_weights=True):
+    """Train routers (and supernet weights) with Eq. 10; returns (layout, history)."""
+    from tqdm import tqdm
+    g = torch.Generator().manual_seed(cfg.seed)
+    params = [{"params": [supernet.router], "lr": cfg.router_lr}]
+    if train_weights:
+        params.append({"params": [p for n, p in supernet.named_parameters() if n != "router"], "lr": cfg.lr})
+    opt = torch.optim.AdamW(params, weight_decay=0.0)
+    teacher.eval()
+    hist = []
+    bar = tqdm(range(cfg.steps), desc=f"search k={k}", disable=not progress)
+    for step in bar:
+        tau = cfg.tau * (cfg.tau_end / cfg.tau) ** (step / max(1, cfg.steps - 1))   # annealed temperature
+        supernet.m = supernet.routers(k, tau, g)
+        x0, text, mask = batch_fn(step)
+        loss = eq10_loss(supernet, teacher, x0, text, mask, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hist.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}", layout="".join("L" if v else "S" for v in supernet.layout(k)))
+    supernet.m = None
+    return supernet.layout(k), hist
+
+
+def layout_loss(supernet, teacher, layout, batches, seed=0):
+    """Eq. 10 loss of a fixed (hard) layout on held-out batches, with the supernet's shared weights."""
+    g = torch.Generator().manual_seed(seed)
+    supernet.m = torch.tensor(layout, dtype=torch.float32)
+    with torch.no_grad():
+        loss = sum(eq10_loss(supernet, teacher, *b, generator=g).item() for b in batches) / len(batches)
+    supernet.m = None
+    return loss
+
+
+def alternatives(M, k, table, budget_ms, seed=0):
+    """The toy Tab. 3 rows at one budget: hourglass (one contiguous SSA run), all-LCHA, all-SSA, random."""
+    n_mid = M - 2
+    a = k // 2
+    rows = {"hourglass": (1,) * (1 + a) + (0,) * (n_mid - k) + (1,) * (1 + k - a),
+            "all-LCHA": (1,) * M, "all-SSA": (1,) + (0,) * n_mid + (1,)}
+    rng = random.Random(seed)
+    mids = [lay for lay in all_layouts(M, k)]
+    rows["random"] = mids[rng.randrange(len(mids))]
+    return {name: {"layout": lay, "latency_ms": layout_latency(lay, table),
+                   "fits": layout_latency(lay, table) <= budget_ms} for name, lay in rows.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description="Budget-aware sandwich search (Alg. 1, Eq. 10)")
+    p.add_argument("--run", default=None, help="a run directory with base.pt and search.pt (train.py --stages base,search)")
+    p.add_argument("--budget-ms", type=float, default=None, help="latency budget per chunk step on this CPU (ms)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = p.parse_args()
+    if args.run is None:
+        return demo()
+    import train
+    res = train.search_report(args.run, args.budget_ms)
+    if not args.json:
+        for name, row in res["rows"].items():
+            print(f"{name:10s} {''.join('L' if m else 'S' for m in row['layout'])}  {row['latency_ms']:7.2f} ms  "
+                  f"Eq.10 {row.get('eq10_loss', float('nan')):.5f}  {'fits' if row['fits'] else 'over budget'}")
+    print(json.dumps(res))
+
+
+def demo():
+    """Planted problem: the teacher IS a sandwich of a known layout; the search must find it."""
+    torch.manual_seed(0)
+    cfg = dit.get_config("tiny", depth=10)                          # M = 5 groups, 3 middle
+    planted = (1, 0, 1, 0, 1)
+    sup = SuperNet(cfg)
+    for p_ in sup.parameters():
+        if p_.dim() > 1:
+            nn.init.normal_(p_, std=0.1)
+    teacher = sup.extract(planted).eval()
+    for p_ in teacher.parameters():
+        p_.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    batch = lambda step: (torch.randn(2, cfg.in_channels, 3, 4, 4, generator=g),
+                          torch.randn(2, 4, cfg.text_dim, generator=g), torch.ones(2, 4, dtype=torch.bool))
+    k = sum(planted[1:-1])
+    found, hist = run_search(sup, teacher, batch, k, SearchConfig(steps=40, router_lr=0.1), progress=False,
+                             train_weights=False)
+    print("search space for n=14, k=4:", search_space(14, 4))
+    print(f"planted {planted} -> found {found}; Eq. 10 loss {hist[0]:.4f} -> {hist[-1]:.4f}")
+    assert found == planted
+
+
+if __name__ == "__main__":
+    main()
