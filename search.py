@@ -195,7 +195,7 @@ def dp_cheapest(n, cost_L, cost_S, switch, agg="sum"):
 def choose_k(n, table, budget_ms):
     """The largest k whose cheapest layout meets the budget (more high-resolution groups = more detail)."""
     best = dp_cheapest(n, table["lcha_group_ms"], table["ssa_group_ms"], table["switch_ms"])
-    feasible = [k for k, (c, _) in best.items() if c <= budget_ms]
+    feasible = [k for k, (c, _) in best.items() if c <= budget_ms + 1e-9]  # float sums differ in order
     if not feasible:
         c, lay = min(best.values())
         raise ValueError(f"no layout meets the budget of {budget_ms:.2f} ms: the cheapest layout "
@@ -224,7 +224,7 @@ def gumbel_top_k(logits, k, tau, generator=None, hard_only=False):
         return hard
     theta = (score.detach()[order[k - 1]] + score.detach()[order[k]]) / 2
     soft = torch.sigmoid((score - theta) / tau)
-    return hard + soft - soft.detach()                                # straight-through
+    return hard + (soft - soft.detach())                              # straight-through: exactly hard forward
 
 
 class SuperNet(Backbone):
