@@ -1,0 +1,241 @@
+"""Rectified-flow matching: noising, velocity target, timestep shift, samplers.
+
+Concept (Wan 2.1 / 2.2, the flow S2DiT is trained with; the S2DiT paper builds on Wan and
+Self-Forcing and does not restate these equations, so they are taken from those works):
+
+    x_t = (1 - t) x0 + t eps           t in [0, 1], t = 0 is data, t = 1 is noise
+    v   = eps - x0                     the network predicts this velocity
+    x0  = x_t - t v                    so any velocity prediction is also an x0 prediction
+    t'  = s t / (1 + (s - 1) t)        timestep shift (s > 1 spends more steps near noise)
+
+What lives here:
+  * `add_noise`, `velocity_target`, `x0_from_v`, `shift_t`: the four equations above, with t
+    per sample (B,) or per latent frame (B, T) broadcast onto a latent (B, C, T, h, w).
+  * `sample_t`: training-time t, independent per chunk of 3 latent frames (diffusion forcing,
+    so a streaming model learns to denoise a chunk next to cleaner / noisier context).
+  * `sample_euler` + `cfg_velocity`: the many-step ODE sampler with classifier-free guidance
+    used for the teacher and the pretrained models.
+  * `few_step_schedule` + `sample_few_step`: Self-Forcing's warped [1000, 750, 500, 250]
+    schedule and its predict-x0 / re-noise sampler, the one DMD students use (Tab. A1: 1, 2, 4).
+
+Legend: B batch, C latent channels, T latent frames, h, w latent height and width.
+
+Demo: `python flow.py`, the exact velocity field of a Gaussian is integrated by the Euler sampler
+and the printed sample mean / variance match the data's (plus a sign-flipped control that fails).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class FlowConfig:
+    shift: float = 3.0            # inference timestep shift s for Euler and few-step samplers (Wan2.1 T2V / Self-Forcing: 5.0)
+    train_shift: float = 1.0      # shift applied to training t (ASSUMPTION: 1.0 at toy resolution; few tokens need little shift)
+    t_mode: str = "logit_normal"  # training t distribution: "logit_normal" (SD3 / Wan) or "uniform"
+    logit_mean: float = 0.0       # mean of the normal inside the logit-normal (SD3 default 0.0)
+    logit_std: float = 1.0        # std of the normal inside the logit-normal (SD3 default 1.0)
+    per_chunk: bool = True        # independent t per chunk of latent frames (diffusion forcing, Self-Forcing / CausVid)
+    chunk: int = 3                # latent frames per chunk (paper Sec. D.2: 3)
+    cfg_scale: float = 3.0        # classifier-free guidance scale (Wan2.1 default 5.0; ASSUMPTION: 3.0 for the toy world)
+    cfg_dropout: float = 0.1      # probability a caption is replaced by the null embedding in training (ASSUMPTION, common 0.1)
+    boundary: float = 0.5         # MoE teacher: high-noise expert for t >= boundary (Wan2.2 T2V: 0.875; ASSUMPTION 0.5 so both toy experts see half the data)
+    sample_steps: int = 20        # Euler steps for teacher / pretrained sampling (Wan: 50)
+    few_steps: int = 4            # student steps (paper Tab. A1: 1, 2, 4; Self-Forcing: 4)
+
+
+PRESETS = {
+    "tiny": FlowConfig(),
+    "small": FlowConfig(sample_steps=30),
+}
+
+
+def get_config(name: str) -> FlowConfig:
+    """A fresh copy of the named preset; unknown names raise ValueError listing the presets."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown flow preset {name!r}; known presets: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+# ----------------------------------------------------------------------------- the equations
+def _t_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast t (B,) or (B, T) onto x (B, C, T, h, w): (B,1,1,1,1) or (B,1,T,1,1)."""
+    if x.dim() != 5:
+        raise ValueError(f"expected a latent of shape (B, C, T, h, w), got shape {tuple(x.shape)}")
+    B, C, T = x.shape[:3]
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if t.dim() == 1 and t.shape[0] == B:
+        return t.view(B, 1, 1, 1, 1)                                    # one t per sample
+    if t.dim() == 2 and t.shape == (B, T):
+        return t.view(B, 1, T, 1, 1)                                    # one t per latent frame
+    raise ValueError(f"expected t of shape ({B},) or ({B}, {T}) for a latent of shape "
+                     f"{tuple(x.shape)}, got shape {tuple(t.shape)}")
+
+
+def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t eps, the straight path from data (t = 0) to noise (t = 1)."""
+    if eps.shape != x0.shape:
+        raise ValueError(f"expected eps of shape {tuple(x0.shape)}, got {tuple(eps.shape)}")
+    t = _t_like(t, x0)                                                  # (B,1,1|T,1,1)
+    return (1 - t) * x0 + t * eps                                       # (B, C, T, h, w)
+
+
+def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """v = d x_t / d t = eps - x0, the flow-matching regression target."""
+    return eps - x0                                                     # (B, C, T, h, w)
+
+
+def x0_from_v(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 = x_t - t v: walk the straight line back from time t to time 0."""
+    return x_t - _t_like(t, x_t) * v                                    # (B, C, T, h, w)
+
+
+def shift_t(t, s: float):
+    """Timestep shift t' = s t / (1 + (s - 1) t) (SD3 / Wan). Monotone, keeps 0 -> 0 and 1 -> 1;
+    s > 1 pushes every t toward noise, where the coarse layout of the video is decided."""
+    return s * t / (1 + (s - 1) * t)
+
+
+# ----------------------------------------------------------------------------- training t
+def sample_t(batch: int, frames: int, chunk: int = 3, mode: str = "logit_normal",
+             shift: float = 1.0, per_chunk: bool = True, generator: torch.Generator | None = None,
+             logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """Training timesteps t of shape (B, T) for T = `frames` latent frames.
+
+    per_chunk=True: one independent t per chunk of `chunk` latent frames, equal inside a chunk
+    (diffusion forcing, as in CausVid / Self-Forcing): a block-causal student must learn to
+    denoise the current chunk while its context chunks sit at other noise levels.
+    per_chunk=False: one t per sample, repeated over all frames (plain bidirectional training).
+    """
+    if mode not in ("logit_normal", "uniform"):
+        raise ValueError(f"unknown t mode {mode!r}; expected 'logit_normal' or 'uniform'")
+    if batch < 1 or frames < 1 or chunk < 1:
+        raise ValueError(f"expected batch, frames, chunk >= 1, got {batch}, {frames}, {chunk}")
+    n = math.ceil(frames / chunk) if per_chunk else 1                   # independent draws per sample
+    if mode == "logit_normal":
+        # SD3: t = sigmoid(N(m, s^2)) concentrates training on mid-range t, where the loss is hardest
+        z = torch.randn(batch, n, generator=generator) * logit_std + logit_mean   # (B, n)
+        t = torch.sigmoid(z)                                            # (B, n)
+    else:
+        t = torch.rand(batch, n, generator=generator)                   # (B, n)
+    t = shift_t(t, shift)                                               # (B, n)
+    reps = chunk if per_chunk else frames
+    return t.repeat_interleave(reps, dim=1)[:, :frames].contiguous()    # (B, T)
+
+
+# ----------------------------------------------------------------------------- many-step sampler
+def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: v = v_u + s (v_c - v_u); s = 1 is the plain conditional model."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def euler_schedule(steps: int, shift: float) -> list[float]:
+    """steps + 1 times from 1 (noise) to 0 (data), uniform grid warped by the shift."""
+    if steps < 1:
+        raise ValueError(f"expected steps >= 1, got {steps}")
+    return [float(shift_t(1 - i / steps, shift)) for i in range(steps + 1)]
+
+
+@torch.no_grad()
+def sample_euler(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 noise: torch.Tensor, steps: int, shift: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Integrate dx/dt = v(x, t) from t = 1 (x = noise) down to t = 0 with Euler steps.
+
+    velocity_fn(x (B, ...), t (B,)) -> v of x's shape; wrap the model with `cfg_velocity` for
+    guidance. The ODE is deterministic: `generator` is unused and only kept so that both
+    samplers share a signature.
+    """
+    ts = euler_schedule(steps, shift)
+    x = noise                                                           # (B, C, T, h, w) at t = 1
+    B = x.shape[0]
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        t_vec = torch.full((B,), t, dtype=x.dtype, device=x.device)     # (B,)
+        v = velocity_fn(x, t_vec)                                       # (B, C, T, h, w)
+        x = x + (t_next - t) * v                                        # t_next < t: a step toward data
+    return x                                                            # (B, C, T, h, w) at t = 0
+
+
+# ----------------------------------------------------------------------------- few-step sampler
+def few_step_schedule(n_steps: int, shift: float) -> list[float]:
+    """Self-Forcing's denoising list [1000, 750, 500, 250] / 1000 (n = 4), generalised to n steps
+    as [1 - i/n for i < n] and warped by the shift: n=1 -> [1], n=2 -> [1, s(.5)], n=4 -> [1, s(.75),
+    s(.5), s(.25)]. The first entry is always 1: the student starts from pure noise."""
+    if n_steps < 1:
+        raise ValueError(f"expected n_steps >= 1, got {n_steps}")
+    return [float(shift_t(1 - i / n_steps, shift)) for i in range(n_steps)]
+
+
+def sample_few_step(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    noise: torch.Tensor, ts: list[float],
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """The DMD student's sampler (Self-Forcing / CausVid): at each t predict x0, then jump to the
+    next t by re-noising that x0 with fresh noise, rather than following the ODE.
+
+    denoise_fn(x_t, t (B,)) -> velocity v; x0 = x_t - t v. Returns the last x0 prediction.
+    No torch.no_grad here: Self-Forcing backpropagates through the last step of this rollout.
+    """
+    if len(ts) == 0 or abs(ts[0] - 1.0) > 1e-6:
+        raise ValueError(f"expected a schedule starting at t = 1 (pure noise), got {list(ts)}")
+    if any(b >= a for a, b in zip(ts[:-1], ts[1:])) or ts[-1] <= 0:
+        raise ValueError(f"expected strictly decreasing times in (0, 1], got {list(ts)}")
+    x_t = noise                                                         # (B, C, T, h, w) at t = 1
+    B = x_t.shape[0]
+    for i, t in enumerate(ts):
+        t_vec = torch.full((B,), t, dtype=x_t.dtype, device=x_t.device)  # (B,)
+        v = denoise_fn(x_t, t_vec)                                      # (B, C, T, h, w)
+        x0 = x_t - t * v                                                # (B, C, T, h, w) predicted data
+        if i + 1 < len(ts):
+            t_next = ts[i + 1]
+            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+            x_t = (1 - t_next) * x0 + t_next * eps                      # (B, C, T, h, w) fresh noise at t'
+    return x0
+
+
+# ----------------------------------------------------------------------------- a known answer
+def gaussian_velocity(mu: float, sigma: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Exact velocity v*(x_t, t) = E[eps - x0 | x_t] for data x0 ~ N(mu, sigma^2) per dimension.
+
+    x_t = (1-t) x0 + t eps is Gaussian with mean m_t = (1-t) mu and variance
+    s_t^2 = (1-t)^2 sigma^2 + t^2; Cov(x0, x_t) = (1-t) sigma^2, Cov(eps, x_t) = t, hence
+    E[x0 | x_t] = mu + (1-t) sigma^2 (x_t - m_t) / s_t^2 and E[eps | x_t] = t (x_t - m_t) / s_t^2.
+    """
+    def v_star(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.view(-1, *([1] * (x.dim() - 1)))                          # (B, 1, ...)
+        m_t = (1 - t) * mu
+        s2_t = (1 - t) ** 2 * sigma ** 2 + t ** 2
+        e_x0 = mu + (1 - t) * sigma ** 2 * (x - m_t) / s2_t
+        e_eps = t * (x - m_t) / s2_t
+        return e_eps - e_x0
+    return v_star
+
+
+def _demo() -> None:
+    mu, sigma, shift = 2.0, 0.5, 1.0
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(256, 4, 3, 4, 4, generator=g)                   # (B, C, T, h, w), 49k numbers
+    v_star = gaussian_velocity(mu, sigma)
+    print(f"data x0 ~ N({mu}, {sigma ** 2:.4f}); Euler with the exact velocity, shift {shift}:")
+    for steps in (10, 50, 200):                                        # Euler is first order: var error ~ 1/steps
+        x = sample_euler(v_star, noise, steps=steps, shift=shift)
+        print(f"  {steps:4d} steps: mean {x.mean():.4f}  var {x.var():.4f}")
+    flipped = sample_euler(lambda x, t: -v_star(x, t), noise, steps=200, shift=shift)
+    print(f"  sign-flipped velocity (a bug): mean {flipped.mean():.4f}  var {flipped.var():.4f}")
+    one = sample_few_step(v_star, noise, few_step_schedule(1, 3.0), generator=g)
+    print(f"  1-step x0 = x_1 - v(x_1, 1) = E[x0] = mu exactly: max |x0 - mu| = {(one - mu).abs().max():.2e}")
+    print("few-step schedules (shift 3.0):",
+          {n: [round(t, 3) for t in few_step_schedule(n, 3.0)] for n in (1, 2, 4)})
+    print("sample_t per chunk of 3, T = 9:\n", sample_t(2, 9, generator=g))
+    assert abs(x.mean() - mu) < 0.01 and abs(x.var() - sigma ** 2) < 0.01, "Euler sampler is wrong"
+    assert abs(flipped.mean() - mu) > 0.5, "sign-flipped control should fail"
+    print("OK: Euler with the exact velocity recovers the data distribution")
+
+
+if __name__ == "__main__":
+    _demo()
