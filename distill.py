@@ -1,0 +1,716 @@
+"""2-in-1 distillation: offline cached KD, then Self-Forcing DMD + progressive RpGAN (paper Sec. C, Eq. 12-14).
+
+The student S2DiT (sandwich.py) becomes a few-step, block-causal streaming generator in two stages:
+
+  1. Offline cached KD (Sec. C.1, Eq. 12): the MoE teacher (dit.MoETeacher, stand-in for Wan2.2)
+     runs ONCE over the data and writes, per sample, the text embedding e and one diffusion tuple
+     (t, n, v) per expert: n the noisy latent x_t, v the teacher's CFG-guided velocity. The student
+     then regresses those velocities from disk; the teacher is never loaded while it trains.
+  2. Self-Forcing DMD (Sec. C.2): the student generates a whole clip chunk after chunk with its own
+     KV cache (backward simulation), and the DMD gradient (Yin et al. 2024, "One-step Diffusion with
+     Distribution Matching Distillation"; normalised as in DMD2, Yin et al. 2024b) pulls its samples
+     toward the real score (teacher + CFG) and away from a trainable fake score (the critic).
+     Progressive adversarial fine-tuning (Eq. 13-14) adds an RpGAN whose "real" samples are the
+     student's own many-step (T') outputs and whose "fake" are its few-step (T < T') outputs, with
+     R1 + R2 penalties in the paper's finite-difference form.
+
+Also here, the generic training pieces train.py uses for the base / teacher / pretrain stages:
+`fm_loss`, `train_fm`, `EMA`, `cfg_predict`. The streaming primitives `denoise_chunk`,
+`commit_chunk`, `rollout` are shared with stream.py.
+
+Legend: B batch, C latent channels, T latent frames (3 per chunk), h x w latent grid, N tokens,
+D width, L text tokens. Flow time t in [0, 1], t = 0 data; x_t = (1-t) x0 + t eps; x0 = x_t - t v.
+
+Demo: `python distill.py` -- DMD on 2-D Gaussians (known scores), then a 2-step tiny S2DiT pipeline
+(cache -> KD -> DMD+GAN) for a few iterations.
+"""
+import copy
+import hashlib
+import io
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import flow
+from dit import StreamState
+
+
+@dataclass
+class DMDConfig:
+    # --- Self-Forcing DMD (Sec. C.2) ---
+    steps: int = 200              # generator updates
+    batch: int = 2                # clips per update (train.py's batch_fn_text draws this many prompts)
+    n_chunks: int = 3             # chunks per rollout (3 x 3 = 9 latent frames = 33 pixel frames)
+    latent_hw: tuple = (8, 8)     # latent grid h, w (tiny 8x8, small 16x16; DESIGN section 3)
+    n_steps: int = 4              # student steps T (Tab. A1: 1, 2, 4; Self-Forcing: 4)
+    shift: float = 3.0            # shift of the few-step schedule and of the DMD t (flow.FlowConfig.shift)
+    window: int = 2               # KV window in chunks (paper: 2)
+    t_ctx: float = 0.0            # noise level the clean chunk is re-encoded at (Self-Forcing: 0)
+    critic_updates: int = 5       # critic (fake score) updates per generator update (DMD2 / Self-Forcing: 5)
+    lr_g: float = 1e-4            # generator lr (paper 1e-5; ASSUMPTION: x10 for the toy)
+    lr_c: float = 2e-5            # critic lr (paper 2e-6): the paper's 5:1 generator:critic ratio
+    betas: tuple = (0.0, 0.999)   # AdamW betas (paper / DMD2: beta1 = 0)
+    weight_decay: float = 0.01    # AdamW weight decay (Self-Forcing: 0.01)
+    clip: float = 10.0            # gradient-norm clip (ASSUMPTION)
+    cfg_scale: float = 3.0        # guidance of the real score (flow.FlowConfig.cfg_scale)
+    t_min: float = 0.02           # DMD / GAN t range before the shift (DMD2: [0.02, 0.98])
+    t_max: float = 0.98
+    ema: float = 0.99             # EMA decay of the generator (paper: 0.99)
+    without_teacher: bool = False # Tab. A7: train.py passes make_real_score(pretrained student) as the real score
+    # --- progressive RpGAN (Eq. 13-14) ---
+    gan_start: int = 100          # generator update at which the GAN terms switch on (ASSUMPTION: half way)
+    gan_weight: float = 0.1       # weight of L_G (and of L_D in the critic loss) (ASSUMPTION)
+    gan_real_steps: int = 8       # T': student steps of the "real" samples, T' > n_steps
+    r1_weight: float = 0.1        # R1 on real (ASSUMPTION)
+    r2_weight: float = 0.1        # R2 on fake (ASSUMPTION)
+    eps: float = 0.01             # finite-difference step of Eq. 13 (ASSUMPTION)
+    exact_r1: bool = False        # True: exact ||grad_x D||^2 by double backward instead of Eq. 13
+    # --- offline cached KD (Sec. C.1) ---
+    kd_steps: int = 500           # student updates on the cache
+    kd_batch: int = 4             # samples per KD update
+    kd_lr: float = 1e-4           # KD lr (ASSUMPTION; AdamW betas (0.9, 0.999))
+    w_l: float = 0.5              # Eq. 12 weight of the low-noise expert's tuple
+    w_h: float = 0.5              # Eq. 12 weight of the high-noise expert's tuple
+    seed: int = 0
+
+
+PRESETS = {
+    "tiny": DMDConfig(steps=20, batch=1, n_steps=2, critic_updates=1, gan_start=10, gan_real_steps=4,
+                      kd_steps=40, kd_batch=2),
+    "small": DMDConfig(steps=300, batch=2, latent_hw=(16, 16), critic_updates=2, gan_start=150, kd_steps=600),
+    "paper": DMDConfig(lr_g=1e-5, lr_c=2e-6, latent_hw=(36, 64), gan_real_steps=8),  # values the paper states
+}
+
+
+def get_config(name: str, **overrides) -> DMDConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown distill preset {name!r}; known presets: {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+def _chunk(model):
+    return getattr(getattr(model, "cfg", None), "chunk", 3)
+
+
+def _batch_null(null, B):
+    """A (1, L, D) or (1, L) null prompt expanded to batch B."""
+    return null.expand(B, *null.shape[1:]) if null.shape[0] == 1 else null
+
+
+# ==============================================================================================
+# Generic training pieces: CFG prediction, flow-matching loss, EMA
+# ==============================================================================================
+def cfg_predict(model, x, t, text, mask, null_text, null_mask, scale, **kw):
+    """Guided velocity v = v_u + s (v_c - v_u) (flow.cfg_velocity); s = 1 skips the null pass."""
+    v_c = model(x, t, text, mask, **kw)                                        # (B, C, T, h, w)
+    if scale == 1.0:
+        return v_c
+    B = x.shape[0]
+    v_u = model(x, t, _batch_null(null_text, B), _batch_null(null_mask, B), **kw)  # (B, C, T, h, w)
+    return flow.cfg_velocity(v_c, v_u, scale)
+
+
+def fm_loss(model, x0, text, mask, null_text, null_mask, p_uncond=0.1, generator=None, shift=1.0):
+    """Flow matching with per-chunk t (diffusion forcing) and CFG dropout:
+        L = E || V(x_t, t, e) - (eps - x0) ||^2,   x_t = (1 - t) x0 + t eps,  t independent per chunk.
+    # DEVIATION: the paper's KD model is bidirectional; ours (teacher, T_theta, S2DiT-Pretrained) is
+    # block-causal with per-chunk t from the start, so the same network can denoise a chunk next to
+    # clean context; this replaces Self-Forcing's ODE initialisation."""
+    B, C, T = x0.shape[:3]
+    t = flow.sample_t(B, T, chunk=_chunk(model), shift=shift, generator=generator).to(x0)  # (B, T)
+    eps = torch.randn(x0.shape, generator=generator).to(x0)                     # (B, C, T, h, w)
+    x_t = flow.add_noise(x0, eps, t)                                            # (B, C, T, h, w)
+    drop = torch.rand(B, generator=generator).to(x0.device) < p_uncond          # (B,) captions -> null
+    text = torch.where(drop[:, None, None], _batch_null(null_text, B), text)    # (B, L, Dt)
+    mask = torch.where(drop[:, None], _batch_null(null_mask, B), mask)          # (B, L)
+    v = model(x_t, t, text, mask, causal=True)                                  # (B, C, T, h, w)
+    return F.mse_loss(v, flow.velocity_target(x0, eps))
+
+
+class EMA:
+    """Exponential moving average of parameters: ema <- decay * ema + (1 - decay) * param."""
+
+    def __init__(self, model, decay=0.99):
+        self.decay = decay
+        self.shadow = {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model):
+        for k, p in model.named_parameters():
+            self.shadow[k].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model):
+        for k, p in model.named_parameters():
+            p.copy_(self.shadow[k])
+
+
+def _ema_result(model, ema):
+    """The EMA weights in a copy of `model` (the model itself when no EMA was kept)."""
+    if ema is None:
+        return model
+    out = copy.deepcopy(model)
+    ema.copy_to(out)
+    return out
+
+
+def _step(opt, loss, params, clip):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
+def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=(0.9, 0.999),
+             weight_decay=0.0, ema_decay=None, clip=1.0, progress=True, desc="fm"):
+    """Flow-matching loop. batch_fn(step) -> (x0, text, mask, null_text, null_mask).
+    Returns (EMA copy of the model, or the model itself if ema_decay is None; metrics)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    ema = EMA(model, ema_decay) if ema_decay else None
+    losses, run = [], None
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    for step in bar:
+        loss = fm_loss(model, *batch_fn(step), p_uncond=p_uncond, generator=g, shift=shift)
+        _step(opt, loss, list(model.parameters()), clip)
+        if ema:
+            ema.update(model)
+        losses.append(loss.item())
+        run = losses[-1] if run is None else 0.95 * run + 0.05 * losses[-1]
+        bar.set_postfix(loss=f"{run:.4f}")
+    return _ema_result(model, ema), {"loss_first": losses[0] if losses else None, "loss_last": run, "losses": losses}
+
+
+# ==============================================================================================
+# Offline cached KD (Sec. C.1, Eq. 12)
+# ==============================================================================================
+KD_KEYS = ("text", "mask", "t_h", "n_h", "v_h", "t_l", "n_l", "v_l")
+
+
+@torch.no_grad()
+def teacher_tuples(teacher, x0, text, mask, null_text, null_mask, boundary, cfg_scale, generator=None):
+    """The teacher's diffusion tuples for a batch: (t_h, n_h, v_h) with every t_h >= boundary (the
+    high-noise expert answers) and (t_l, n_l, v_l) with every t_l < boundary (the low-noise expert).
+    n = x_t = (1 - t) x0 + t eps, v = CFG-guided teacher velocity.
+    # ASSUMPTION: t uniform per chunk inside the expert's interval ([boundary, 1) or [0, boundary))."""
+    B, C, T = x0.shape[:3]
+    u = lambda: flow.sample_t(B, T, chunk=_chunk(teacher), mode="uniform", generator=generator).to(x0)  # (B, T)
+    out = {"text": text, "mask": mask}
+    for side, t in (("h", boundary + (1 - boundary) * u()), ("l", boundary * u())):
+        n = flow.add_noise(x0, torch.randn(x0.shape, generator=generator).to(x0), t)  # (B, C, T, h, w)
+        v = cfg_predict(teacher, n, t, text, mask, null_text, null_mask, cfg_scale, causal=True)
+        out.update({f"t_{side}": t, f"n_{side}": n, f"v_{side}": v})
+    return out
+
+
+def _atomic_bytes(path, data: bytes):
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _sha256(data: bytes):
+    return hashlib.sha256(data).hexdigest()
+
+
+def build_cache(teacher, batch_fn, n_samples, out_dir, shard_size, boundary, cfg_scale, seed, progress=True):
+    """The `cache` stage. batch_fn(k) -> (x0, text, mask, null_text, null_mask): the clean data of shard
+    k (at least shard_size samples; the surplus is dropped). Each shard is one torch.save'd dict of
+    KD_KEYS, written atomically; `index.json` lists per shard its file, sample count and sha256 and is
+    rewritten after every shard, so an interrupted build resumes: complete, intact shards are skipped.
+    Shard k's noise comes from its own seed, so a rebuilt shard equals the original bit for bit."""
+    if n_samples < 1 or shard_size < 1:
+        raise ValueError(f"expected n_samples, shard_size >= 1, got {n_samples}, {shard_size}")
+    os.makedirs(out_dir, exist_ok=True)
+    index_path = os.path.join(out_dir, "index.json")
+    meta = {"n_samples": n_samples, "shard_size": shard_size, "boundary": boundary, "cfg_scale": cfg_scale, "seed": seed}
+    index = {**meta, "shards": []}
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            old = json.load(f)
+        if {k: old.get(k) for k in meta} != meta:
+            raise ValueError(f"{index_path} was built with {({k: old.get(k) for k in meta})}, not {meta}; "
+                             f"delete {out_dir} to rebuild the cache")
+        index = old
+    n_shards = -(-n_samples // shard_size)
+    done = {s["file"]: s for s in index["shards"]}
+    skipped = built = 0
+    t0 = time.perf_counter()
+    for k in tqdm(range(n_shards), desc="cache", disable=not progress):
+        name = f"shard_{k:05d}.pt"
+        path = os.path.join(out_dir, name)
+        count = min(shard_size, n_samples - k * shard_size)
+        if name in done and os.path.exists(path):
+            with open(path, "rb") as f:
+                if _sha256(f.read()) == done[name]["sha256"]:
+                    skipped += 1
+                    continue
+        x0, text, mask, null_text, null_mask = batch_fn(k)
+        if x0.shape[0] < count:
+            raise ValueError(f"batch_fn({k}) returned {x0.shape[0]} samples, shard {name} needs {count}")
+        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        tup = teacher_tuples(teacher, x0[:count], text[:count], mask[:count], null_text, null_mask,
+                             boundary, cfg_scale, g)
+        buf = io.BytesIO()
+        torch.save({key: tup[key].detach().cpu().contiguous().clone() for key in KD_KEYS}, buf)
+        data = buf.getvalue()
+        _atomic_bytes(path, data)
+        done[name] = {"file": name, "count": count, "sha256": _sha256(data), "bytes": len(data)}
+        index["shards"] = [done[n] for n in sorted(done)]
+        _atomic_bytes(index_path, json.dumps(index, indent=1).encode())
+        built += 1
+    size = sum(s["bytes"] for s in index["shards"])
+    return {"n_samples": n_samples, "shards": n_shards, "built": built, "skipped": skipped,
+            "cache_bytes": size, "seconds": time.perf_counter() - t0}
+
+
+class CachedKD:
+    """The cache as a dataset: item i -> dict of KD_KEYS tensors of sample i. A shard is verified
+    (sha256 and sample count against index.json) when it is first opened."""
+
+    def __init__(self, out_dir):
+        self.dir = out_dir
+        path = os.path.join(out_dir, "index.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"KD cache index {path} not found; run the `cache` stage first")
+        with open(path) as f:
+            self.index = json.load(f)
+        self.shards = self.index["shards"]
+        self.starts = [sum(s["count"] for s in self.shards[:i]) for i in range(len(self.shards))]
+        self.loaded = {}
+        self.nbytes = sum(s["bytes"] for s in self.shards)
+
+    def __len__(self):
+        return sum(s["count"] for s in self.shards)
+
+    def _corrupt(self, path, why):
+        return RuntimeError(f"KD cache shard {path} is corrupt or truncated ({why}); "
+                            f"re-run the `cache` stage (it rebuilds damaged shards)")
+
+    def shard(self, i):
+        if i not in self.loaded:
+            s = self.shards[i]
+            path = os.path.join(self.dir, s["file"])
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"KD cache shard {path} is missing; re-run the `cache` stage")
+            with open(path, "rb") as f:
+                data = f.read()
+            if _sha256(data) != s["sha256"]:
+                raise self._corrupt(path, f"sha256 mismatch, {len(data)} bytes vs {s['bytes']} expected")
+            try:
+                d = torch.load(io.BytesIO(data), weights_only=True)
+            except Exception as e:  # noqa: BLE001 -- any unpickling failure is the same user error
+                raise self._corrupt(path, f"torch.load failed: {e}") from e
+            if set(d) != set(KD_KEYS) or any(d[k].shape[0] != s["count"] for k in KD_KEYS):
+                raise self._corrupt(path, f"expected {s['count']} samples of {KD_KEYS}")
+            self.loaded[i] = d
+        return self.loaded[i]
+
+    def __getitem__(self, idx):
+        if not 0 <= idx < len(self):
+            raise IndexError(f"sample {idx} out of range for a cache of {len(self)}")
+        i = max(j for j, s in enumerate(self.starts) if s <= idx)
+        d = self.shard(i)
+        return {k: d[k][idx - self.starts[i]] for k in KD_KEYS}
+
+    def collate(self, indices):
+        items = [self[int(i)] for i in indices]
+        return {k: torch.stack([it[k] for it in items]) for k in KD_KEYS}
+
+    def verify_all(self):
+        for i in range(len(self.shards)):
+            self.shard(i)
+
+
+def kd_loss(student, batch, w_l=0.5, w_h=0.5):
+    """Eq. 12:  L_KD = E[ w_l ||v_l - V_theta(t_l, n_l, e)||^2 + w_h ||v_h - V_theta(t_h, n_h, e)||^2 ]
+    with a block-causal student forward.
+    # ASSUMPTION: ||.||^2 is the mean over elements (MSE), so the loss does not scale with resolution."""
+    e, m = batch["text"], batch["mask"]                                         # (B, L, Dt), (B, L)
+    V_l = student(batch["n_l"], batch["t_l"], e, m, causal=True)                # (B, C, T, h, w)
+    V_h = student(batch["n_h"], batch["t_h"], e, m, causal=True)                # (B, C, T, h, w)
+    return w_l * F.mse_loss(V_l, batch["v_l"]) + w_h * F.mse_loss(V_h, batch["v_h"])
+
+
+def train_kd(student, cache, cfg: DMDConfig, progress=True):
+    """Offline KD loop on a CachedKD: the teacher is not needed. Returns (EMA student, metrics)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.kd_lr, weight_decay=cfg.weight_decay)
+    ema = EMA(student, cfg.ema)
+    losses, run = [], None
+    bar = tqdm(range(cfg.kd_steps), desc="kd", disable=not progress)
+    for _ in bar:
+        loss = kd_loss(student, cache.collate(torch.randint(len(cache), (cfg.kd_batch,), generator=g)), cfg.w_l, cfg.w_h)
+        _step(opt, loss, list(student.parameters()), cfg.clip)
+        ema.update(student)
+        losses.append(loss.item())
+        run = losses[-1] if run is None else 0.95 * run + 0.05 * losses[-1]
+        bar.set_postfix(loss=f"{run:.4f}")
+    return _ema_result(student, ema), {"kd_loss_first": losses[0] if losses else None, "kd_loss_last": run,
+                                       "kd_losses": losses, "cache_bytes": cache.nbytes}
+
+
+def _rss_kb(field):
+    """VmHWM (peak) or VmRSS (current) of this process in kB, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def _reset_peak():
+    """Writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def kd_speed_comparison(student, teacher, cache, batch_fn, steps, boundary=0.5, cfg_scale=3.0, lr=1e-4):
+    """Cached KD vs on-the-fly KD (teacher forwards inside the loop), same run, same student start.
+    Memory method: per phase, peak resident set size (VmHWM, reset before the phase through
+    /proc/self/clear_refs) minus the RSS at the phase start = the extra memory the loop needs for
+    activations, teacher outputs and optimizer state; falls back to ru_maxrss (monotone, so only an
+    upper bound) where clear_refs is unavailable. Weights already resident are not in that delta, so
+    `weights_mb` adds the parameter bytes each loop needs loaded (on-the-fly: student + teacher)."""
+    pb = lambda mod: sum(p.numel() * p.element_size() for p in mod.parameters()) / 2 ** 20
+    B = batch_fn(0)[0].shape[0]
+    res = {}
+    for name in ("cached", "on_the_fly"):
+        s = copy.deepcopy(student)
+        opt = torch.optim.AdamW(s.parameters(), lr=lr)
+        g = torch.Generator().manual_seed(0)
+
+        def batch(i):
+            if name == "cached":
+                return cache.collate(torch.randint(len(cache), (B,), generator=g))
+            return teacher_tuples(teacher, *batch_fn(i), boundary, cfg_scale, g)
+        _step(opt, kd_loss(s, batch(0)), list(s.parameters()), 0)              # warm-up, not timed
+        exact = _reset_peak()
+        rss0 = _rss_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        for i in range(steps):
+            _step(opt, kd_loss(s, batch(i + 1)), list(s.parameters()), 0)
+        dt = time.perf_counter() - t0
+        peak = _rss_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        res[name] = {"steps_per_s": steps / dt, "peak_rss_delta_mb": max(peak - rss0, 0) / 1024,
+                     "weights_mb": pb(student) + (pb(teacher) if name == "on_the_fly" else 0.0)}
+    res["speedup"] = res["cached"]["steps_per_s"] / res["on_the_fly"]["steps_per_s"]
+    res["weights_ratio"] = res["on_the_fly"]["weights_mb"] / res["cached"]["weights_mb"]
+    res["memory_method"] = "VmHWM-VmRSS via /proc/self/clear_refs" if exact else "ru_maxrss delta (upper bound)"
+    return res
+
+
+# ==============================================================================================
+# Streaming primitives (Self-Forcing backward simulation; also used by stream.py)
+# ==============================================================================================
+def denoise_chunk(model, state, noise, text, mask, ts, generator=None, grad_step=None):
+    """Few-step denoising of one chunk (B, C, 3, h, w) from `noise` through the schedule ts
+    (flow.few_step_schedule), reading the caches only (state.commit = False). At step i:
+        v = V(x_{t_i}, t_i | cache),  x0 = x_{t_i} - t_i v,  x_{t_{i+1}} = (1 - t_{i+1}) x0 + t_{i+1} eps'.
+    grad_step=None: all steps, no gradients (inference). grad_step=j: Self-Forcing's exit -- the chunk
+    stops at step j, which is the only step run with gradients (steps < j run under no_grad).
+    Returns the x0 predicted at the exit, (B, C, 3, h, w)."""
+    exit_step = len(ts) - 1 if grad_step is None else grad_step
+    if not 0 <= exit_step < len(ts):
+        raise ValueError(f"grad_step {grad_step} outside the schedule of {len(ts)} steps")
+    grad_on = grad_step is not None and torch.is_grad_enabled()
+    state.commit = False
+    B, T = noise.shape[0], noise.shape[2]
+    x_t = noise                                                                  # (B, C, T, h, w) at t = 1
+    for i, t in enumerate(ts[:exit_step + 1]):
+        t_frames = torch.full((B, T), t, dtype=noise.dtype, device=noise.device)  # (B, T)
+        if i == exit_step and grad_on:
+            # The prompt's cross-attention K/V are cached in the state by the first (no-grad) call;
+            # recompute them here so the gradient also reaches the cross-attention K/V weights.
+            kept, state.text_kv = state.text_kv, {}
+            v = model(x_t, t_frames, text, mask, state=state)                   # (B, C, T, h, w)
+            state.text_kv = kept
+        else:
+            with torch.no_grad():
+                v = model(x_t, t_frames, text, mask, state=state)               # (B, C, T, h, w)
+        x0 = x_t - t * v                                                         # (B, C, T, h, w)
+        if i < exit_step:
+            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+            x_t = (1 - ts[i + 1]) * x0 + ts[i + 1] * eps                        # fresh noise at the next t
+    return x0
+
+
+@torch.no_grad()
+def commit_chunk(model, state, x0, text, mask, t_ctx=0.0, generator=None):
+    """Re-encode the generated chunk into the caches (state.commit = True), at the context noise
+    level t_ctx (x0 noised to t_ctx first if t_ctx > 0), then move the stream on by its frames."""
+    B, T = x0.shape[0], x0.shape[2]
+    x = x0
+    if t_ctx > 0:
+        x = flow.add_noise(x0, torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device),
+                           torch.full((B,), t_ctx))
+    state.commit = True
+    try:
+        model(x, torch.full((B, T), float(t_ctx), dtype=x0.dtype, device=x0.device), text, mask, state=state)
+    finally:
+        state.commit = False
+    state.advance(T)
+
+
+def rollout(model, text, mask, n_chunks, ts, latent_shape, generator, exit_step=None, t_ctx=0.0, window=2):
+    """Self-Forcing backward simulation: chunk after chunk from noise with a fresh StreamState(window),
+    each chunk denoised on top of the student's OWN cached past (never ground truth).
+    latent_shape = (C, h, w). exit_step=None samples one exit step uniformly per rollout, shared by all
+    chunks (Self-Forcing's default `same_step_across_blocks`); only that step carries gradients, the
+    cache re-encoding runs without them. Under torch.no_grad() nothing carries gradients.
+    Returns the latents (B, C, 3 * n_chunks, h, w)."""
+    C, h, w = latent_shape
+    B, T = text.shape[0], _chunk(model)
+    if exit_step is None:
+        exit_step = int(torch.randint(len(ts), (1,), generator=generator))
+    state, outs = StreamState(window), []
+    for _ in range(n_chunks):
+        noise = torch.randn((B, C, T, h, w), generator=generator).to(text)      # (B, C, 3, h, w)
+        x0 = denoise_chunk(model, state, noise, text, mask, ts, generator, grad_step=exit_step)
+        commit_chunk(model, state, x0.detach(), text, mask, t_ctx, generator)
+        outs.append(x0)
+    return torch.cat(outs, dim=2)                                                # (B, C, 3 n_chunks, h, w)
+
+
+# ==============================================================================================
+# DMD (Sec. C.2): real score, fake score (critic), the normalised DMD gradient
+# ==============================================================================================
+def make_real_score(model, null_text, null_mask, cfg_scale):
+    """real_fn(x_t, t, text, mask) -> CFG-guided velocity of a FROZEN copy of `model`. Pass the
+    teacher, or (Tab. A7, "without teacher") the student's own pretrained model."""
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def real_fn(x_t, t, text, mask):
+        return cfg_predict(frozen, x_t, t, text, mask, null_text, null_mask, cfg_scale, causal=True)
+    real_fn.model = frozen
+    return real_fn
+
+
+def dmd_loss(x0, real_fn, fake_fn, t, eps):
+    """DMD (Yin et al. 2024) with DMD2's normalisation. x0 (B, ...) generator samples with grad;
+    real_fn / fake_fn(x_t, t) -> velocity; t (B,); eps noise like x0.
+        x_t = (1 - t) sg(x0) + t eps,   x0_s = x_t - t v_s(x_t, t)   for s in {real, fake}
+        grad = (x0_fake - x0_real) / mean(|x0 - x0_real|)            (per sample; the KL gradient
+                                          s_fake - s_real is (1-t)/t^2 (x0_fake - x0_real) in x0 space)
+        L = 0.5 || x0 - sg(x0 - grad) ||^2  so that dL/dx0 = grad / numel: descent moves the samples
+                                          toward the real score's x0 and away from the fake one's."""
+    tb = t.view(-1, *([1] * (x0.dim() - 1)))                                    # (B, 1, ...)
+    with torch.no_grad():
+        x_t = (1 - tb) * x0.detach() + tb * eps                                 # (B, ...)
+        x0_real = x_t - tb * real_fn(x_t, t)
+        x0_fake = x_t - tb * fake_fn(x_t, t)
+        norm = (x0.detach() - x0_real).abs().mean(dim=tuple(range(1, x0.dim())), keepdim=True)
+        grad = torch.nan_to_num((x0_fake - x0_real) / norm.clamp_min(1e-8))
+    return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+
+
+def _dmd_t(B, cfg, generator):
+    """t ~ shift(U(t_min, t_max)), one per sample.  # ASSUMPTION: shared by all frames of a clip."""
+    return flow.shift_t(cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(B, generator=generator), cfg.shift)
+
+
+def critic_fm_loss(critic, x0, text, mask, generator, shift=1.0):
+    """The fake score learns the generator's current distribution by flow matching on its (detached)
+    samples, per-chunk t as every model here.  # ASSUMPTION: conditional only (no CFG dropout)."""
+    return fm_loss(critic, x0.detach(), text, mask, text[:1], mask[:1], p_uncond=0.0, generator=generator, shift=shift)
+
+
+# ==============================================================================================
+# Progressive RpGAN + R1/R2 (Eq. 13-14): discriminator head on the critic's features
+# ==============================================================================================
+def feature_module(critic):
+    """The block whose output tokens feed the discriminator: the end of the middle group (S2DiT:
+    group (M-1)//2, the first SSA group of `L S S L`, low-res tokens; DiT: block (depth-1)//2).
+    # ASSUMPTION: mid-network features, as DMD2's classifier on the fake score's bottleneck."""
+    if hasattr(critic, "groups"):
+        return critic.groups[(len(critic.groups) - 1) // 2][-1]
+    if hasattr(critic, "blocks"):
+        return critic.blocks[(len(critic.blocks) - 1) // 2]
+    raise ValueError(f"cannot find the middle block of {type(critic).__name__}: expected .groups or .blocks")
+
+
+def critic_features(critic, x_t, t, text, mask):
+    """Tokens (B, N', D) after the critic's middle block, captured by a forward hook (the models are
+    not edited). The hook keeps the autograd graph, so D trains the critic trunk too (as DMD2)."""
+    store = {}
+    hook = feature_module(critic).register_forward_hook(lambda mod, inp, out: store.__setitem__("y", out))
+    try:
+        critic(x_t, t, text, mask, causal=True)
+    finally:
+        hook.remove()
+    return store["y"]
+
+
+class DiscHead(nn.Module):
+    """D = MLP(mean over tokens of the critic features) -> one logit per clip.  # ASSUMPTION: mean pool + 2-layer MLP."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
+
+    def forward(self, tokens):
+        return self.net(tokens.mean(dim=1))[:, 0]                               # (B, N', D) -> (B,)
+
+
+def rpgan_losses(d_real, d_fake):
+    """Eq. 14 (RpGAN, relativistic pairing): L_D = softplus(D(fake) - D(real)), L_G = softplus(D(real) - D(fake))."""
+    return F.softplus(d_fake - d_real).mean(), F.softplus(d_real - d_fake).mean()
+
+
+def r_penalty(D, x, eps=0.01, exact=False, noise=None, generator=None):
+    """R1 (x real) / R2 (x fake), Eq. 13 finite-difference form, with n ~ N(0, I):
+        R(x) = E_n[ (D(x + eps n) - D(x))^2 ] / eps^2  ->  ||grad_x D(x)||^2  as eps -> 0
+    (E[(g . n)^2] = ||g||^2; one n per sample in training, more for a tighter estimate).
+    exact=True: ||grad_x D(x)||^2 by autograd (double backward when the loss is minimised).
+    D maps (B, ...) -> (B,); returns the batch mean."""
+    x = x.detach()
+    if exact:
+        x = x.requires_grad_(True)
+        (g,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+        return g.pow(2).flatten(1).sum(1).mean()
+    n = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) if noise is None else noise
+    return ((D(x + eps * n) - D(x)) ** 2).mean() / eps ** 2
+
+
+def _gan_pair(x_real, x_fake, t, generator):
+    """Re-noise real and fake clips to the same per-sample t (fresh noise each) for the critic."""
+    tb = t.view(-1, 1, 1, 1, 1)
+    noisy = lambda x: (1 - tb) * x + tb * torch.randn(x.shape, generator=generator).to(x)
+    return noisy(x_real), noisy(x_fake)
+
+
+# ==============================================================================================
+# The DMD + RpGAN loop
+# ==============================================================================================
+def train_dmd(student, real_score, critic, batch_fn_text, cfg: DMDConfig, progress=True):
+    """Self-Forcing DMD with progressive RpGAN. batch_fn_text(step) -> (text, mask, null_text, null_mask)
+    (the null prompt is baked into real_score, see make_real_score). real_score(x_t, t, text, mask) ->
+    guided velocity; critic: trainable copy of the student architecture (the fake score), initialised
+    from the pretrained / KD student. Per generator update: `critic_updates` critic updates (flow
+    matching on fresh samples, + L_D + R1 + R2 once the GAN is on), then one generator update
+    (L_DMD + gan_weight L_G) and the EMA. Returns (EMA student, metrics)."""
+    if cfg.gan_real_steps <= cfg.n_steps and cfg.gan_weight > 0:
+        raise ValueError(f"progressive GAN needs T' = gan_real_steps > n_steps, got {cfg.gan_real_steps} <= {cfg.n_steps}")
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape = (student.cfg.in_channels, *cfg.latent_hw)                          # (C, h, w)
+    ts = flow.few_step_schedule(cfg.n_steps, cfg.shift)                         # T steps (fake for the GAN)
+    ts_real = flow.few_step_schedule(cfg.gan_real_steps, cfg.shift)             # T' steps (real for the GAN)
+    head = DiscHead(critic.cfg.dim)
+    opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    c_params = list(critic.parameters()) + list(head.parameters())
+    opt_c = torch.optim.AdamW(c_params, lr=cfg.lr_c, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    ema = EMA(student, cfg.ema)
+    sim = lambda text, mask, steps, **kw: rollout(student, text, mask, cfg.n_chunks, steps, shape, g,
+                                                   t_ctx=cfg.t_ctx, window=cfg.window, **kw)
+    log = {k: [] for k in ("dmd", "critic", "gan_d", "gan_g", "r1", "r2")}
+    bar = tqdm(range(cfg.steps), desc="dmd", disable=not progress)
+    for step in bar:
+        text, mask = batch_fn_text(step)[:2]
+        B, T = text.shape[0], cfg.n_chunks * _chunk(student)
+        gan_on = cfg.gan_weight > 0 and step >= cfg.gan_start
+        if gan_on:  # "real" for the GAN: the student's own T'-step backward simulation, no gradients
+            with torch.no_grad():
+                x_real = sim(text, mask, ts_real, exit_step=len(ts_real) - 1)  # (B, C, T, h, w)
+
+        def D(x_t, t):                                                          # critic features -> logit (B,)
+            return head(critic_features(critic, x_t, t[:, None].expand(B, T), text, mask))
+        # ---- critic (fake score + discriminator) updates ----
+        for _ in range(cfg.critic_updates):
+            with torch.no_grad():
+                x_fake = sim(text, mask, ts)                                    # (B, C, T, h, w)
+            loss_c = critic_fm_loss(critic, x_fake, text, mask, g)
+            log["critic"].append(loss_c.item())
+            if gan_on:
+                t = _dmd_t(B, cfg, g)                                           # (B,)
+                n_real, n_fake = _gan_pair(x_real, x_fake, t, g)
+                L_D, _ = rpgan_losses(D(n_real, t), D(n_fake, t))               # Eq. 14
+                r1 = r_penalty(lambda x: D(x, t), n_real, cfg.eps, cfg.exact_r1, generator=g)  # Eq. 13 on real
+                r2 = r_penalty(lambda x: D(x, t), n_fake, cfg.eps, cfg.exact_r1, generator=g)  # Eq. 13 on fake
+                loss_c = loss_c + cfg.gan_weight * (L_D + cfg.r1_weight * r1 + cfg.r2_weight * r2)
+                for k, v in (("gan_d", L_D), ("r1", r1), ("r2", r2)):
+                    log[k].append(v.item())
+            _step(opt_c, loss_c, c_params, cfg.clip)
+        # ---- generator update ----
+        critic.requires_grad_(False)
+        head.requires_grad_(False)                                              # L_G trains the generator only
+        x0 = sim(text, mask, ts)                                                # (B, C, T, h, w), grad at exit steps
+        t_frames = lambda t: t[:, None].expand(B, T)                            # (B,) -> (B, T)
+        loss = dmd_loss(x0, lambda x, t: real_score(x, t_frames(t), text, mask),
+                        lambda x, t: critic(x, t_frames(t), text, mask, causal=True),
+                        _dmd_t(B, cfg, g), torch.randn(x0.shape, generator=g))
+        log["dmd"].append(loss.item())
+        if gan_on:
+            t = _dmd_t(B, cfg, g)
+            n_real, n_fake = _gan_pair(x_real, x0, t, g)
+            _, L_G = rpgan_losses(D(n_real, t), D(n_fake, t))                   # Eq. 14
+            loss = loss + cfg.gan_weight * L_G
+            log["gan_g"].append(L_G.item())
+        _step(opt_g, loss, list(student.parameters()), cfg.clip)
+        critic.requires_grad_(True)
+        head.requires_grad_(True)
+        ema.update(student)
+        bar.set_postfix(dmd=f"{log['dmd'][-1]:.4f}", critic=f"{log['critic'][-1]:.4f}", gan=int(gan_on))
+    metrics = {f"{k}_last": (v[-1] if v else None) for k, v in log.items()}
+    metrics.update({"curves": log, "config": asdict(cfg)})
+    return _ema_result(student, ema), metrics
+
+
+# ==============================================================================================
+# Demo
+# ==============================================================================================
+def _demo():
+    import tempfile
+    import dit
+    import sandwich
+    torch.manual_seed(0)
+    torch.set_num_threads(1)                                         # tiny models: threads cost more than they give
+    # 1. DMD on 2-D Gaussians: real N(mu_r, I), generator x = mu_g + z, fake score N(mu_g, I) exact.
+    mu_r, mu_g = torch.tensor([1.0, -1.0]), torch.tensor([4.0, 2.0], requires_grad=True)
+    opt, g = torch.optim.SGD([mu_g], lr=0.5), torch.Generator().manual_seed(0)
+    d0 = (mu_g - mu_r).norm().item()
+    for _ in range(200):
+        x0 = mu_g + torch.randn(256, 2, generator=g)
+        t = 0.02 + 0.96 * torch.rand(256, generator=g)
+        loss = dmd_loss(x0, flow.gaussian_velocity(mu_r, 1.0), flow.gaussian_velocity(mu_g.detach(), 1.0),
+                        t, torch.randn(256, 2, generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    d1 = (mu_g - mu_r).norm().item()
+    print(f"DMD on 2-D Gaussians: |mu_g - mu_r| {d0:.3f} -> {d1:.3f}")
+    assert d1 < 0.2 * d0
+    # 2. Tiny pipeline: cache -> KD -> DMD + GAN, 2 steps each.
+    dcfg = dit.get_config("tiny", depth=6)
+    teacher, student = dit.MoETeacher(dcfg), sandwich.S2DiT(dcfg, (1, 0, 1))
+    for p in teacher.parameters():                                   # a fresh DiT outputs v = 0: give it a function
+        nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
+    null_t, null_m = torch.zeros(1, 4, dcfg.text_dim), torch.ones(1, 4, dtype=torch.bool)
+    data = lambda k: (torch.randn(2, 4, 9, 8, 8), torch.randn(2, 4, dcfg.text_dim), torch.ones(2, 4, dtype=torch.bool), null_t, null_m)
+    cfg = get_config("tiny", steps=2, gan_start=1, kd_steps=2, n_chunks=2)
+    with tempfile.TemporaryDirectory() as d:
+        info = build_cache(teacher, data, 4, d, 2, 0.5, cfg.cfg_scale, seed=0, progress=False)
+        kd_student, kd = train_kd(student, CachedKD(d), cfg, progress=False)
+    real = make_real_score(teacher, null_t, null_m, cfg.cfg_scale)
+    ar, m = train_dmd(kd_student, real, copy.deepcopy(kd_student), lambda s: data(s)[1:], cfg, progress=False)
+    print(f"cache {info['cache_bytes']} bytes; KD loss {kd['kd_loss_last']:.4f}; DMD {m['dmd_last']:.4f}, "
+          f"L_D {m['gan_d_last']:.4f}, L_G {m['gan_g_last']:.4f}, R1 {m['r1_last']:.4f}")
+    with torch.no_grad():
+        video = rollout(ar, torch.randn(1, 4, dcfg.text_dim), torch.ones(1, 4, dtype=torch.bool), 2,
+                        flow.few_step_schedule(2, 3.0), (4, 8, 8), torch.Generator().manual_seed(0))
+    print(f"rollout of the distilled student: {tuple(video.shape)}")
+    assert video.shape == (1, 4, 6, 8, 8) and torch.isfinite(video).all()
+
+
+if __name__ == "__main__":
+    _demo()

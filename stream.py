@@ -1,0 +1,235 @@
+"""Streaming text-to-video: prompt in, frames out, chunk after chunk (paper Sec. D.2, Tab. A3, A6).
+
+    prompt --text encoder (once)--> e                     cross-attention K/V of e computed once
+    for chunk i = 0, 1, 2, ...:
+        noise (B, C, 3, h, w) --few-step denoise with the rolling window (state read-only)--> x0_i
+        x0_i --re-encoded at the context noise level t_ctx--> caches: K/V (softmax / SSA groups),
+                 LCHA states (sum phi(k) v^T, sum phi(k)) and conv tails; the window rolls (2 chunks)
+        x0_i --streaming decoder (temporal cache)--> 9 frames (first chunk) or 12 frames --> yield
+
+Memory and time per chunk are constant: every cache holds at most `window` chunks. The prompt can
+change mid-stream (`--then 5:"a blue square moves up"`): the video continues from the caches.
+
+CLI: `python stream.py --run runs/small --prompt "a red circle moves right" --chunks 8 --steps 2
+--seed 0 --out out/red.mp4 --json` prints, as its last line, a JSON object with chunks, frames,
+fps, chunk_ms, breakdown_ms (text encoder, DiT per step, commit, decoder) and peak_rss_mb.
+Python / notebook: `for chunk in stream(load_models("runs/small"), "a red circle moves right", 8): ...`
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import dit
+import flow
+from distill import commit_chunk, denoise_chunk
+
+
+@dataclass
+class Chunk:
+    index: int                    # chunk number in the stream
+    frames: torch.Tensor          # (3, F, H, W) in [-1, 1]; F = 9 for chunk 0, else 12
+    latents: torch.Tensor         # (C, 3, h, w) the clean chunk
+    prompt: str                   # the prompt in force for this chunk
+    ms: dict = field(default_factory=dict)   # dit_steps, commit, decoder, total
+
+
+def load_models(run):
+    """The streaming system of a trained run: text encoder, the best available S2DiT, the decoder.
+
+    Preference: the DMD student (S2DiT-AR, EMA weights), else S2DiT-KD, else S2DiT-Pretrained; the
+    efficient decoder, else the VAE decoder."""
+    import train
+    if not os.path.isdir(run):
+        raise FileNotFoundError(f"run directory {run} not found; train one with `python train.py --out {run}` "
+                                f"(or `python train.py --preset tiny --out {run}` for a minutes-long one)")
+    return train.load_streaming(run)
+
+
+def check_request(models, prompt, chunks, steps, out=None, then=()):
+    """Every user error is raised here, before any work starts."""
+    for p in [prompt] + [p for _, p in then]:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError("empty prompt: give a text such as \"a red circle moves right\"")
+    if chunks < 1:
+        raise ValueError(f"--chunks must be >= 1, got {chunks}")
+    if models["steps"] is not None and steps not in models["steps"]:
+        raise ValueError(f"the model `{models['name']}` was distilled for {models['steps']} steps, not {steps}")
+    for c, _ in then:
+        if not 0 < c < chunks:
+            raise ValueError(f"--then switches at chunk {c}, outside 1..{chunks - 1}")
+    if out is not None:
+        ext = os.path.splitext(out)[1].lower()
+        if ext not in (".gif", ".mp4"):
+            raise ValueError(f"--out must end in .gif or .mp4, got {out}")
+        d = os.path.dirname(os.path.abspath(out))
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot write {out}: {e}") from e
+        if not os.access(d, os.W_OK):
+            raise ValueError(f"cannot write {out}: directory {d} is not writable")
+
+
+def encode_prompt(models, prompt):
+    import text as text_mod
+    tokens, _, mask = text_mod.encode_text(models["text"], models["tokenizer"], [prompt])
+    return tokens, mask                                                 # (1, L, Dt), (1, L)
+
+
+def stream(models, prompt, chunks, steps=None, seed=0, then=(), window=None, t_ctx=None):
+    """Yield `Chunk`s as soon as each is decoded. `then`: [(chunk_index, prompt), ...] switches."""
+    steps = steps or (models["steps"] or [4])[-1]
+    check_request(models, prompt, chunks, steps, then=then)
+    model, decoder, cfg = models["model"], models["decoder"], models["model"].cfg
+    ts = flow.few_step_schedule(steps, models["shift"])
+    t_ctx = models["t_ctx"] if t_ctx is None else t_ctx
+    g = torch.Generator().manual_seed(seed)
+    switches = dict(then)
+    t0 = time.perf_counter()
+    text, mask = encode_prompt(models, prompt)
+    models["last_text_ms"] = (time.perf_counter() - t0) * 1e3
+    state = dit.StreamState(window=window or cfg.window, sink=cfg.sink)
+    dec_cache = None
+    C, h, w = cfg.in_channels, models["latent_hw"], models["latent_hw"]
+    with torch.no_grad():
+        for i in range(chunks):
+            if i in switches:                                           # new prompt, same caches
+                prompt = switches[i]
+                text, mask = encode_prompt(models, prompt)
+                state.text_kv.clear()                                   # cross-attention K/V of the new prompt
+            noise = torch.randn(1, C, cfg.chunk, h, w, generator=g)    # (1, C, 3, h, w)
+            s = time.perf_counter()
+            x0 = denoise_chunk(model, state, noise, text, mask, ts, generator=g)  # (1, C, 3, h, w)
+            s1 = time.perf_counter()
+            commit_chunk(model, state, x0, text, mask, t_ctx=t_ctx, generator=g)
+            s2 = time.perf_counter()
+            frames, dec_cache = decoder.decode_chunk(x0, dec_cache)     # (1, 3, 9 or 12, H, W)
+            s3 = time.perf_counter()
+            yield Chunk(i, frames[0].clamp(-1, 1), x0[0], prompt,
+                        {"dit_steps": (s1 - s) * 1e3, "dit_per_step": (s1 - s) * 1e3 / steps,
+                         "commit": (s2 - s1) * 1e3, "decoder": (s3 - s2) * 1e3, "total": (s3 - s) * 1e3})
+
+
+def reference_generation(model, text, mask, noises, ts, generator_seed=0):
+    """The same generation WITHOUT caches: chunk i is denoised by a full block-causal forward over
+    [clean chunks 0..i-1 at t = 0, noisy chunk i at t]. O(n^2), for tests only. `noises[i]` must be
+    the initial noise of chunk i and the re-noising draws come from a generator seeded alike."""
+    g = torch.Generator().manual_seed(generator_seed)
+    done = []
+    for noise in noises:
+        x_t = noise
+        for j, t in enumerate(ts):
+            ctx = torch.cat(done + [x_t], dim=2)                        # (B, C, 3(i+1), h, w)
+            tt = torch.zeros(ctx.shape[0], ctx.shape[2])
+            tt[:, -noise.shape[2]:] = t
+            v = model(ctx, tt, text, mask, causal=True)[:, :, -noise.shape[2]:]
+            x0 = x_t - t * v
+            if j + 1 < len(ts):
+                eps = torch.randn(x0.shape, generator=g)
+                x_t = (1 - ts[j + 1]) * x0 + ts[j + 1] * eps
+        done.append(x0)
+    return torch.cat(done, dim=2)
+
+
+class ProgressiveWriter:
+    """Append frames to an .mp4/.gif as they arrive; the file appears (atomically) only when closed."""
+
+    def __init__(self, path, fps=16):
+        import imageio
+        root, ext = os.path.splitext(path)
+        self.path, self.tmp = path, root + ".tmp" + ext
+        kw = {"fps": fps, "codec": "libx264", "macro_block_size": 1} if ext.lower() == ".mp4" else \
+            {"duration": 1000 / fps, "loop": 0}
+        self.writer = imageio.get_writer(self.tmp, **kw)
+
+    def append(self, frames):
+        from data import _to_uint8
+        for f in _to_uint8(frames):
+            self.writer.append_data(f)
+
+    def close(self, ok=True):
+        self.writer.close()
+        if ok:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(models, prompt, chunks, steps, seed=0, out=None, then=(), progress=True):
+    """Stream to a file (optional) and return the JSON summary."""
+    from tqdm import tqdm
+    steps = steps or (models["steps"] or [4])[-1]
+    check_request(models, prompt, chunks, steps, out, then)
+    writer = ProgressiveWriter(out, models["fps"]) if out else None
+    per_chunk, frames = [], 0
+    ok = False
+    try:
+        for c in tqdm(stream(models, prompt, chunks, steps, seed, then), total=chunks, desc="stream",
+                      disable=not progress, file=sys.stderr):
+            frames += c.frames.shape[1]
+            per_chunk.append(c.ms)
+            if writer:
+                writer.append(c.frames)
+        ok = True
+    finally:
+        if writer:
+            writer.close(ok)
+    mean = lambda k: sum(m[k] for m in per_chunk) / len(per_chunk)
+    total_s = sum(m["total"] for m in per_chunk) / 1e3
+    return {"run_model": models["name"], "prompt": prompt, "then": list(then), "chunks": chunks, "frames": frames,
+            "steps": steps, "seed": seed, "fps": frames / total_s, "chunk_ms": mean("total"),
+            "breakdown_ms": {"text_encoder": models["last_text_ms"], "dit_per_step": mean("dit_per_step"),
+                             "dit_total": mean("dit_steps"), "commit": mean("commit"), "decoder": mean("decoder")},
+            "chunk_ms_first_last": [per_chunk[0]["total"], per_chunk[-1]["total"]],
+            "playback_fps": models["fps"], "peak_rss_mb": peak_rss_mb(), "out": out}
+
+
+def parse_then(items):
+    out = []
+    for item in items or []:
+        idx, sep, prompt = item.partition(":")
+        if not sep or not idx.strip().isdigit():
+            raise ValueError(f"--then expects CHUNK:PROMPT such as 5:\"a blue square moves up\", got {item!r}")
+        out.append((int(idx), prompt.strip().strip('"')))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Stream a text-to-video from a trained S2DiT run, chunk by chunk.")
+    p.add_argument("--run", required=True, help="run directory written by train.py (e.g. runs/small)")
+    p.add_argument("--prompt", required=True, help="what to generate, e.g. \"a red circle moves right\"")
+    p.add_argument("--chunks", type=int, default=8, help="chunks of 3 latent frames (12 video frames) to stream")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (one the model was distilled for)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same video")
+    p.add_argument("--out", default=None, help="output .mp4 or .gif, written progressively")
+    p.add_argument("--then", action="append", default=[], help="switch prompt at a chunk: 5:\"a blue square moves up\"")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line (last line)")
+    args = p.parse_args(argv)
+    try:
+        then = parse_then(args.then)
+        if not args.prompt.strip():
+            raise ValueError("empty prompt: give a text such as \"a red circle moves right\"")
+        models = load_models(args.run)
+        check_request(models, args.prompt, args.chunks, args.steps or (models["steps"] or [4])[-1], args.out, then)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        p.error(str(e))
+    res = run(models, args.prompt, args.chunks, args.steps, args.seed, args.out, then, progress=not args.json)
+    if not args.json:
+        print(f"{res['frames']} frames in {res['chunks']} chunks: {res['fps']:.1f} FPS "
+              f"({res['chunk_ms']:.1f} ms per chunk; playback needs {res['playback_fps']} FPS)"
+              + (f" -> {args.out}" if args.out else ""))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,548 @@
+"""The whole S2DiT pipeline, stage by stage, resumable: from nothing to a streaming video and a Core ML bundle.
+
+    text      CLIP-style pretraining of the tiny text encoder (stand-in for CLIP-ViT-L), then frozen
+    vae       causal 3D VAE (4x time, 4x space); its encoder is frozen from here on
+    latents   a pool of toy-world clips encoded once (the DiT stages train on latents)
+    base      T_theta: the all-self-attention DiT of the student's width (Eq. 10's reference)
+    search    Alg. 1 + Eq. 10: budget-aware DP picks k, Gumbel-top-k routers pick the layout
+    pretrain  S2DiT(layout), inheriting the searched supernet's weights, flow matching   "S2DiT-Pretrained"
+    teacher   the two-expert all-attention DiT (high / low noise), larger than the student
+    cache     the teacher's diffusion tuples written to disk in checksummed shards (Sec. C.1)
+    kd        offline cached KD, Eq. 12, the teacher never loaded                        "S2DiT-KD"
+    dmd       Self-Forcing DMD + progressive RpGAN (Eq. 13-14), few-step streaming         "S2DiT-AR"
+    decoder   the efficient decoder on frozen-encoder latents (Sec. D.1)
+    deploy    the Core ML bundle S2DiTResources/ (Sec. D.2)
+    sample    one streamed video for a held-out prompt + VBench-lite on held-out prompts
+
+Every stage writes `<out>/<stage>.pt` (+ JSON of its config and metrics) atomically and then the
+marker `<stage>.done.json`; a stage with a marker is skipped, so an interrupted run continues where
+it stopped (an interrupted stage restarts from its beginning with the same seeds, which gives the
+same result as an uninterrupted run).
+
+    python train.py                          # the `small` preset, everything (~1 h on 2 CPU cores)
+    python train.py --preset tiny --out runs/tiny        # minutes: what the tests run
+    python train.py --stages base,search     # only some stages (earlier ones must exist)
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+import data
+import dit
+import distill
+import flow
+import search
+import text as text_mod
+import vae as vae_mod
+from sandwich import S2DiT, DEFAULT_LAYOUT
+from vae import load_model, save_checkpoint
+
+STAGES = ["text", "vae", "latents", "base", "search", "pretrain", "teacher", "cache", "kd", "dmd",
+          "decoder", "deploy", "sample"]
+
+
+@dataclass
+class PipelineConfig:
+    preset: str = "small"          # tiny (CI, minutes) | small (the workshop run, <= 1 h)
+    seed: int = 0                  # every stage derives its seeds from this one
+    threads: int = 2               # torch CPU threads
+    clip_frames: int = 33          # training clip length: 33 pixel frames = 9 latent frames = 3 chunks
+    text_batch: int = 32           # contrastive batch of the text stage (steps: text.py preset)
+    vae_steps: int = 2500          # VAE updates
+    vae_batch: int = 8
+    vae_lr: float = 2e-3
+    pool_clips: int = 2048         # clips encoded once for the DiT stages
+    dit_batch: int = 8             # clips per DiT update
+    dit_lr: float = 5e-4
+    base_steps: int = 1500         # T_theta
+    search_steps: int = 200        # Alg. 1 router + supernet updates
+    pretrain_steps: int = 1500     # S2DiT-Pretrained
+    teacher_dim: int = 96          # teacher experts: wider and ...
+    teacher_depth: int = 10        # ... deeper than the student
+    teacher_steps: int = 2000
+    cache_samples: int = 1024      # teacher tuples cached for KD
+    cache_shard: int = 128
+    decoder_steps: int = 1200
+    eval_prompts: int = 12         # held-out prompts for VBench-lite
+    sample_chunks: int = 8         # length of the sample video (chunks of 12 frames)
+    sample_steps: int = 2          # denoising steps of the sample video
+    ema: float = 0.999             # EMA of the flow-matching stages
+
+
+PRESETS = {
+    "small": PipelineConfig(),
+    "tiny": PipelineConfig(preset="tiny", vae_steps=150, vae_batch=4, pool_clips=64, dit_batch=4, base_steps=40,
+                           search_steps=10, pretrain_steps=40, teacher_dim=48, teacher_depth=4, teacher_steps=40,
+                           cache_samples=16, cache_shard=8, decoder_steps=30, eval_prompts=4, sample_chunks=3,
+                           ema=0.9),
+}
+
+
+def get_config(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown pipeline preset {name!r}; known presets: {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints of the DiT family (DiT, MoE teacher, S2DiT, search supernet): one spec, one loader
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ModelSpec:
+    kind: str                      # "dit" | "moe" | "s2dit" | "supernet"
+    dit: dict                      # dit.DiTConfig fields
+    layout: tuple = ()             # S2DiT layout m_1..m_M
+    boundary: float = 0.5          # MoE expert boundary
+    steps: tuple = ()              # few-step counts a DMD student was distilled for (stream.py checks)
+
+
+def build_model(spec: ModelSpec):
+    cfg = dit.DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.dit.items()})
+    if spec.kind == "dit":
+        return dit.DiT(cfg)
+    if spec.kind == "moe":
+        return dit.MoETeacher(cfg, spec.boundary)
+    if spec.kind == "s2dit":
+        return S2DiT(cfg, spec.layout)
+    if spec.kind == "supernet":
+        return search.SuperNet(cfg)
+    raise ValueError(f"unknown model kind {spec.kind!r}")
+
+
+def spec_of(model, kind, **kw):
+    return ModelSpec(kind=kind, dit=asdict(model.cfg), **kw)
+
+
+class Run:
+    """A run directory: stage files, completion markers, the pipeline config."""
+
+    def __init__(self, out, cfg: PipelineConfig):
+        self.dir, self.cfg = out, cfg
+        os.makedirs(out, exist_ok=True)
+        self._cache = {}
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def done(self, stage):
+        return os.path.exists(self.path(f"{stage}.done.json"))
+
+    def finish(self, stage, metrics, seconds):
+        blob = {"stage": stage, "seconds": seconds, "config": asdict(self.cfg), "metrics": metrics}
+        tmp = self.path(f"{stage}.done.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(blob, f, indent=1, default=str)
+        os.replace(tmp, self.path(f"{stage}.done.json"))
+
+    def metrics(self, stage):
+        p = self.path(f"{stage}.done.json")
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p} not found; run the `{stage}` stage of train.py (--out {self.dir})")
+        with open(p) as f:
+            return json.load(f)["metrics"]
+
+    def model(self, stage):
+        if stage not in self._cache:
+            self._cache[stage] = load_model(self.path(f"{stage}.pt"), ModelSpec, build_model, stage).requires_grad_(False)
+        return self._cache[stage]
+
+    def text(self):
+        if "text" not in self._cache:
+            self._cache["text"] = text_mod.load_text(self.path("text.pt"))
+        return self._cache["text"]
+
+    def vae(self):
+        if "vae" not in self._cache:
+            self._cache["vae"] = vae_mod.load_vae(self.path("vae.pt")).requires_grad_(False)
+        return self._cache["vae"]
+
+
+def data_cfg(cfg):
+    return replace(data.get_config(cfg.preset), frames=cfg.clip_frames)
+
+
+def dit_cfg(cfg):
+    return dit.get_config(cfg.preset)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches for the DiT stages: latents from the pool, text from the frozen encoder
+# ----------------------------------------------------------------------------------------------
+def pool(run):
+    if "pool" not in run._cache:
+        p = run.path("latents.pt")
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p} not found; run the `latents` stage of train.py")
+        blob = torch.load(p, weights_only=True)
+        run._cache["pool"] = (blob["z"].float(), blob["captions"])
+    return run._cache["pool"]
+
+
+def null_text(run):
+    encoder, _ = run.text()
+    with torch.no_grad():
+        tokens, _, mask = encoder.null_embedding(1)
+    return tokens, mask                                                  # (1, L, Dt), (1, L)
+
+
+def dit_batches(run, batch, seed, with_null=True):
+    """batch_fn(step) -> (x0, text, mask[, null_text, null_mask]) sampled from the latent pool."""
+    z, captions = pool(run)
+    encoder, tokenizer = run.text()
+    n_text, n_mask = null_text(run)
+
+    def fn(step):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(z.shape[0], (batch,), generator=g)
+        tokens, _, mask = text_mod.encode_text(encoder, tokenizer, [captions[i] for i in idx])
+        out = (z[idx], tokens, mask)
+        return out + (n_text, n_mask) if with_null else out
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages
+# ----------------------------------------------------------------------------------------------
+def stage_text(run):
+    cfg = run.cfg
+    encoder, tokenizer, tcfg = text_mod.build_text(cfg.preset, words=data.vocabulary(), seed=cfg.seed)
+    batch_fn = text_mod.data_batch_fn(cfg.preset, cfg.text_batch, frames=17)
+    m = text_mod.fit_text_encoder(encoder, tokenizer, batch_fn, tcfg.fit_steps, tcfg.fit_lr, cfg.seed,
+                                  eval_split="eval")
+    text_mod.save_text(run.path("text.pt"), encoder, tokenizer, tcfg, m)
+    return m
+
+
+def stage_vae(run):
+    cfg = run.cfg
+    torch.manual_seed(cfg.seed)
+    model = vae_mod.VAE(vae_mod.get_config(cfg.preset))
+    dcfg = data_cfg(cfg)
+    m = vae_mod.fit_vae(model, lambda s: data.make_batch(dcfg, cfg.vae_batch, cfg.seed * 7919 + s)[0],
+                        cfg.vae_steps, cfg.vae_lr, cfg.seed)
+    held_out = data.make_batch(dcfg, 16, seed=10_000_019, split="eval")[0]
+    m["heldout_psnr"] = vae_mod.reconstruct_psnr(model, held_out)
+    print(f"VAE held-out reconstruction PSNR: {m['heldout_psnr']:.2f} dB")
+    save_checkpoint(run.path("vae.pt"), model, model.cfg, m)
+    return m
+
+
+def stage_latents(run):
+    from tqdm import tqdm
+    cfg, vae = run.cfg, run.vae()
+    dcfg = data_cfg(cfg)
+    zs, caps = [], []
+    for i in tqdm(range(0, cfg.pool_clips, 16), desc="latents"):
+        video, captions, _ = data.make_batch(dcfg, min(16, cfg.pool_clips - i), seed=cfg.seed * 104_729 + i)
+        zs.append(vae.encode(video).half())
+        caps += captions
+    z = torch.cat(zs)
+    tmp = run.path("latents.pt.tmp")
+    torch.save({"z": z, "captions": caps}, tmp)
+    os.replace(tmp, run.path("latents.pt"))
+    return {"clips": len(caps), "latent_shape": list(z.shape[1:]), "bytes": os.path.getsize(run.path("latents.pt"))}
+
+
+def fm_stage(run, model, steps, name, lr=None):
+    cfg = run.cfg
+    batch_fn = dit_batches(run, cfg.dit_batch, cfg.seed + STAGES.index(name))
+    fcfg = flow.get_config(cfg.preset)
+    trained, m = distill.train_fm(model, batch_fn, steps, lr or cfg.dit_lr, p_uncond=fcfg.cfg_dropout,
+                                  shift=fcfg.train_shift, seed=cfg.seed, ema_decay=cfg.ema, desc=name)
+    m["params"] = dit.count_params(model)
+    m.pop("losses", None)
+    return trained, m
+
+
+def stage_base(run):
+    torch.manual_seed(run.cfg.seed)
+    model = dit.DiT(dit_cfg(run.cfg))
+    trained, m = fm_stage(run, model, run.cfg.base_steps, "base")
+    save_checkpoint(run.path("base.pt"), trained, spec_of(trained, "dit"), m)
+    return m
+
+
+def stage_search(run, budget_ms=None):
+    cfg = run.cfg
+    dcfg = dit_cfg(cfg)
+    M = dcfg.depth // 2
+    hw = data_cfg(cfg).size // 4
+    table = search.latency_table(dcfg, hw)
+    all_S, all_L = (search.layout_latency((1,) + (v,) * (M - 2) + (1,), table) for v in (0, 1))
+    scfg = search.get_config(cfg.preset)
+    budget = budget_ms if budget_ms is not None else all_S + scfg.budget_frac * (all_L - all_S)
+    k, (cheapest_cost, _) = search.choose_k(M, table, budget)
+    base = run.model("base")
+    torch.manual_seed(cfg.seed)
+    sup = search.SuperNet(dcfg)
+    inh = sup.inherit(base)
+    batch_fn = dit_batches(run, scfg.batch, cfg.seed + 77, with_null=False)
+    layout, hist = search.run_search(sup, base, batch_fn, k, replace(scfg, steps=cfg.search_steps, seed=cfg.seed))
+    save_checkpoint(run.path("search.pt"), sup, spec_of(sup, "supernet"), {"layout": layout, "k": k})
+    with open(run.path("layout.json.tmp"), "w") as f:
+        json.dump({"layout": layout, "k": k, "budget_ms": budget}, f)
+    os.replace(run.path("layout.json.tmp"), run.path("layout.json"))
+    rep = search_rows(run, sup, base, layout, k, table, budget)
+    return {"layout": layout, "k": k, "budget_ms": budget, "latency_table_ms": table,
+            "iphone_estimate_ms": search.iphone_estimate(), "search_space": search.search_space(M, k),
+            "eq10_first": hist[0], "eq10_last": hist[-1], "rows": rep,
+            "inherited_tensors": len(inh["inherited"]), "fresh_tensors": len(inh["fresh"]),
+            "router_logits": sup.router.tolist()}
+
+
+def search_rows(run, sup, base, layout, k, table, budget):
+    """Eq. 10 loss (shared supernet weights, held-out batches) of the chosen layout and the alternatives."""
+    M = sup.M
+    held = [b for b in map(dit_batches(run, 4, 999_983, with_null=False), range(4))]
+    rows = {"searched": {"layout": layout, "latency_ms": search.layout_latency(layout, table),
+                         "fits": search.layout_latency(layout, table) <= budget + 1e-9}}
+    rows.update(search.alternatives(M, k, table, budget, seed=run.cfg.seed))
+    hw = data_cfg(run.cfg).size // 4
+    for name, row in rows.items():
+        row["eq10_loss"] = search.layout_loss(sup, base, row["layout"], held)
+        row["peak_act_mb"] = search.layout_memory(row["layout"], sup.cfg, 3 * (hw // 2) ** 2)
+    return rows
+
+
+def search_report(run_dir, budget_ms=None):
+    """For `python search.py --run DIR --budget-ms N`: the chosen layout at that budget and its rivals."""
+    run = open_run(run_dir)
+    m = run.metrics("search")
+    sup, base = run.model("search"), run.model("base")
+    table = m["latency_table_ms"]
+    budget = m["budget_ms"] if budget_ms is None else budget_ms
+    k, _ = search.choose_k(sup.M, table, budget)
+    layout = sup.layout(k)                      # the routers' ranking, cut at the k this budget allows
+    return {"budget_ms": budget, "k": k, "layout": layout, "latency_table_ms": table,
+            "search_space": search.search_space(sup.M, k), "rows": search_rows(run, sup, base, layout, k, table, budget)}
+
+
+def stage_pretrain(run):
+    layout = tuple(json.load(open(run.path("layout.json")))["layout"])
+    sup = run.model("search")
+    model = sup.extract(layout).requires_grad_(True)       # inherits T_theta through the searched supernet
+    trained, m = fm_stage(run, model, run.cfg.pretrain_steps, "pretrain")
+    m["layout"] = layout
+    save_checkpoint(run.path("pretrain.pt"), trained, spec_of(trained, "s2dit", layout=layout), m)
+    return m
+
+
+def stage_teacher(run):
+    cfg = run.cfg
+    tcfg = replace(dit_cfg(cfg), dim=cfg.teacher_dim, depth=cfg.teacher_depth)
+    torch.manual_seed(cfg.seed)
+    model = dit.MoETeacher(tcfg, flow.get_config(cfg.preset).boundary)
+    trained, m = fm_stage(run, model, cfg.teacher_steps, "teacher")
+    save_checkpoint(run.path("teacher.pt"), trained, spec_of(trained, "moe", boundary=trained.boundary), m)
+    return m
+
+
+def stage_cache(run):
+    cfg, fcfg = run.cfg, flow.get_config(run.cfg.preset)
+    teacher = run.model("teacher")
+    fn = dit_batches(run, cfg.cache_shard, cfg.seed + 555)
+    return distill.build_cache(teacher, fn, cfg.cache_samples, run.path("cache"), cfg.cache_shard,
+                               teacher.boundary, fcfg.cfg_scale, cfg.seed)
+
+
+def stage_kd(run):
+    cfg = run.cfg
+    student = copy.deepcopy(run.model("pretrain")).requires_grad_(True)
+    cache = distill.CachedKD(run.path("cache"))
+    dcfg = distill.get_config(cfg.preset, seed=cfg.seed)
+    trained, m = distill.train_kd(student, cache, dcfg)
+    m.pop("kd_losses", None)
+    # Sec. C.1's point, measured in one run: cached KD vs KD with the teacher in the loop.
+    fcfg = flow.get_config(cfg.preset)
+    m["speed"] = distill.kd_speed_comparison(copy.deepcopy(run.model("pretrain")).requires_grad_(True),
+                                             run.model("teacher"), cache,
+                                             dit_batches(run, dcfg.kd_batch, cfg.seed + 3),
+                                             steps=5 if cfg.preset == "tiny" else 20,
+                                             boundary=run.model("teacher").boundary, cfg_scale=fcfg.cfg_scale)
+    layout = run.model("pretrain").layout
+    save_checkpoint(run.path("kd.pt"), trained, spec_of(trained, "s2dit", layout=layout), m)
+    return m
+
+
+def stage_dmd(run, without_teacher=False, name="dmd"):
+    cfg, fcfg = run.cfg, flow.get_config(run.cfg.preset)
+    kd = run.model("kd")
+    student = copy.deepcopy(kd).requires_grad_(True)
+    critic = copy.deepcopy(kd).requires_grad_(True)
+    n_text, n_mask = null_text(run)
+    real_model = run.model("pretrain") if without_teacher else run.model("teacher")
+    real = distill.make_real_score(real_model, n_text, n_mask, fcfg.cfg_scale)
+    hw = data_cfg(cfg).size // 4
+    dcfg = distill.get_config(cfg.preset, seed=cfg.seed, latent_hw=(hw, hw), shift=fcfg.shift,
+                              without_teacher=without_teacher)
+    batch = dit_batches(run, dcfg.batch, cfg.seed + 11)
+    trained, m = distill.train_dmd(student, real, critic, lambda s: batch(s)[1:], dcfg)
+    m.pop("curves", None)
+    # One student trained on the n-step schedule also runs the coarser schedules whose times are a
+    # subset of it (1 step: [1]; 2 steps: [1, s(.5)] within the 4-step list).
+    steps = tuple(n for n in (1, 2, 4) if n <= dcfg.n_steps and dcfg.n_steps % n == 0)
+    m["steps"] = steps
+    save_checkpoint(run.path(f"{name}.pt"), trained, spec_of(trained, "s2dit", layout=kd.layout, steps=steps), m)
+    return m
+
+
+def stage_decoder(run):
+    import decoder as dec_mod
+    cfg = run.cfg
+    torch.manual_seed(cfg.seed)
+    dec = dec_mod.EfficientDecoder(dec_mod.get_config(cfg.preset))
+    dcfg = data_cfg(cfg)
+    vae = run.vae()
+    m = dec_mod.fit_decoder(dec, vae, lambda s: data.make_batch(dcfg, cfg.vae_batch, cfg.seed * 6007 + s)[0],
+                            cfg.decoder_steps, seed=cfg.seed)
+    held_out = data.make_batch(dcfg, 8, seed=10_000_019, split="eval")[0]
+    m["table_a2"] = dec_mod.compare_decoders(vae, dec, held_out)
+    save_checkpoint(run.path("decoder.pt"), dec, dec.cfg, m)
+    return m
+
+
+def stage_deploy(run):
+    import deploy
+    return deploy.build_bundle(load_streaming(run.dir), run.path("S2DiTResources"))
+
+
+def stage_sample(run):
+    import stream
+    import evaluate
+    cfg = run.cfg
+    models = load_streaming(run.dir)
+    colour, shape, motion = data.eval_prompts()[0]
+    prompt = data.canonical_prompt(colour, shape, motion)
+    res = stream.run(models, prompt, cfg.sample_chunks, cfg.sample_steps, cfg.seed, out=run.path("sample.mp4"))
+    scores = evaluate_model(models, cfg.eval_prompts, cfg.sample_steps, seed=cfg.seed)
+    return {"stream": res, "vbench_lite": scores, "video": run.path("sample.mp4")}
+
+
+def evaluate_model(models, n_prompts, steps, seed=0, chunks=3):
+    """VBench-lite of streamed videos (3 chunks = 33 frames) for n held-out prompts."""
+    import stream
+    import evaluate
+    attrs = data.eval_prompts(n_prompts)
+    prompts = [data.canonical_prompt(*a) for a in attrs]
+    videos = []
+    for i, p in enumerate(prompts):
+        frames = [c.frames for c in stream.stream(models, p, chunks, steps, seed + i)]
+        videos.append(torch.cat(frames, dim=1))
+    return evaluate.score_videos(torch.stack(videos), prompts, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a run for streaming (stream.py, deploy.py, reproduce.py)
+# ----------------------------------------------------------------------------------------------
+def open_run(run_dir):
+    p = os.path.join(run_dir, "pipeline.json")
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"{p} not found: {run_dir} is not a train.py run; train one with "
+                                f"`python train.py --out {run_dir}`")
+    with open(p) as f:
+        return Run(run_dir, PipelineConfig(**json.load(f)))
+
+
+def load_streaming(run_dir, stage=None):
+    """The streaming system of a run: {"name", "model", "text", "tokenizer", "decoder", "steps",
+    "shift", "t_ctx", "latent_hw", "fps", "preset"}. `stage` forces a DiT stage (dmd, kd, pretrain)."""
+    run = open_run(run_dir)
+    candidates = [stage] if stage else ["dmd", "kd", "pretrain"]
+    found = [s for s in candidates if run.done(s)]
+    if not found:
+        raise FileNotFoundError(f"{run_dir} has no trained S2DiT (stages {candidates}); run "
+                                f"`python train.py --out {run_dir}`")
+    name = found[0]
+    blob_steps = None
+    model = run.model(name)
+    if name.startswith("dmd"):
+        blob_steps = list(run.metrics(name)["steps"])
+    encoder, tokenizer = run.text()
+    if run.done("decoder"):
+        import decoder as dec_mod
+        dec = dec_mod.load_decoder(run.path("decoder.pt"))
+    else:
+        dec = run.vae()
+    pcfg = run.cfg
+    return {"name": f"S2DiT-{ {'dmd': 'AR', 'kd': 'KD', 'pretrain': 'Pretrained'}.get(name, name) }", "stage": name,
+            "model": model.eval(), "text": encoder, "tokenizer": tokenizer, "decoder": dec.eval(),
+            "steps": blob_steps, "shift": flow.get_config(pcfg.preset).shift,
+            "t_ctx": distill.get_config(pcfg.preset).t_ctx, "latent_hw": data_cfg(pcfg).size // 4,
+            "fps": data_cfg(pcfg).fps, "preset": pcfg.preset, "run": run_dir}
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------
+RUNNERS = {"text": stage_text, "vae": stage_vae, "latents": stage_latents, "base": stage_base,
+           "search": stage_search, "pretrain": stage_pretrain, "teacher": stage_teacher, "cache": stage_cache,
+           "kd": stage_kd, "dmd": stage_dmd, "decoder": stage_decoder, "deploy": stage_deploy,
+           "sample": stage_sample}
+
+
+def run_pipeline(out, cfg: PipelineConfig, stages=None, force=()):
+    torch.set_num_threads(cfg.threads)
+    run = Run(out, cfg)
+    p = run.path("pipeline.json")
+    if os.path.exists(p):
+        with open(p) as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(asdict(cfg))):
+            raise ValueError(f"{out} was trained with a different configuration ({p}); use another --out "
+                             f"or the same preset and flags")
+    else:
+        with open(p + ".tmp", "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
+        os.replace(p + ".tmp", p)
+    times = {}
+    for stage in stages or STAGES:
+        if run.done(stage) and stage not in force:
+            times[stage] = json.load(open(run.path(f"{stage}.done.json")))["seconds"]
+            print(f"[{stage}] done already ({times[stage]:.0f} s), skipping")
+            continue
+        print(f"[{stage}] ...", flush=True)
+        t0 = time.time()
+        metrics = RUNNERS[stage](run)
+        times[stage] = time.time() - t0
+        run.finish(stage, metrics, times[stage])
+        print(f"[{stage}] finished in {times[stage]:.0f} s", flush=True)
+    return run, times
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train the toy S2DiT pipeline end to end (resumable).")
+    p.add_argument("--preset", default="small", help="tiny (minutes) or small (the workshop run, ~1 h)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
+    p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--force", default="", help="comma-separated stages to re-run even if done")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed")
+    args = p.parse_args(argv)
+    try:
+        cfg = get_config(args.preset, seed=args.seed)
+        stages = args.stages.split(",") if args.stages else None
+        for s in (stages or []) + [f for f in args.force.split(",") if f]:
+            if s not in STAGES:
+                raise ValueError(f"unknown stage {s!r}; stages: {','.join(STAGES)}")
+    except ValueError as e:
+        p.error(str(e))
+    out = args.out or os.path.join("runs", args.preset)
+    run, times = run_pipeline(out, cfg, stages, force=[f for f in args.force.split(",") if f])
+    print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) +
+          f"; total {sum(times.values()) / 60:.1f} min")
+    if run.done("sample"):
+        m = run.metrics("sample")
+        print(f"video:   {m['video']}")
+        print(f"metrics: {run.path('sample.done.json')}  (VBench-lite: " +
+              ", ".join(f"{k} {m['vbench_lite'][k]:.2f}" for k in ("color_acc", "shape_acc", "direction_acc", "total")) + ")")
+    if run.done("deploy"):
+        print(f"bundle:  {run.path('S2DiTResources')}")
+
+
+if __name__ == "__main__":
+    main()
