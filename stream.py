@@ -116,25 +116,25 @@ def stream(models, prompt, chunks, steps=None, seed=0, then=(), window=None, t_c
                          "commit": (s2 - s1) * 1e3, "decoder": (s3 - s2) * 1e3, "total": (s3 - s) * 1e3})
 
 
-def reference_generation(model, text, mask, noises, ts, generator_seed=0):
+def reference_generation(model, text, mask, n_chunks, ts, latent_hw, seed=0):
     """The same generation WITHOUT caches: chunk i is denoised by a full block-causal forward over
-    [clean chunks 0..i-1 at t = 0, noisy chunk i at t]. O(n^2), for tests only. `noises[i]` must be
-    the initial noise of chunk i and the re-noising draws come from a generator seeded alike."""
-    g = torch.Generator().manual_seed(generator_seed)
+    [clean chunks 0..i-1 at t = 0, noisy chunk i at t]. O(n^2) work, for tests only; random numbers
+    are drawn in the same order as `stream` (chunk noise, then one re-noise draw per step), t_ctx = 0."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
     done = []
-    for noise in noises:
-        x_t = noise
+    for _ in range(n_chunks):
+        x_t = torch.randn(1, cfg.in_channels, cfg.chunk, latent_hw, latent_hw, generator=g)  # (1, C, 3, h, w)
         for j, t in enumerate(ts):
-            ctx = torch.cat(done + [x_t], dim=2)                        # (B, C, 3(i+1), h, w)
-            tt = torch.zeros(ctx.shape[0], ctx.shape[2])
-            tt[:, -noise.shape[2]:] = t
-            v = model(ctx, tt, text, mask, causal=True)[:, :, -noise.shape[2]:]
+            ctx = torch.cat(done + [x_t], dim=2)                        # (1, C, 3(i+1), h, w)
+            tt = torch.zeros(1, ctx.shape[2])
+            tt[:, -cfg.chunk:] = t                                      # context clean, current chunk at t
+            v = model(ctx, tt, text, mask, causal=True, window=n_chunks)[:, :, -cfg.chunk:]
             x0 = x_t - t * v
             if j + 1 < len(ts):
-                eps = torch.randn(x0.shape, generator=g)
-                x_t = (1 - ts[j + 1]) * x0 + ts[j + 1] * eps
+                x_t = (1 - ts[j + 1]) * x0 + ts[j + 1] * torch.randn(x0.shape, generator=g)
         done.append(x0)
-    return torch.cat(done, dim=2)
+    return torch.cat(done, dim=2)                                       # (1, C, 3 n_chunks, h, w)
 
 
 class ProgressiveWriter:

@@ -53,7 +53,8 @@ class PipelineConfig:
     seed: int = 0                  # every stage derives its seeds from this one
     threads: int = 2               # torch CPU threads
     clip_frames: int = 33          # training clip length: 33 pixel frames = 9 latent frames = 3 chunks
-    text_batch: int = 32           # contrastive batch of the text stage (steps: text.py preset)
+    text_batch: int = 32           # contrastive batch of the text stage
+    text_steps: int = 600          # contrastive updates of the text stage
     vae_steps: int = 2500          # VAE updates
     vae_batch: int = 8
     vae_lr: float = 2e-3
@@ -77,7 +78,7 @@ class PipelineConfig:
 
 PRESETS = {
     "small": PipelineConfig(),
-    "tiny": PipelineConfig(preset="tiny", vae_steps=150, vae_batch=4, pool_clips=64, dit_batch=4, base_steps=40,
+    "tiny": PipelineConfig(preset="tiny", threads=1, text_batch=16, text_steps=20, vae_steps=150, vae_batch=4, pool_clips=64, dit_batch=4, base_steps=40,
                            search_steps=10, pretrain_steps=40, teacher_dim=48, teacher_depth=4, teacher_steps=40,
                            cache_samples=16, cache_shard=8, decoder_steps=30, eval_prompts=4, sample_chunks=3,
                            ema=0.9),
@@ -213,7 +214,7 @@ def stage_text(run):
     cfg = run.cfg
     encoder, tokenizer, tcfg = text_mod.build_text(cfg.preset, words=data.vocabulary(), seed=cfg.seed)
     batch_fn = text_mod.data_batch_fn(cfg.preset, cfg.text_batch, frames=17)
-    m = text_mod.fit_text_encoder(encoder, tokenizer, batch_fn, tcfg.fit_steps, tcfg.fit_lr, cfg.seed,
+    m = text_mod.fit_text_encoder(encoder, tokenizer, batch_fn, cfg.text_steps, tcfg.fit_lr, cfg.seed,
                                   eval_split="eval")
     text_mod.save_text(run.path("text.pt"), encoder, tokenizer, tcfg, m)
     return m
