@@ -117,7 +117,7 @@ def cfg_predict(model, x, t, text, mask, null_text, null_mask, scale, **kw):
     return flow.cfg_velocity(v_c, v_u, scale)
 
 
-def fm_loss(model, x0, text, mask, null_text, null_mask, p_uncond=0.1, generator=None, shift=1.0):
+def fm_loss(model, x0, text, mask, null_text, null_mask, p_uncond=0.1, generator=None, shift=1.0, boundary=None):
     """Flow matching with per-chunk t (diffusion forcing) and CFG dropout:
         L = E || V(x_t, t, e) - (eps - x0) ||^2,   x_t = (1 - t) x0 + t eps,  t independent per chunk.
     # DEVIATION: the paper's KD model is bidirectional; ours (teacher, T_theta, S2DiT-Pretrained) is
@@ -125,6 +125,11 @@ def fm_loss(model, x0, text, mask, null_text, null_mask, p_uncond=0.1, generator
     # clean context; this replaces Self-Forcing's ODE initialisation."""
     B, C, T = x0.shape[:3]
     t = flow.sample_t(B, T, chunk=_chunk(model), shift=shift, generator=generator).to(x0)  # (B, T)
+    if boundary is not None:
+        # MoE teacher: every chunk of a sample on one expert's side of the boundary (a coin per sample),
+        # so each sample trains (and costs) one expert, as the experts are used in the cache and DMD.
+        high = torch.rand(B, 1, generator=generator).to(x0) < 0.5                # (B, 1)
+        t = torch.where(high, boundary + (1 - boundary) * t, boundary * t)      # (B, T)
     eps = torch.randn(x0.shape, generator=generator).to(x0)                     # (B, C, T, h, w)
     x_t = flow.add_noise(x0, eps, t)                                            # (B, C, T, h, w)
     drop = torch.rand(B, generator=generator).to(x0.device) < p_uncond          # (B,) captions -> null
@@ -170,7 +175,7 @@ def _step(opt, loss, params, clip):
 
 
 def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=(0.9, 0.999),
-             weight_decay=0.0, ema_decay=None, clip=1.0, progress=True, desc="fm"):
+             weight_decay=0.0, ema_decay=None, clip=1.0, progress=True, desc="fm", boundary=None):
     """Flow-matching loop. batch_fn(step) -> (x0, text, mask, null_text, null_mask).
     Returns (EMA copy of the model, or the model itself if ema_decay is None; metrics)."""
     g = torch.Generator().manual_seed(seed)
@@ -179,7 +184,7 @@ def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=
     losses, run = [], None
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     for step in bar:
-        loss = fm_loss(model, *batch_fn(step), p_uncond=p_uncond, generator=g, shift=shift)
+        loss = fm_loss(model, *batch_fn(step), p_uncond=p_uncond, generator=g, shift=shift, boundary=boundary)
         _step(opt, loss, list(model.parameters()), clip)
         if ema:
             ema.update(model)
