@@ -1,0 +1,151 @@
+"""Tests for vae.py: shapes, chunked == full decoding, causality, GroupNorm on 4-D views,
+training reduces the loss, latent statistics, checkpoints."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import vae as V  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids thread hand-off stalls on a busy 2-core CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomised(model, seed=0, std=0.1):
+    """Random weights everywhere (zero-init convs too), so every cached path carries signal."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return randomised(V.VAE(V.get_config("tiny")))
+
+
+@pytest.mark.parametrize("F", [1, 5, 9, 33])
+def test_encode_decode_shapes(tiny, F):
+    x = V.blob_video(2, F, 16, seed=F)  # (2, 3, F, 16, 16)
+    with torch.no_grad():
+        z = tiny.encode(x)
+        y = tiny.decode(z)
+    assert z.shape == (2, 4, 1 + (F - 1) // 4, 4, 4)
+    assert y.shape == x.shape
+
+
+def test_bad_shapes_raise(tiny):
+    with pytest.raises(ValueError, match="F=1\\+4k"):
+        tiny.encode(torch.zeros(1, 3, 6, 16, 16))
+    with pytest.raises(ValueError, match="expected latents"):
+        tiny.decode(torch.zeros(1, 5, 3, 4, 4))
+    with pytest.raises(ValueError, match="tiny"):
+        V.get_config("huge")
+
+
+@torch.no_grad()
+def test_chunked_decode_equals_full(tiny):
+    z = torch.randn(2, 4, 9, 4, 4)  # 3 chunks of 3 latent frames
+    full = tiny.decode(z)  # (2, 3, 33, 16, 16)
+    parts, cache, sizes = [], None, []
+    for t0 in range(0, 9, 3):
+        frames, cache = tiny.decode_chunk(z[:, :, t0:t0 + 3], cache)
+        parts.append(frames)
+        sizes.append(frames.shape[2])
+    assert sizes == [9, 12, 12]
+    torch.testing.assert_close(torch.cat(parts, 2), full, atol=1e-5, rtol=0)
+    # a different (uneven) chunking gives the same frames too: 1 + 4 + 4 latent frames
+    parts, cache = [], None
+    for a, b in ((0, 1), (1, 5), (5, 9)):
+        frames, cache = tiny.decode_chunk(z[:, :, a:b], cache)
+        parts.append(frames)
+    torch.testing.assert_close(torch.cat(parts, 2), full, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_decode_chunk_does_not_mutate_cache(tiny):
+    z = torch.randn(1, 4, 6, 4, 4)
+    _, cache = tiny.decode_chunk(z[:, :, :3], None)
+    snapshot = {k: v.clone() for k, v in cache.items()}
+    a, _ = tiny.decode_chunk(z[:, :, 3:], cache)
+    b, _ = tiny.decode_chunk(z[:, :, 3:], cache)  # same cache reused -> same frames
+    torch.testing.assert_close(a, b)
+    assert all(torch.equal(snapshot[k], cache[k]) for k in snapshot)
+
+
+@torch.no_grad()
+def test_causality(tiny):
+    x = V.blob_video(1, 17, 16, seed=3)
+    z = tiny.encode(x)  # (1, 4, 5, 4, 4)
+    x2 = x.clone()
+    x2[:, :, 9:] = torch.rand_like(x2[:, :, 9:]) * 2 - 1  # perturb pixel frames >= 9
+    z2 = tiny.encode(x2)
+    # latent t sees pixel frames <= 4t: latents 0..2 (frames <= 8) unchanged, latent 3 changes
+    torch.testing.assert_close(z2[:, :, :3], z[:, :, :3], atol=1e-6, rtol=0)
+    assert (z2[:, :, 3] - z[:, :, 3]).abs().max() > 1e-3
+    # decoding: perturb latent frames >= 3 -> pixel frames <= 8 unchanged, frame 9 changes
+    z3 = z.clone()
+    z3[:, :, 3:] += 1.0
+    y, y3 = tiny.decode(z), tiny.decode(z3)
+    torch.testing.assert_close(y3[:, :, :9], y[:, :, :9], atol=1e-6, rtol=0)
+    assert (y3[:, :, 9] - y[:, :, 9]).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_groupnorm_only_on_4d(tiny):
+    dims = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: dims.append(inp[0].dim()))
+             for m in tiny.modules() if type(m) is torch.nn.GroupNorm]
+    tiny.decode(tiny.encode(V.blob_video(1, 9, 16)))
+    for h in hooks:
+        h.remove()
+    assert len(dims) > 5 and set(dims) == {4}
+
+
+def test_fit_reduces_loss_and_sets_stats():
+    torch.manual_seed(0)
+    m = V.VAE(V.get_config("tiny"))
+    fixed = V.blob_video(2, 5, 16, seed=1)
+    before = V.reconstruct_psnr(m, fixed)
+    met = V.fit_vae(m, lambda s: fixed, steps=12, lr=3e-3, seed=0, progress=False, stats_batches=1)
+    after = V.reconstruct_psnr(m, fixed)
+    assert met["loss"] < met["first_loss"] and after > before + 1.0, (met, before, after)
+    z = m.encode(fixed)  # normalised with the stats of exactly these clips
+    assert z.mean(dim=(0, 2, 3, 4)).abs().max() < 1e-3
+    assert (z.std(dim=(0, 2, 3, 4)) - 1).abs().max() < 1e-2
+
+
+def test_psnr_helper():
+    a = torch.zeros(1, 3, 1, 4, 4)
+    assert abs(V.psnr(a, a + 0.2) - 10 * torch.log10(torch.tensor(4 / 0.04)).item()) < 1e-4
+
+
+def test_checkpoint_round_trip_and_errors(tiny, tmp_path):
+    path = str(tmp_path / "vae.pt")
+    V.save_checkpoint(path, tiny, tiny.cfg, {"psnr": 1.0})
+    assert os.path.exists(str(tmp_path / "vae.json")) and not os.path.exists(path + ".tmp")
+    loaded = V.load_vae(path)
+    assert loaded.cfg == tiny.cfg
+    z = torch.randn(1, 4, 2, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(z), tiny.decode(z))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        V.load_vae(str(tmp_path / "missing.pt"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(open(path, "rb").read()[:1000])  # truncated file
+    with pytest.raises(RuntimeError, match="bad.pt.*re-run the `vae` stage"):
+        V.load_vae(str(bad))
+    other = str(tmp_path / "other.pt")
+    small = V.VAE(V.get_config("small"))
+    V.save_checkpoint(other, small, tiny.cfg)  # tiny config, small weights: a mismatch
+    with pytest.raises(RuntimeError, match="does not match.*re-run the `vae` stage"):
+        V.load_vae(other)

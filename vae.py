@@ -1,0 +1,466 @@
+"""Causal 3D video VAE: pixels (B,3,F,H,W) <-> latents (B,C,T,h,w).
+
+Paper: S2DiT (arXiv 2601.12719) Sec. D.1 builds on the frozen Wan2.1 VAE; the DiT only ever sees
+its latents, and the efficient decoder (decoder.py) is trained on its encoder's latents. This file
+is that VAE at toy scale:
+
+  * causal in time: every temporal convolution pads only the past, so frame f of the output
+    depends on latent frames <= its own and latent t depends on pixel frames <= 4t;
+  * 4x temporal, 4x spatial compression, F = 1 + 4k pixel frames <-> T = 1 + k latent frames, the
+    first frame encoded alone (Wan-style);
+  * chunked causal decoding with a temporal cache (`decode_chunk`): stream.py decodes 3 latent
+    frames at a time (9 pixel frames for the first chunk, then 12) and gets exactly `decode(z)`.
+
+Letters: B batch, F pixel frames, T latent frames, C channels, H,W pixel size, h,w latent size.
+Core ML rules (DESIGN.md Sec. 8): GroupNorm runs on 4-D views (time folded into batch), the
+up-sampling is a causal conv + reshape (time) and a conv + pixel_shuffle (space), no
+upsample_nearest3d, no tensor of rank > 5.
+
+Demo (a few seconds on CPU): `python vae.py` trains the tiny VAE for a few steps on synthetic
+moving blobs, prints the PSNR and checks chunked decoding against full decoding.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F_
+
+
+@dataclass
+class VAEConfig:
+    z_channels: int = 8          # C latent channels (Wan2.1: 16; toy: tiny 4, small 8)
+    widths: tuple = (32, 64)     # (c0, c1): width at H/2 and at H/4 (Wan2.1: 96..384)
+    num_res: int = 1             # ResBlocks per stage (Wan2.1: 2)
+    kt_high: int = 1             # temporal kernel at H/2 (1 = per-frame 2-D conv, 3 = causal 3-D);
+                                 # DEVIATION: Wan2.1 is 3-D everywhere; per-frame convs where the pixels
+                                 # are many cut training cost ~3x, time is mixed at H/4 (kt = 3)
+    groups: int = 8              # GroupNorm groups
+    kl_weight: float = 1e-4      # beta of the KL term (mean per latent element); ASSUMPTION: a small
+                                 # KL (as the SD/Wan VAEs) rather than a plain AE + noise: it bounds the
+                                 # latent scale without a hand-set noise level; encode() uses the mean
+
+
+# DEVIATION: Wan2.1 compresses 4x8x8 into 16 channels; a 32/64-px toy frame needs a moderately
+# compressed latent (4x4x4) so the DiT still gets 8x8 / 16x16 tokens per frame.
+PRESETS = {
+    "tiny": VAEConfig(z_channels=4, widths=(16, 32), num_res=1),
+    "small": VAEConfig(z_channels=8, widths=(32, 64), num_res=1),
+}
+
+
+def get_config(name: str) -> VAEConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown VAE preset {name!r}; known presets: {sorted(PRESETS)}")
+    return VAEConfig(**asdict(PRESETS[name]))
+
+
+# ----------------------------------------------------------------------------- building blocks
+def to_frames(x):
+    """(B, C, T, H, W) -> (B*T, C, H, W): fold time into batch (per-frame 2-D ops)."""
+    B, C, T, H, W = x.shape
+    return x.transpose(1, 2).reshape(B * T, C, H, W)
+
+
+def from_frames(x, B):
+    """(B*T, C, H, W) -> (B, C, T, H, W)."""
+    BT, C, H, W = x.shape
+    return x.reshape(B, BT // B, C, H, W).transpose(1, 2)
+
+
+class GroupNorm4d(nn.Module):
+    """GroupNorm over each frame separately: statistics never mix frames, so the norm is causal
+    in time (a 5-D GroupNorm would leak the future into the past), and the nn.GroupNorm inside
+    only ever sees 4-D tensors (Core ML's rule)."""
+
+    def __init__(self, groups, channels):
+        super().__init__()
+        self.gn = nn.GroupNorm(groups, channels)
+
+    def forward(self, x):  # x (B, C, T, H, W)
+        return from_frames(self.gn(to_frames(x)), x.shape[0])  # (B, C, T, H, W)
+
+
+class CausalConv3d(nn.Module):
+    """3-D conv padded only on the past side in time.
+
+    ASSUMPTION: the past of the first frame is zeros (as Wan2.1's CausalConv3d). When streaming,
+    `cache[self.key]` holds the last kt-1 input frames of the previous chunk instead, which makes
+    chunked and whole-clip outputs identical.
+    """
+
+    def __init__(self, c_in, c_out, k=3, kt=3):
+        super().__init__()
+        self.kt = kt
+        self.key = None  # set by the owning model (unique per conv) for the streaming cache
+        self.conv = nn.Conv3d(c_in, c_out, (kt, k, k), padding=(0, k // 2, k // 2))
+
+    def forward(self, x, cache=None):  # x (B, Cin, T, H, W)
+        p = self.kt - 1
+        if p == 0:
+            return self.conv(x)  # (B, Cout, T, H, W): per-frame conv, nothing to cache
+        past = None if cache is None else cache.get(self.key)
+        if past is None:
+            past = x.new_zeros(x.shape[0], x.shape[1], p, x.shape[3], x.shape[4])  # (B, Cin, p, H, W)
+        x = torch.cat([past, x], dim=2)  # (B, Cin, p+T, H, W)
+        if cache is not None:
+            cache[self.key] = x[:, :, -p:]  # last p input frames for the next chunk
+        return self.conv(x)  # (B, Cout, T, H, W)
+
+
+class ResBlock(nn.Module):
+    """norm -> act -> causal conv, twice, plus a skip; the second conv is zero-initialised so
+    each block starts as the identity (as DiT's zero-init gates) and training starts fast."""
+
+    def __init__(self, c_in, c_out, kt=3, groups=8, act=nn.SiLU):
+        super().__init__()
+        self.norm1, self.conv1 = GroupNorm4d(min(groups, c_in), c_in), CausalConv3d(c_in, c_out, 3, kt)
+        self.norm2, self.conv2 = GroupNorm4d(min(groups, c_out), c_out), CausalConv3d(c_out, c_out, 3, kt)
+        self.act = act()
+        nn.init.zeros_(self.conv2.conv.weight)
+        nn.init.zeros_(self.conv2.conv.bias)
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv3d(c_in, c_out, 1)
+
+    def forward(self, x, cache=None):  # x (B, Cin, T, H, W)
+        h = self.conv1(self.act(self.norm1(x)), cache)  # (B, Cout, T, H, W)
+        h = self.conv2(self.act(self.norm2(h)), cache)  # (B, Cout, T, H, W)
+        return self.skip(x) + h  # (B, Cout, T, H, W)
+
+
+class Down(nn.Module):
+    """Encoder down-sampler: space-to-depth 2x2 (optional) and time pairs 2x, then a 1x1x1 conv.
+    The first frame is duplicated before pairing, so it forms a pair with itself and is encoded
+    alone (Wan-style): 1 + 2m frames -> 1 + m frames, causal (output j sees frames <= 2j).
+    ASSUMPTION: pairing + 1x1x1 conv (a 2x2x2 strided conv) instead of Wan's 3-tap strided conv."""
+
+    def __init__(self, c_in, c_out, space=True):
+        super().__init__()
+        self.space = space
+        self.proj = nn.Conv3d(c_in * (4 if space else 1) * 2, c_out, 1)
+
+    def forward(self, x):  # x (B, C, 1+2m, H, W)
+        B = x.shape[0]
+        if self.space:
+            x = from_frames(F_.pixel_unshuffle(to_frames(x), 2), B)  # (B, 4C, 1+2m, H/2, W/2)
+        x = torch.cat([x[:, :, :1], x], dim=2)  # (B, C', 2+2m, H', W'): first frame paired with itself
+        _, C, T2, H, W = x.shape
+        x = x.reshape(B, C, T2 // 2, 2, H * W).permute(0, 3, 1, 2, 4)  # (B, 2, C', 1+m, H'W')
+        x = x.reshape(B, 2 * C, T2 // 2, H, W)  # (B, 2C', 1+m, H', W')
+        return self.proj(x)  # (B, Cout, 1+m, H', W')
+
+
+class TemporalUp(nn.Module):
+    """Decoder temporal 2x up-sampler, the mirror of Down: a causal conv makes 2C channels per
+    frame, a reshape turns them into 2 frames, and at the start of a clip the first output frame
+    is dropped (the first latent frame stands for one pixel frame): 1 + k -> 1 + 2k frames."""
+
+    def __init__(self, c, kt=3):
+        super().__init__()
+        self.conv = CausalConv3d(c, 2 * c, 3, kt)
+
+    def forward(self, x, cache=None, first=True):  # x (B, C, T, H, W)
+        B, C, T, H, W = x.shape
+        y = self.conv(x, cache)  # (B, 2C, T, H, W)
+        y = y.reshape(B, 2, C, T, H * W).permute(0, 2, 3, 1, 4)  # (B, C, T, 2, HW): rank <= 5
+        y = y.reshape(B, C, 2 * T, H, W)  # (B, C, 2T, H, W), frame 2t+i from latent t
+        return y[:, :, 1:] if first else y  # (B, C, 2T-1 or 2T, H, W)
+
+
+class SpatialUp(nn.Module):
+    """Per-frame conv to 4C' channels + pixel_shuffle: 2x in space without upsample_nearest."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, 4 * c_out, 3, padding=1)
+
+    def forward(self, x):  # x (B, C, T, H, W)
+        y = F_.pixel_shuffle(self.conv(to_frames(x)), 2)  # (B*T, Cout, 2H, 2W)
+        return from_frames(y, x.shape[0])  # (B, Cout, T, 2H, 2W)
+
+
+def name_caches(model):
+    """Give every CausalConv3d of `model` a unique cache key."""
+    for i, m in enumerate(model.modules()):
+        if isinstance(m, CausalConv3d):
+            m.key = f"conv{i}"
+
+
+class CausalDecoder(nn.Module):
+    """Latents (B, z, T, h, w) -> pixels (B, 3, 1+4(T-1), 4h, 4w), causal, streamable.
+    Shared by the reference VAE decoder (SiLU) and decoder.py's efficient decoder (Hardswish)."""
+
+    def __init__(self, z_channels, widths, num_res, kt_high=1, groups=8, act=nn.SiLU):
+        super().__init__()
+        c0, c1 = widths
+        self.conv_in = CausalConv3d(z_channels, c1, 3, 3)
+        self.res_t = nn.ModuleList([ResBlock(c1, c1, 3, groups, act) for _ in range(num_res)])
+        self.up_t1 = TemporalUp(c1)
+        self.res_t2 = nn.ModuleList([ResBlock(c1, c1, 3, groups, act) for _ in range(num_res)])
+        self.up_t2, self.up_s = TemporalUp(c1), SpatialUp(c1, c0)
+        self.res_f = nn.ModuleList([ResBlock(c0, c0, kt_high, groups, act) for _ in range(num_res)])
+        self.norm_out, self.act = GroupNorm4d(min(groups, c0), c0), act()
+        self.conv_out = CausalConv3d(c0, 12, 3, kt_high)  # 12 = 3 RGB x 2x2 pixel shuffle
+        name_caches(self)
+
+    def forward(self, z, cache=None, first=True):  # z (B, zc, T, h, w)
+        x = self.conv_in(z, cache)  # (B, c1, T, h, w)
+        for blk in self.res_t:
+            x = blk(x, cache)  # (B, c1, T, h, w)
+        x = self.up_t1(x, cache, first)  # (B, c1, 2T(-1), h, w)
+        for blk in self.res_t2:
+            x = blk(x, cache)  # (B, c1, 2T(-1), h, w)
+        x = self.up_s(self.up_t2(x, cache, first))  # (B, c0, F', 2h, 2w), F' = 4T(-3)
+        for blk in self.res_f:
+            x = blk(x, cache)  # (B, c0, F', 2h, 2w)
+        x = self.conv_out(self.act(self.norm_out(x)), cache)  # (B, 12, F', 2h, 2w)
+        x = from_frames(F_.pixel_shuffle(to_frames(x), 2), z.shape[0])  # (B, 3, F', 4h, 4w)
+        return x
+
+
+def check_video(video):
+    if video.dim() != 5 or video.shape[1] != 3 or (video.shape[2] - 1) % 4 or video.shape[3] % 4 or video.shape[4] % 4:
+        raise ValueError(f"expected video (B, 3, F=1+4k, H, W) with H, W divisible by 4, got {tuple(video.shape)}")
+
+
+# ----------------------------------------------------------------------------- the VAE
+class VAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        c0, c1 = cfg.widths
+        g, n = cfg.groups, cfg.num_res
+        # encoder: 2x2 space-to-depth, H/2 stage, down (space+time), H/4 stage, down (time), H/4 stage
+        self.enc_in = CausalConv3d(12, c0, 3, cfg.kt_high)
+        self.enc_res0 = nn.ModuleList([ResBlock(c0, c0, cfg.kt_high, g) for _ in range(n)])
+        self.down1 = Down(c0, c1, space=True)
+        self.enc_res1 = nn.ModuleList([ResBlock(c1, c1, 3, g) for _ in range(n)])
+        self.down2 = Down(c1, c1, space=False)
+        self.enc_res2 = nn.ModuleList([ResBlock(c1, c1, 3, g) for _ in range(n)])
+        self.enc_norm = GroupNorm4d(min(g, c1), c1)
+        self.enc_out = CausalConv3d(c1, 2 * cfg.z_channels, 3, 3)  # posterior mean and log-variance
+        # ASSUMPTION: start nearly deterministic (posterior std e^-4 ~ 0.02): with logvar ~ 0 at
+        # init, unit noise would drown the latents and the short CPU budget is spent shrinking it.
+        nn.init.constant_(self.enc_out.conv.bias[cfg.z_channels:], -8.0)
+        name_caches(self)
+        self.decoder = CausalDecoder(cfg.z_channels, cfg.widths, n, cfg.kt_high, g, nn.SiLU)
+        # latent normalisation, stored with the weights: encode() returns (mu - mean) / std
+        self.register_buffer("latent_mean", torch.zeros(cfg.z_channels))
+        self.register_buffer("latent_std", torch.ones(cfg.z_channels))
+
+    def posterior(self, video):  # video (B, 3, F, H, W) in [-1, 1]
+        check_video(video)
+        B = video.shape[0]
+        x = from_frames(F_.pixel_unshuffle(to_frames(video), 2), B)  # (B, 12, F, H/2, W/2)
+        x = self.enc_in(x)  # (B, c0, F, H/2, W/2)
+        for blk in self.enc_res0:
+            x = blk(x)  # (B, c0, F, H/2, W/2)
+        x = self.down1(x)  # (B, c1, 1+2k, h, w)
+        for blk in self.enc_res1:
+            x = blk(x)  # (B, c1, 1+2k, h, w)
+        x = self.down2(x)  # (B, c1, T, h, w)
+        for blk in self.enc_res2:
+            x = blk(x)  # (B, c1, T, h, w)
+        x = self.enc_out(F_.silu(self.enc_norm(x)))  # (B, 2C, T, h, w)
+        mu, logvar = x.chunk(2, dim=1)  # (B, C, T, h, w) each
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def _norm_shape(self):
+        return self.latent_mean.view(1, -1, 1, 1, 1), self.latent_std.view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def encode_raw(self, video):
+        """Posterior mean, un-normalised: (B, C, T, h, w)."""
+        return self.posterior(video)[0]
+
+    @torch.no_grad()
+    def encode(self, video):
+        """Deterministic normalised latents (posterior mean): (B, C, T, h, w)."""
+        m, s = self._norm_shape()
+        return (self.encode_raw(video) - m) / s
+
+    def decode_raw(self, z_raw, cache=None, first=True):
+        return self.decoder(z_raw, cache, first)
+
+    def decode(self, z):
+        """Normalised latents (B, C, T, h, w) -> video (B, 3, 1+4(T-1), 4h, 4w)."""
+        return self.decode_chunk(z, None)[0]
+
+    def decode_chunk(self, z_chunk, cache=None):
+        """Stream decoding: z_chunk (B, C, Tc, h, w) normalised; cache=None starts a clip (the first
+        latent frame becomes one pixel frame). Returns (frames (B,3,4Tc or 4Tc-3,H,W), cache)."""
+        if z_chunk.dim() != 5 or z_chunk.shape[1] != self.cfg.z_channels:
+            raise ValueError(f"expected latents (B, {self.cfg.z_channels}, T, h, w), got {tuple(z_chunk.shape)}")
+        first = cache is None
+        cache = {} if cache is None else dict(cache)  # never mutate the caller's dict
+        m, s = self._norm_shape()
+        return self.decode_raw(z_chunk * s + m, cache, first), cache
+
+    @torch.no_grad()
+    def set_latent_stats(self, z_raw_samples):
+        """Per-channel mean / std of raw latents (B, C, T, h, w) -> normalisation buffers."""
+        z = z_raw_samples.transpose(0, 1).reshape(self.cfg.z_channels, -1)  # (C, N)
+        self.latent_mean.copy_(z.mean(1))
+        self.latent_std.copy_(z.std(1).clamp_min(1e-5))
+
+    def forward(self, video, sample=True):
+        """Training pass: (reconstruction (B,3,F,H,W), KL per latent element)."""
+        mu, logvar = self.posterior(video)  # (B, C, T, h, w)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        # KL(q(z|x) || N(0, I)), averaged over latent elements
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        return self.decode_raw(z), kl
+
+
+# ----------------------------------------------------------------------------- metrics & training
+def psnr(a, b):
+    """PSNR in dB of videos in [-1, 1] (peak-to-peak 2), over all elements."""
+    mse = (a.float().clamp(-1, 1) - b.float().clamp(-1, 1)).pow(2).mean().item()
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def reconstruct_psnr(vae, videos, batch_size=4):
+    vae.eval()
+    mses = []
+    for i in range(0, videos.shape[0], batch_size):
+        v = videos[i:i + batch_size]
+        mses.append((vae.decode(vae.encode(v)).clamp(-1, 1) - v).pow(2).mean().item() * v.shape[0])
+    return 10 * math.log10(4.0 / max(sum(mses) / videos.shape[0], 1e-12))
+
+
+def fit_vae(vae, batch_fn, steps, lr=2e-3, seed=0, progress=True, stats_batches=4):
+    """Train with L1 + MSE + beta * KL (Adam, cosine decay); then set the latent statistics.
+    batch_fn(step) -> video (B, 3, F, H, W) in [-1, 1]."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    vae.train()
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+    run_loss, run_psnr, t0, first_loss = None, None, time.time(), None
+    bar = tqdm(range(steps), desc="vae", disable=not progress, mininterval=2.0)
+    for step in bar:
+        video = batch_fn(step)  # (B, 3, F, H, W)
+        rec, kl = vae(video)  # (B, 3, F, H, W), scalar
+        mse = F_.mse_loss(rec, video)
+        loss = F_.l1_loss(rec, video) + mse + vae.cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        p = 10 * math.log10(4.0 / max(mse.item(), 1e-12))
+        first_loss = loss.item() if first_loss is None else first_loss
+        run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
+        run_psnr = p if run_psnr is None else 0.95 * run_psnr + 0.05 * p
+        bar.set_postfix(loss=f"{run_loss:.4f}", psnr=f"{run_psnr:.1f}", refresh=False)
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode_raw(batch_fn(steps + i)) for i in range(stats_batches)])
+        vae.set_latent_stats(z)
+    return {"steps": steps, "first_loss": first_loss, "loss": run_loss, "train_psnr": run_psnr,
+            "seconds": time.time() - t0, "kl_weight": vae.cfg.kl_weight}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, cfg, metrics=None):
+    """Atomic torch.save({"config", "state_dict", "metrics"}) plus a JSON of config + metrics."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    blob = {"config": asdict(cfg), "state_dict": model.state_dict(), "metrics": dict(metrics or {})}
+    torch.save(blob, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    js = os.path.splitext(path)[0] + ".json"
+    with open(js + ".tmp", "w") as f:
+        json.dump({"config": asdict(cfg), "metrics": dict(metrics or {})}, f, indent=2, default=str)
+    os.replace(js + ".tmp", js)
+
+
+def load_model(path, cfg_cls, model_cls, stage):
+    """Shared loader: clear errors naming the file and the train.py stage to re-run."""
+    hint = f"re-run the `{stage}` stage of train.py"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found; {hint}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / not a torch file
+        why = str(e).split("\n")[0][:200]
+        raise RuntimeError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {why}); {hint}") from e
+    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        raise RuntimeError(f"checkpoint {path} lacks 'config'/'state_dict'; {hint}")
+    try:
+        cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in blob["config"].items()})
+        model = model_cls(cfg)
+        model.load_state_dict(blob["state_dict"])
+    except (TypeError, RuntimeError) as e:  # keep the first lines of torch's long report
+        why = " ".join(str(e).split("\n")[:3])[:300]
+        raise RuntimeError(f"checkpoint {path} does not match {model_cls.__name__} ({why} ...); {hint}") from e
+    return model.eval()
+
+
+def load_vae(path):
+    return load_model(path, VAEConfig, VAE, "vae")
+
+
+# ----------------------------------------------------------------------------- demo
+def blob_video(batch, frames, size, seed=0):
+    """Synthetic clips: 1-2 coloured discs moving on a coloured background, in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    t = torch.arange(frames).float().view(-1, 1, 1)
+    video = torch.empty(batch, 3, frames, size, size)
+    for b in range(batch):
+        bg = torch.rand(3, generator=g) * 0.6 - 0.8
+        v = bg.view(3, 1, 1, 1).expand(3, frames, size, size).clone()
+        for _ in range(int(torch.randint(1, 3, (1,), generator=g))):
+            c = torch.rand(3, generator=g) * 1.6 - 0.6
+            p0, vel = torch.rand(2, generator=g) * size, (torch.rand(2, generator=g) - 0.5) * size / 12
+            r = size * (0.1 + 0.1 * float(torch.rand(1, generator=g)))
+            cy, cx = p0[0] + vel[0] * t, p0[1] + vel[1] * t  # (F, 1, 1)
+            m = (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r).float()  # (F, H, W)
+            v = v * (1 - m) + c.view(3, 1, 1, 1) * m
+        video[b] = v
+    return video
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Causal 3D video VAE demo (tiny preset)")
+    ap.add_argument("--preset", default="tiny", help="VAE preset: tiny or small")
+    ap.add_argument("--steps", type=int, default=40, help="training steps")
+    ap.add_argument("--data", action="store_true", help="train on data.py clips instead of blobs")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = get_config(args.preset)
+    size = 32 if args.preset == "tiny" else 64
+    vae = VAE(cfg)
+    if args.data:
+        import data  # lazy: vae.py does not depend on the toy world
+        dcfg = data.get_config(args.preset)
+        batch_fn = lambda s: data.make_batch(dcfg, 4, seed=s)[0]
+        held = data.make_batch(dcfg, 4, seed=10_000, split="eval")[0]
+    else:
+        batch_fn = lambda s: blob_video(4, 9, size, seed=s)
+        held = blob_video(2, 17, size, seed=10_000)  # 5 latent frames: chunks of 3 + 2
+    print(f"VAE[{args.preset}] params: {sum(p.numel() for p in vae.parameters()):,}")
+    print(f"held-out PSNR before: {reconstruct_psnr(vae, held):.2f} dB")
+    m = fit_vae(vae, batch_fn, args.steps, lr=2e-3, seed=0)
+    print(f"held-out PSNR after {args.steps} steps: {reconstruct_psnr(vae, held):.2f} dB ({m['seconds']:.1f}s)")
+    z = vae.encode(held)  # (B, C, T, h, w)
+    with torch.no_grad():
+        full = vae.decode(z)
+        parts, cache = [], None
+        for t0 in range(0, z.shape[2], 3):
+            frames, cache = vae.decode_chunk(z[:, :, t0:t0 + 3], cache)
+            parts.append(frames)
+    diff = (torch.cat(parts, 2) - full).abs().max().item()
+    print(f"latents {tuple(z.shape)} -> video {tuple(full.shape)}; chunked vs full max|diff| = {diff:.2e}")
+    assert diff < 1e-5, "chunked decoding must equal full decoding"
+    print("chunked decode == full decode: OK")
+
+
+if __name__ == "__main__":
+    main()
