@@ -1,0 +1,366 @@
+"""The paper's tables at toy scale (DESIGN section 6), measured on this machine and written to RESULTS.md.
+
+    python reproduce.py --run runs/small            # after `python train.py`; reuses the run's stages
+
+| paper    | toy experiment here |
+|----------|---------------------|
+| Tab. 1   | teacher, T_theta, S2DiT-Pretrained, -KD, -AR: params and VBench-lite (quality, semantic, total) |
+| Tab. 3   | searched layout vs hourglass / all-LCHA / all-SSA / random (Eq. 10 loss, latency); LCHA vs local-only vs linear-only |
+| Tab. A1  | S2DiT-AR at 1, 2, 4 steps |
+| Tab. A2  | reference VAE decoder vs efficient decoder |
+| Tab. A3  | latency breakdown of one chunk on this CPU, FPS |
+| Tab. A5  | full attention vs SANA-style linear attention vs LCHA: latency, eval loss, alignment, FVD-lite |
+| Tab. A6  | 30-chunk streams: subject / background consistency, all-attention AR vs S2DiT-AR |
+| Tab. A7  | S2DiT-AR distilled without the teacher (its own pretrained model as the real score) |
+
+Non-streaming models (teacher, T_theta, Pretrained, KD) sample the whole 3-chunk clip with the Euler
+sampler + CFG at a shared t (their "full-step" setting); the AR students stream chunk by chunk.
+Extra training (Tab. 3 / A5 ablations, Tab. A7's second DMD) is written into the run as stages
+`ablate_*` and `dmd_noteacher` and reused by later invocations.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+
+import torch
+
+import data
+import dit
+import distill
+import evaluate
+import flow
+import sandwich
+import stream
+import train
+from dit import count_params
+
+ATTN_KINDS = ("lcha", "local", "linear")
+
+
+def prompts_for(n):
+    return [data.canonical_prompt(*a) for a in data.eval_prompts(n)]
+
+
+@torch.no_grad()
+def sample_full(run, model, prompts, seed=0):
+    """Whole-clip Euler + CFG sampling of a (block-causal) flow model, decoded by the VAE decoder."""
+    cfg, fcfg = run.cfg, flow.get_config(run.cfg.preset)
+    encoder, tokenizer = run.text()
+    import text as text_mod
+    tokens, _, mask = text_mod.encode_text(encoder, tokenizer, prompts)
+    n_text, n_mask = train.null_text(run)
+    hw = train.data_cfg(cfg).size // 4
+    T = 1 + (cfg.clip_frames - 1) // 4
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(prompts), model.cfg.in_channels, T, hw, hw, generator=g)
+    B = len(prompts)
+
+    def v_fn(x, t):                                                     # t (B,) -> one t for every frame
+        return distill.cfg_predict(model, x, t[:, None].expand(B, T), tokens, mask, n_text, n_mask,
+                                   fcfg.cfg_scale, causal=True)
+    z = flow.sample_euler(v_fn, noise, fcfg.sample_steps, fcfg.shift)
+    return run.vae().decode(z).clamp(-1, 1)                             # (B, 3, F, H, W)
+
+
+@torch.no_grad()
+def sample_ar(models, prompts, steps, chunks=3, seed=0):
+    vids = [torch.cat([c.frames for c in stream.stream(models, p, chunks, steps, seed + i)], dim=1)
+            for i, p in enumerate(prompts)]
+    return torch.stack(vids)                                            # (B, 3, F, H, W)
+
+
+def score(videos, prompts, seed=0):
+    s = evaluate.score_videos(videos, prompts, seed=seed)
+    return {k: round(float(s[k]), 3) for k in ("color_acc", "shape_acc", "direction_acc", "semantic",
+                                                 "quality", "total", "fvd", "subject_consistency",
+                                                 "background_consistency", "dynamic_degree") if k in s}
+
+
+def streaming_models(run, stage, steps=None):
+    m = train.load_streaming(run.dir, stage) if stage in ("dmd", "kd", "pretrain") else None
+    if m is None:                                                       # any DiT stage of the run, streamed
+        m = train.load_streaming(run.dir)
+        m = {**m, "model": run.model(stage).eval(), "name": stage, "stage": stage, "steps": steps}
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+def table1_a1(run, n, seed):
+    prompts = prompts_for(n)
+    rows, videos = {}, {}
+    for name, stage in (("teacher (2 experts)", "teacher"), ("T_theta (all attention)", "base"),
+                        ("S2DiT-Pretrained", "pretrain"), ("S2DiT-KD", "kd")):
+        model = run.model(stage).eval()
+        v = sample_full(run, model, prompts, seed)
+        videos[name] = v
+        rows[name] = {"params": count_params(model), "setting": "full-step Euler + CFG", **score(v, prompts, seed)}
+    ar = streaming_models(run, "dmd")
+    a1 = {}
+    for steps in ar["steps"]:
+        v = sample_ar(ar, prompts, steps, seed=seed)
+        a1[f"{steps} step{'s' * (steps > 1)}"] = score(v, prompts, seed)
+        videos[f"S2DiT-AR {steps}-step"] = v
+    best = max(ar["steps"])
+    rows[f"S2DiT-AR ({best} steps, streaming)"] = {"params": count_params(ar["model"]), "setting": "streaming",
+                                                    **a1[f"{best} steps"]}
+    return rows, a1, videos, prompts
+
+
+def table3(run, steps, seed):
+    m = run.metrics("search")
+    rows = {k: {"layout": "".join("L" if x else "S" for x in r["layout"]), "latency_ms": round(r["latency_ms"], 2),
+                "fits_budget": r["fits"], "eq10_loss": round(r["eq10_loss"], 5)} for k, r in m["rows"].items()}
+    ablation = {}
+    for kind in ATTN_KINDS:
+        ablation[kind] = ablate(run, f"ablate_{kind}", lambda: variant_s2dit(run, kind), steps, seed)
+    return {"budget_ms": m["budget_ms"], "k": m["k"], "layouts": rows, "attention": ablation}
+
+
+def variant_s2dit(run, kind):
+    base = run.model("base")
+    layout = tuple(json.load(open(run.path("layout.json")))["layout"])
+    model = sandwich.S2DiT(base.cfg, layout, attn=kind)
+    sandwich.inherit_from(model, base)
+    return model
+
+
+def variant_all(run, kind):
+    base = run.model("base")
+    if kind == "attention":
+        return copy.deepcopy(base)
+    if kind == "sana":
+        model = sandwich.sana_dit(base.cfg)
+    else:
+        model = sandwich.S2DiT(base.cfg, (1,) * (base.cfg.depth // 2), attn=kind)
+    sandwich.inherit_from(model, base)
+    return model
+
+
+def ablate(run, stage, make, steps, seed):
+    """Fine-tune a variant (inheriting T_theta) for `steps` flow-matching updates, once per run; report
+    the held-out flow-matching loss and the latency of one chunk."""
+    if run.done(stage):
+        return run.metrics(stage)
+    t0 = time.time()
+    model = make().requires_grad_(True)
+    trained, m = train.fm_stage(run, model, steps, "base")
+    out = {"params": count_params(trained), "train_loss_last": m["loss_last"],
+           "eval_loss": heldout_fm_loss(run, trained, seed), "chunk_ms": chunk_ms(trained, run)}
+    torch.save(trained.state_dict(), run.path(f"{stage}.pt.tmp"))
+    os.replace(run.path(f"{stage}.pt.tmp"), run.path(f"{stage}.pt"))
+    run.finish(stage, out, time.time() - t0)
+    return out
+
+
+@torch.no_grad()
+def heldout_fm_loss(run, model, seed, batches=6):
+    fn = train.dit_batches(run, 6, 424_242)
+    g = torch.Generator().manual_seed(seed)
+    return round(sum(distill.fm_loss(model, *fn(i), p_uncond=0.0, generator=g).item() for i in range(batches)) / batches, 5)
+
+
+@torch.no_grad()
+def chunk_ms(model, run, repeats=5):
+    hw = train.data_cfg(run.cfg).size // 4
+    x, t = torch.randn(1, model.cfg.in_channels, 3, hw, hw), torch.rand(1, 3)
+    text, mask = torch.randn(1, 8, model.cfg.text_dim), torch.ones(1, 8, dtype=torch.bool)
+    model.eval()(x, t, text, mask)
+    ts = []
+    for _ in range(repeats):
+        s = time.perf_counter()
+        model(x, t, text, mask)
+        ts.append(time.perf_counter() - s)
+    return round(1e3 * sorted(ts)[len(ts) // 2], 2)
+
+
+def table_a5(run, n, steps, seed):
+    prompts = prompts_for(n)
+    rows = {}
+    for kind, label in (("attention", "full attention"), ("sana", "SANA-Video linear attention"), ("lcha", "LCHA")):
+        stage = f"ablate_all_{kind}"
+        res = ablate(run, stage, lambda: variant_all(run, kind), steps, seed)
+        model = variant_all(run, kind)
+        model.load_state_dict(torch.load(run.path(f"{stage}.pt"), weights_only=True))
+        s = score(sample_full(run, model.eval(), prompts, seed), prompts, seed)
+        rows[label] = {**res, "semantic": s["semantic"], "fvd": s.get("fvd")}
+    return rows
+
+
+def table_a3(run, chunks, seed):
+    ar = streaming_models(run, "dmd")
+    rows = {}
+    for steps in ar["steps"]:
+        r = stream.run(ar, prompts_for(1)[0], chunks, steps, seed, progress=False)
+        rows[f"{steps} step{'s' * (steps > 1)}"] = {"text_encoder_ms": round(r["breakdown_ms"]["text_encoder"], 2),
+                                                    "dit_per_step_ms": round(r["breakdown_ms"]["dit_per_step"], 2),
+                                                    "commit_ms": round(r["breakdown_ms"]["commit"], 2),
+                                                    "decoder_ms": round(r["breakdown_ms"]["decoder"], 2),
+                                                    "chunk_ms": round(r["chunk_ms"], 2), "fps": round(r["fps"], 1)}
+    return rows
+
+
+def table_a6(run, n, chunks, seed):
+    prompts = prompts_for(n)
+    rows = {}
+    ar = streaming_models(run, "dmd")
+    base = streaming_models(run, "base")
+    for label, models, steps in (("S2DiT-AR", ar, max(ar["steps"])),
+                                 ("all-attention AR (T_theta, no DMD, 8 steps)", base, 8)):
+        v = sample_ar(models, prompts, steps, chunks=chunks, seed=seed)
+        s = evaluate.score_videos(v, prompts, seed=seed)
+        rows[label] = {"frames": v.shape[2], "subject_consistency": round(s["subject_consistency"], 3),
+                       "background_consistency": round(s["background_consistency"], 3),
+                       "semantic": round(s["semantic"], 3)}
+    return rows
+
+
+def table_a7(run, n, seed):
+    if not run.done("dmd_noteacher"):
+        t0 = time.time()
+        m = train.stage_dmd(run, without_teacher=True, name="dmd_noteacher")
+        run.finish("dmd_noteacher", m, time.time() - t0)
+    prompts = prompts_for(n)
+    rows = {}
+    for label, stage in (("with teacher (S2DiT-AR)", "dmd"), ("without teacher", "dmd_noteacher")):
+        models = train.load_streaming(run.dir)
+        models = {**models, "model": run.model(stage).eval()}
+        steps = max(models["steps"] or [4])
+        rows[label] = score(sample_ar(models, prompts, steps, seed=seed), prompts, seed)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+def md_table(rows, first="model"):
+    rows = {k: v for k, v in rows.items() if isinstance(v, dict)}
+    cols = []
+    for r in rows.values():
+        cols += [c for c in r if c not in cols and not isinstance(r[c], (dict, list))]
+    out = [f"| {first} | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for name, r in rows.items():
+        out.append(f"| {name} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def write_results(path, res, cmd, seconds):
+    L = ["# RESULTS: the paper's tables at toy scale", "",
+         f"Produced by `{cmd}` in {seconds / 60:.1f} min on {platform.machine()} "
+         f"({os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads), "
+         f"seed {res['seed']}, preset `{res['preset']}`, {res['n_prompts']} held-out prompts "
+         "(colour, shape, motion combinations never seen in training).", "",
+         "The paper's own numbers are not reproduced here: its main text and tables were not available to us "
+         "(see README, 'What we could not read'). For each table we state the ordering the paper reports or "
+         "implies, and whether it holds at toy scale.", ""]
+    checks = res["checks"]
+    sections = [
+        ("Tab. 1: VBench-lite of the pipeline's models", md_table(res["tab1"]), checks["tab1"]),
+        ("Tab. A1: S2DiT-AR with 1, 2, 4 steps", md_table(res["taba1"], "steps"), checks["taba1"]),
+        ("Tab. 3 (a): layouts at the search budget (Eq. 10 loss with the supernet's shared weights)",
+         f"budget {res['tab3']['budget_ms']:.2f} ms per chunk step on this CPU, k = {res['tab3']['k']}\n\n"
+         + md_table(res["tab3"]["layouts"], "layout"), checks["tab3a"]),
+        ("Tab. 3 (b): LCHA vs its two paths alone (S2DiT, searched layout, fine-tuned from T_theta)",
+         md_table(res["tab3"]["attention"], "attention"), checks["tab3b"]),
+        ("Tab. A2: decoders", md_table(res["taba2"], "decoder"), checks["taba2"]),
+        ("Tab. A3: latency of one chunk on this CPU (small preset, S2DiT-AR)", md_table(res["taba3"], "steps"),
+         checks["taba3"]),
+        ("Tab. A5: full attention vs SANA-Video linear attention vs LCHA (every block, fine-tuned from T_theta)",
+         md_table(res["taba5"], "attention"), checks["taba5"]),
+        ("Tab. A6: 30-chunk streams", md_table(res["taba6"]), checks["taba6"]),
+        ("Tab. A7: DMD without the teacher", md_table(res["taba7"]), checks["taba7"]),
+        ("Latency vs tokens (one forward of one chunk, `python sandwich.py --bench --json`)",
+         md_table(res["latency_vs_tokens"], "model"), checks["bench"]),
+    ]
+    for title, table, check in sections:
+        L += [f"## {title}", "", table, "", f"*Paper's ordering:* {check}", ""]
+    L += ["## Pictures", "", f"![prompts x models]({os.path.basename(res['grid'])})", "",
+          "Rows: held-out prompts; columns: the models of Tab. 1 and the AR student at each step count.", ""]
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(L))
+    os.replace(path + ".tmp", path)
+
+
+def holds(cond, yes, no):
+    return ("holds: " + yes) if cond else ("does not hold: " + no)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Reproduce the paper's tables at toy scale into RESULTS.md")
+    p.add_argument("--run", default="runs/small", help="a completed train.py run")
+    p.add_argument("--prompts", type=int, default=12, help="held-out prompts per VBench-lite score")
+    p.add_argument("--ablate-steps", type=int, default=150, help="fine-tuning steps of each Tab. 3 / A5 variant")
+    p.add_argument("--a6-chunks", type=int, default=30, help="chunks of the long streams of Tab. A6")
+    p.add_argument("--out", default="RESULTS.md", help="where to write the tables")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    run = train.open_run(args.run)
+    torch.set_num_threads(run.cfg.threads)
+    torch.manual_seed(args.seed)
+    n, s = args.prompts, args.seed
+    res = {"seed": s, "preset": run.cfg.preset, "n_prompts": n}
+    print("Tab. 1 / A1 ...", flush=True)
+    res["tab1"], res["taba1"], videos, prompts = table1_a1(run, n, s)
+    print("Tab. 3 ...", flush=True)
+    res["tab3"] = table3(run, args.ablate_steps, s)
+    res["taba2"] = run.metrics("decoder")["table_a2"]
+    print("Tab. A3 ...", flush=True)
+    res["taba3"] = table_a3(run, 8, s)
+    print("Tab. A5 ...", flush=True)
+    res["taba5"] = table_a5(run, n, args.ablate_steps, s)
+    print("Tab. A6 ...", flush=True)
+    res["taba6"] = table_a6(run, min(n, 4), args.a6_chunks, s)
+    print("Tab. A7 ...", flush=True)
+    res["taba7"] = table_a7(run, n, s)
+    bench = sandwich.bench(run.cfg.preset)
+    res["latency_vs_tokens"] = {k: {f"{tok} tokens ({px}px)": round(ms, 1) for tok, px, ms in
+                                    zip(bench["tokens"], bench["frame_px"], v)} | {"log-log slope": round(bench["loglog_slope"][k], 2)}
+                                for k, v in bench["latency_ms"].items()}
+    # pictures: a grid of the first 4 prompts x models
+    names = list(videos)
+    grid = torch.stack([videos[m][i] for i in range(min(4, n)) for m in names])
+    labels = [f"{m}: {prompts[i]}" for i in range(min(4, n)) for m in names]
+    res["grid"] = os.path.join(os.path.dirname(os.path.abspath(args.out)), "assets", "results_grid.gif")
+    os.makedirs(os.path.dirname(res["grid"]), exist_ok=True)
+    data.save_grid_gif(res["grid"], grid, labels, ncol=len(names))
+    t1, a1, t3, a5 = res["tab1"], res["taba1"], res["tab3"], res["taba5"]
+    kd, pre = t1["S2DiT-KD"]["total"], t1["S2DiT-Pretrained"]["total"]
+    a1_tot = [r["total"] for r in a1.values()]
+    lay = t3["layouts"]
+    att = t3["attention"]
+    res["checks"] = {
+        "tab1": holds(kd >= pre, f"KD total {kd} >= Pretrained {pre}", f"KD total {kd} < Pretrained {pre}"),
+        "taba1": holds(a1_tot == sorted(a1_tot), f"total rises with steps {a1_tot}", f"totals by steps {a1_tot}"),
+        "tab3a": holds(lay["searched"]["eq10_loss"] <= min(r["eq10_loss"] for k, r in lay.items() if r["fits_budget"]),
+                       "the searched layout has the lowest Eq. 10 loss among layouts within budget",
+                       "a layout within budget has a lower Eq. 10 loss than the searched one"),
+        "tab3b": holds(att["lcha"]["eval_loss"] <= min(att["local"]["eval_loss"], att["linear"]["eval_loss"]),
+                       "LCHA's eval loss is below local-only and linear-only",
+                       f"eval losses {[(k, v['eval_loss']) for k, v in att.items()]}"),
+        "taba2": "the efficient decoder is several times smaller and faster at a modest PSNR cost (see table)",
+        "taba3": holds(all(r["fps"] > 16 for r in res["taba3"].values()),
+                       "every setting streams faster than the 16 FPS playback rate",
+                       "some settings stream slower than the 16 FPS playback rate"),
+        "taba5": holds(a5["LCHA"]["eval_loss"] <= a5["SANA-Video linear attention"]["eval_loss"],
+                       "LCHA beats SANA-style linear attention in eval loss",
+                       "SANA-style linear attention beats LCHA in eval loss"),
+        "taba6": "S2DiT-AR keeps subject and background consistent over 30 chunks (see table)",
+        "taba7": holds(res["taba7"]["with teacher (S2DiT-AR)"]["total"] >= res["taba7"]["without teacher"]["total"],
+                       "distilling from the teacher beats self-distillation",
+                       "self-distillation matches or beats the teacher at toy scale"),
+        "bench": holds(bench["loglog_slope"]["s2dit"] <= 1.2 < bench["loglog_slope"]["attention"],
+                       f"S2DiT grows near-linearly (slope {bench['loglog_slope']['s2dit']:.2f}), full attention "
+                       f"faster ({bench['loglog_slope']['attention']:.2f})",
+                       f"slopes {bench['loglog_slope']}"),
+    }
+    seconds = time.time() - t0
+    cmd = "python reproduce.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    write_results(args.out, res, cmd.strip(), seconds)
+    with open(os.path.join(args.run, "reproduce.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    print(f"wrote {args.out} in {seconds / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
