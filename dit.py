@@ -41,7 +41,7 @@ class DiTConfig:
     freq_dim: int = 64            # sinusoidal timestep features
     chunk: int = 3                # latent frames per chunk (paper: 3)
     window: int = 2               # KV window in chunks (paper: 2)
-    sink: int = 0                 # sink chunks kept forever in the KV cache (0 = none)
+    sink: int = 0                 # sink chunks kept forever in the KV cache (0 = none; ASSUMPTION: whole chunks)
     rope_theta: float = 10000.0   # RoPE base
 
 
@@ -305,7 +305,9 @@ class Backbone(nn.Module):
         self.patch_embed = nn.Linear(pdim, D)
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
         self.time_mlp = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
-        self.text_pool = nn.Linear(D, D)                            # pooled prompt joins the AdaLN condition
+        # ASSUMPTION: the pooled prompt joins the timestep in the AdaLN condition (as SD3's pooled CLIP
+        # vector); the paper names only cross-attention. It helps a 64-wide toy model find the colour.
+        self.text_pool = nn.Linear(D, D)
         self.norm_out = nn.LayerNorm(D)
         self.ada_out = nn.Linear(D, 2 * D)
         self.head = nn.Linear(D, pdim)
@@ -365,7 +367,8 @@ class DiT(Backbone):
 
 class MoETeacher(nn.Module):
     """Two-expert teacher (stand-in for Wan2.2's MoE): the high-noise expert handles t >= boundary, the
-    low-noise expert t < boundary. Routing is per latent frame; an expert runs only if some frame needs it."""
+    low-noise expert t < boundary. ASSUMPTION: routing is per latent frame (chunks of one sequence may sit
+    at different noise levels); an expert runs only on the samples that have a frame for it."""
 
     def __init__(self, cfg: DiTConfig, boundary=0.5):
         super().__init__()

@@ -7,7 +7,8 @@ The first and the last group are always LCHA (m_1 = m_M = 1): the model reads an
 latent at full resolution. "Sandwich" is what the search (search.py) found best: global SSA in the
 middle, LCHA on both ends, e.g. `L S S L` or `L L S S S S L L`.
 
-Alg. 1 (the paper's main text is not public; this is our reconstruction, each line quoted at its code):
+Alg. 1 (ASSUMPTION: the paper's main text is not available to us; this is our reconstruction from its
+symbols, each line quoted at its code):
   1: x_L <- x;  S <- x                                  high-res stream and the long skip
   2: for n = 1..M:
   3:   d_n = m_{n-1} (1 - m_n)                          switch down: leave high resolution

@@ -139,7 +139,8 @@ def iphone_estimate(cfg: DiTConfig = PAPER_CFG, tokens_high=3 * 18 * 32):
 
 
 def layout_latency(layout, table):
-    """Latency model: sum of group costs plus one switch cost per change of resolution."""
+    """Latency model: sum of group costs plus one switch cost per change of resolution.
+    # ASSUMPTION: additive per-group costs (groups run one after another on one device)."""
     n_sw = sum(d + u for d, u in switches(layout))
     return sum(table["lcha_group_ms"] if m else table["ssa_group_ms"] for m in layout) + n_sw * table["switch_ms"] / 2
 
@@ -193,7 +194,8 @@ def dp_cheapest(n, cost_L, cost_S, switch, agg="sum"):
 
 
 def choose_k(n, table, budget_ms):
-    """The largest k whose cheapest layout meets the budget (more high-resolution groups = more detail)."""
+    """The largest k whose cheapest layout meets the budget (more high-resolution groups = more detail).
+    # ASSUMPTION: the paper's DP "chooses k"; we take the largest feasible k, the richest model that fits."""
     best = dp_cheapest(n, table["lcha_group_ms"], table["ssa_group_ms"], table["switch_ms"])
     feasible = [k for k, (c, _) in best.items() if c <= budget_ms + 1e-9]  # float sums differ in order
     if not feasible:
@@ -210,7 +212,8 @@ def choose_k(n, table, budget_ms):
 def gumbel_top_k(logits, k, tau, generator=None, hard_only=False):
     """m for the middle groups: forward = exactly k ones (top-k of logits + Gumbel noise), backward =
     gradient of the soft relaxation sigmoid((score - theta) / tau) (straight-through estimator);
-    theta sits halfway between the k-th and (k+1)-th score, so soft > 0.5 exactly on the hard top-k."""
+    theta sits halfway between the k-th and (k+1)-th score, so soft > 0.5 exactly on the hard top-k.
+    # ASSUMPTION: this top-k relaxation; the paper names Gumbel-Softmax + STE, not the k-constraint's form."""
     n = logits.numel()
     if hard_only:
         score = logits

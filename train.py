@@ -59,17 +59,19 @@ class PipelineConfig:
     vae_batch: int = 8
     vae_lr: float = 2e-3
     pool_clips: int = 2048         # clips encoded once for the DiT stages
-    dit_batch: int = 6             # clips per DiT update
+    dit_batch: int = 4             # clips per DiT update
     dit_lr: float = 5e-4
-    base_steps: int = 600          # T_theta
-    search_steps: int = 120        # Alg. 1 router + supernet updates
-    pretrain_steps: int = 900      # S2DiT-Pretrained
+    base_steps: int = 500          # T_theta
+    search_steps: int = 80         # Alg. 1 router + supernet updates
+    pretrain_steps: int = 700      # S2DiT-Pretrained
     teacher_dim: int = 80          # each teacher expert is wider than the student (2 experts: ~3x its params)
     teacher_depth: int = 8
-    teacher_steps: int = 900
-    cache_samples: int = 512       # teacher tuples cached for KD
-    cache_shard: int = 128
-    decoder_steps: int = 1200
+    teacher_steps: int = 500
+    cache_samples: int = 256       # teacher tuples cached for KD
+    cache_shard: int = 64
+    kd_steps: int = 300            # offline KD updates (Eq. 12)
+    dmd_steps: int = 80            # Self-Forcing DMD generator updates (GAN from half way)
+    decoder_steps: int = 600
     eval_prompts: int = 12         # held-out prompts for VBench-lite
     sample_chunks: int = 8         # length of the sample video (chunks of 12 frames)
     sample_steps: int = 2          # denoising steps of the sample video
@@ -80,7 +82,7 @@ PRESETS = {
     "small": PipelineConfig(),
     "tiny": PipelineConfig(preset="tiny", threads=1, text_batch=16, text_steps=20, vae_steps=150, vae_batch=4, pool_clips=64, dit_batch=4, base_steps=40,
                            search_steps=10, pretrain_steps=40, teacher_dim=48, teacher_depth=4, teacher_steps=40,
-                           cache_samples=16, cache_shard=8, decoder_steps=30, eval_prompts=4, sample_chunks=3,
+                           cache_samples=16, cache_shard=8, kd_steps=20, dmd_steps=6, decoder_steps=30, eval_prompts=4, sample_chunks=3,
                            ema=0.9),
 }
 
@@ -359,7 +361,7 @@ def stage_kd(run):
     cfg = run.cfg
     student = copy.deepcopy(run.model("pretrain")).requires_grad_(True)
     cache = distill.CachedKD(run.path("cache"))
-    dcfg = distill.get_config(cfg.preset, seed=cfg.seed)
+    dcfg = distill.get_config(cfg.preset, seed=cfg.seed, kd_steps=cfg.kd_steps)
     trained, m = distill.train_kd(student, cache, dcfg)
     m.pop("kd_losses", None)
     # Sec. C.1's point, measured in one run: cached KD vs KD with the teacher in the loop.
@@ -384,7 +386,7 @@ def stage_dmd(run, without_teacher=False, name="dmd"):
     real = distill.make_real_score(real_model, n_text, n_mask, fcfg.cfg_scale)
     hw = data_cfg(cfg).size // 4
     dcfg = distill.get_config(cfg.preset, seed=cfg.seed, latent_hw=(hw, hw), shift=fcfg.shift,
-                              without_teacher=without_teacher)
+                              without_teacher=without_teacher, steps=cfg.dmd_steps, gan_start=cfg.dmd_steps // 2)
     batch = dit_batches(run, dcfg.batch, cfg.seed + 11)
     trained, m = distill.train_dmd(student, real, critic, lambda s: batch(s)[1:], dcfg)
     m.pop("curves", None)
