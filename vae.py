@@ -40,16 +40,26 @@ class VAEConfig:
                                  # DEVIATION: Wan2.1 is 3-D everywhere; per-frame convs where the pixels
                                  # are many cut training cost ~3x, time is mixed at H/4 (kt = 3)
     groups: int = 8              # GroupNorm groups
-    kl_weight: float = 1e-4      # beta of the KL term (mean per latent element); ASSUMPTION: a small
-                                 # KL (as the SD/Wan VAEs) rather than a plain AE + noise: it bounds the
-                                 # latent scale without a hand-set noise level; encode() uses the mean
+    kl_weight: float = 0.0       # beta of the KL term (mean per latent element). DEVIATION: the SD/Wan
+                                 # VAEs use a small KL; here 0 = a plain deterministic autoencoder (the
+                                 # latent scale is fixed afterwards by set_latent_stats). Seen: with
+                                 # the mean-per-element KL, even beta = 1e-4 (~2.4e-3 per pixel, 24 pixel
+                                 # values per latent value) throttles the code: held-out PSNR ~19 dB and
+                                 # falling as the KL pushes the posterior noise up
+    train_frames: int = 17       # clip length fit_vae trains on (1+4k; a random window of the given
+                                 # clip): 5 latent frames see the first-frame case and the steady state
+    train_crop: int = 32         # fit_vae trains on random crops of this side (multiple of 4, aligned
+                                 # to the 4-px latent grid; >= the frame side = whole frames). The net is
+                                 # convolutional, so 32-px crops cost 4x less per clip than 64-px frames
 
 
 # DEVIATION: Wan2.1 compresses 4x8x8 into 16 channels; a 32/64-px toy frame needs a moderately
 # compressed latent (4x4x4) so the DiT still gets 8x8 / 16x16 tokens per frame.
+# ASSUMPTION: both presets train as a plain AE (kl_weight 0) on 17-frame windows; 32-px crops
+# only bite for small (tiny's 32-px frames are used whole).
 PRESETS = {
     "tiny": VAEConfig(z_channels=4, widths=(16, 32), num_res=1),
-    "small": VAEConfig(z_channels=8, widths=(32, 64), num_res=1),
+    "small": VAEConfig(z_channels=8, widths=(32, 64), num_res=1, kl_weight=0.0, train_frames=17, train_crop=32),
 }
 
 
@@ -309,7 +319,9 @@ class VAE(nn.Module):
     def forward(self, video, sample=True):
         """Training pass: (reconstruction (B,3,F,H,W), KL per latent element)."""
         mu, logvar = self.posterior(video)  # (B, C, T, h, w)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        # kl_weight = 0: a plain autoencoder, the (then unconstrained) posterior noise is not used
+        noisy = sample and self.cfg.kl_weight > 0
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if noisy else mu  # (B, C, T, h, w)
         # KL(q(z|x) || N(0, I)), averaged over latent elements
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         return self.decode_raw(z), kl
@@ -332,21 +344,43 @@ def reconstruct_psnr(vae, videos, batch_size=4):
     return 10 * math.log10(4.0 / max(sum(mses) / videos.shape[0], 1e-12))
 
 
-def fit_vae(vae, batch_fn, steps, lr=2e-3, seed=0, progress=True, stats_batches=4):
-    """Train with L1 + MSE + beta * KL (Adam, cosine decay); then set the latent statistics.
+def train_view(video, cfg, gen):
+    """The piece of a clip fit_vae trains on: a random window of cfg.train_frames frames and a
+    random cfg.train_crop square aligned to the 4-px latent grid. (B,3,F,H,W) -> (B,3,F',S,S)."""
+    _, _, Fr, H, W = video.shape
+    f = min(cfg.train_frames, Fr)
+    f0 = int(torch.randint(0, Fr - f + 1, (1,), generator=gen))
+    video = video[:, :, f0:f0 + f]  # (B, 3, F', H, W); the window's first frame becomes frame 0
+    S = cfg.train_crop
+    if S < H and S < W:
+        i = int(torch.randint(0, (H - S) // 4 + 1, (1,), generator=gen)) * 4
+        j = int(torch.randint(0, (W - S) // 4 + 1, (1,), generator=gen)) * 4
+        video = video[..., i:i + S, j:j + S]  # (B, 3, F', S, S)
+    return video
+
+
+def lr_factor(step, steps, warmup=30, floor=0.05):
+    """Linear warm-up, then cosine decay to `floor` (not 0: the last steps still learn)."""
+    frac = min(step, steps) / max(steps, 1)
+    return min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def fit_vae(vae, batch_fn, steps, lr=5e-4, seed=0, progress=True, stats_batches=4):
+    """Train with L1 + MSE + beta * KL (Adam, warm-up + cosine decay) on random windows / crops of
+    the clips (train_view); then set the latent statistics on whole clips.
     batch_fn(step) -> video (B, 3, F, H, W) in [-1, 1]."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     vae.train()
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
     run_loss, run_psnr, t0, first_loss = None, None, time.time(), None
     bar = tqdm(range(steps), desc="vae", disable=not progress, mininterval=2.0)
     for step in bar:
-        video = batch_fn(step)  # (B, 3, F, H, W)
-        rec, kl = vae(video)  # (B, 3, F, H, W), scalar
+        video = train_view(batch_fn(step), vae.cfg, gen)  # (B, 3, F', S, S)
+        rec, kl = vae(video)  # (B, 3, F', S, S), scalar
         mse = F_.mse_loss(rec, video)
         loss = F_.l1_loss(rec, video) + mse + vae.cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
