@@ -185,7 +185,7 @@ def paper_report():
                        "ffn": round(PAPER_CFG.dim * PAPER_CFG.mlp_ratio), "text_dim": PAPER_CFG.text_dim}}
 
 
-def bench(preset="small", sizes=(64, 128, 256), repeats=3):
+def bench(preset="small", sizes=(64, 128, 256), repeats=5):
     """One forward of one chunk (3 latent frames) for three models at three frame sizes (pixels)."""
     torch.manual_seed(0)
     cfg = dit.get_config(preset)
@@ -213,10 +213,17 @@ def bench(preset="small", sizes=(64, 128, 256), repeats=3):
                     s = time.perf_counter()
                     model(x, t, text, mask)
                     times.append(time.perf_counter() - s)
-            rows[name].append(min(times) * 1e3)
+            rows[name].append(sorted(times)[len(times) // 2] * 1e3)   # median
     with torch.no_grad():
         flops = count_flops(models["s2dit"], x, t, text, mask)
-    slope = {k: (math.log(v[-1]) - math.log(v[0])) / (math.log(tokens[-1]) - math.log(tokens[0])) for k, v in rows.items()}
+    lx = [math.log(n) for n in tokens]
+    mx = sum(lx) / len(lx)
+
+    def fit(v):                                                     # least-squares slope of log ms vs log N
+        ly = [math.log(ms) for ms in v]
+        my = sum(ly) / len(ly)
+        return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+    slope = {k: fit(v) for k, v in rows.items()}
     return {"preset": preset, "frame_px": list(sizes), "tokens": tokens, "latency_ms": rows,
             "loglog_slope": slope,
             "ratio_attention_over_s2dit": [a / s for a, s in zip(rows["attention"], rows["s2dit"])],

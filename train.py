@@ -484,6 +484,22 @@ def load_streaming(run_dir, stage=None):
             "fps": data_cfg(pcfg).fps, "preset": pcfg.preset, "run": run_dir}
 
 
+def ship_weights(run_dir, out_dir):
+    """Copy what streaming needs (text encoder, S2DiT-AR, decoder, their metrics) into `out_dir`, a
+    run directory of its own that stream.py / deploy.py load like any other."""
+    import shutil
+    run = open_run(run_dir)
+    stage = next(s for s in ("dmd", "kd", "pretrain") if run.done(s))
+    files = ["pipeline.json", "text.pt", "vocab.json", f"{stage}.pt", f"{stage}.done.json", "decoder.pt",
+             "decoder.done.json", "sample.done.json"]
+    os.makedirs(out_dir, exist_ok=True)
+    for f in files:
+        if os.path.exists(run.path(f)):
+            shutil.copyfile(run.path(f), os.path.join(out_dir, f + ".tmp"))
+            os.replace(os.path.join(out_dir, f + ".tmp"), os.path.join(out_dir, f))
+    return sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
+
+
 # ----------------------------------------------------------------------------------------------
 # The runner
 # ----------------------------------------------------------------------------------------------
@@ -529,7 +545,12 @@ def main(argv=None):
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--force", default="", help="comma-separated stages to re-run even if done")
     p.add_argument("--seed", type=int, default=0, help="the run's seed")
+    p.add_argument("--ship", default=None, help="copy the run's streaming weights to this directory and exit")
     args = p.parse_args(argv)
+    if args.ship:
+        size = ship_weights(args.out or os.path.join("runs", args.preset), args.ship)
+        print(f"shipped {size / 2 ** 20:.1f} MB to {args.ship}")
+        return
     try:
         cfg = get_config(args.preset, seed=args.seed)
         stages = args.stages.split(",") if args.stages else None
