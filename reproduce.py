@@ -246,7 +246,9 @@ def md_table(rows, first="model"):
 
 def write_results(path, res, cmd, seconds):
     L = ["# RESULTS: the paper's tables at toy scale", "",
-         f"Produced by `{cmd}` in {seconds / 60:.1f} min on {platform.machine()} "
+         f"Produced by `{cmd}` (tables computed so far are reused from `<run>/reproduce.json`; "
+         f"together they took {seconds / 60:.1f} min: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in res["seconds"].items())
+         + f") on {platform.machine()} "
          f"({os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads), "
          f"seed {res['seed']}, preset `{res['preset']}`, {res['n_prompts']} held-out prompts "
          "(colour, shape, motion combinations never seen in training).", "",
@@ -285,81 +287,107 @@ def holds(cond, yes, no):
     return ("holds: " + yes) if cond else ("does not hold: " + no)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Reproduce the paper's tables at toy scale into RESULTS.md")
-    p.add_argument("--run", default="runs/small", help="a completed train.py run")
-    p.add_argument("--prompts", type=int, default=12, help="held-out prompts per VBench-lite score")
-    p.add_argument("--ablate-steps", type=int, default=150, help="fine-tuning steps of each Tab. 3 / A5 variant")
-    p.add_argument("--a6-chunks", type=int, default=30, help="chunks of the long streams of Tab. A6")
-    p.add_argument("--out", default="RESULTS.md", help="where to write the tables")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    args = p.parse_args(argv)
-    t0 = time.time()
-    run = train.open_run(args.run)
-    torch.set_num_threads(run.cfg.threads)
-    torch.manual_seed(args.seed)
+TABLES = ("tab1", "tab3", "taba2", "taba3", "taba5", "taba6", "taba7", "bench")
+
+
+def compute(name, run, args, out_dir):
+    """One table (tab1 also gives Tab. A1 and the picture grid)."""
     n, s = args.prompts, args.seed
-    res = {"seed": s, "preset": run.cfg.preset, "n_prompts": n}
-    print("Tab. 1 / A1 ...", flush=True)
-    res["tab1"], res["taba1"], videos, prompts = table1_a1(run, n, s)
-    print("Tab. 3 ...", flush=True)
-    res["tab3"] = table3(run, args.ablate_steps, s)
-    res["taba2"] = run.metrics("decoder")["table_a2"]
-    print("Tab. A3 ...", flush=True)
-    res["taba3"] = table_a3(run, 8, s)
-    print("Tab. A5 ...", flush=True)
-    res["taba5"] = table_a5(run, n, args.ablate_steps, s)
-    print("Tab. A6 ...", flush=True)
-    res["taba6"] = table_a6(run, min(n, 4), args.a6_chunks, s)
-    print("Tab. A7 ...", flush=True)
-    res["taba7"] = table_a7(run, n, s)
+    if name == "tab1":
+        t1, a1, videos, prompts = table1_a1(run, n, s)
+        names = list(videos)                                            # pictures: first 4 prompts x models
+        grid = torch.stack([videos[m][i] for i in range(min(4, n)) for m in names])
+        labels = [f"{m}: {prompts[i]}" for i in range(min(4, n)) for m in names]
+        path = os.path.join(out_dir, "assets", "results_grid.gif")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data.save_grid_gif(path, grid, labels, ncol=len(names))
+        return {"tab1": t1, "taba1": a1, "grid": path}
+    if name == "tab3":
+        return {"tab3": table3(run, args.ablate_steps, s)}
+    if name == "taba2":
+        return {"taba2": run.metrics("decoder")["table_a2"]}
+    if name == "taba3":
+        return {"taba3": table_a3(run, 8, s)}
+    if name == "taba5":
+        return {"taba5": table_a5(run, n, args.ablate_steps, s)}
+    if name == "taba6":
+        return {"taba6": table_a6(run, min(n, 4), args.a6_chunks, s)}
+    if name == "taba7":
+        return {"taba7": table_a7(run, n, s)}
     bench = sandwich.bench(run.cfg.preset)
-    res["latency_vs_tokens"] = {k: {f"{tok} tokens ({px}px)": round(ms, 1) for tok, px, ms in
-                                    zip(bench["tokens"], bench["frame_px"], v)} | {"log-log slope": round(bench["loglog_slope"][k], 2)}
-                                for k, v in bench["latency_ms"].items()}
-    # pictures: a grid of the first 4 prompts x models
-    names = list(videos)
-    grid = torch.stack([videos[m][i] for i in range(min(4, n)) for m in names])
-    labels = [f"{m}: {prompts[i]}" for i in range(min(4, n)) for m in names]
-    res["grid"] = os.path.join(os.path.dirname(os.path.abspath(args.out)), "assets", "results_grid.gif")
-    os.makedirs(os.path.dirname(res["grid"]), exist_ok=True)
-    data.save_grid_gif(res["grid"], grid, labels, ncol=len(names))
-    t1, a1, t3, a5 = res["tab1"], res["taba1"], res["tab3"], res["taba5"]
+    return {"bench": bench, "latency_vs_tokens": {
+        k: {f"{tok} tokens ({px}px)": round(ms, 1) for tok, px, ms in zip(bench["tokens"], bench["frame_px"], v)}
+        | {"log-log slope": round(bench["loglog_slope"][k], 2)} for k, v in bench["latency_ms"].items()}}
+
+
+def checks(res):
+    t1, a1, t3, a5, bench = res["tab1"], res["taba1"], res["tab3"], res["taba5"], res["bench"]
     kd, pre = t1["S2DiT-KD"]["total"], t1["S2DiT-Pretrained"]["total"]
     a1_tot = [r["total"] for r in a1.values()]
-    lay = t3["layouts"]
-    att = t3["attention"]
-    res["checks"] = {
+    lay, att = t3["layouts"], t3["attention"]
+    a7 = res["taba7"]
+    return {
         "tab1": holds(kd >= pre, f"KD total {kd} >= Pretrained {pre}", f"KD total {kd} < Pretrained {pre}"),
         "taba1": holds(a1_tot == sorted(a1_tot), f"total rises with steps {a1_tot}", f"totals by steps {a1_tot}"),
-        "tab3a": holds(lay["searched"]["eq10_loss"] <= min(r["eq10_loss"] for k, r in lay.items() if r["fits_budget"]),
+        "tab3a": holds(lay["searched"]["eq10_loss"] <= min(r["eq10_loss"] for r in lay.values() if r["fits_budget"]),
                        "the searched layout has the lowest Eq. 10 loss among layouts within budget",
                        "a layout within budget has a lower Eq. 10 loss than the searched one"),
         "tab3b": holds(att["lcha"]["eval_loss"] <= min(att["local"]["eval_loss"], att["linear"]["eval_loss"]),
                        "LCHA's eval loss is below local-only and linear-only",
                        f"eval losses {[(k, v['eval_loss']) for k, v in att.items()]}"),
-        "taba2": "the efficient decoder is several times smaller and faster at a modest PSNR cost (see table)",
+        "taba2": "the paper's efficient decoder is much smaller and faster at a small fidelity cost; compare the rows",
         "taba3": holds(all(r["fps"] > 16 for r in res["taba3"].values()),
                        "every setting streams faster than the 16 FPS playback rate",
                        "some settings stream slower than the 16 FPS playback rate"),
         "taba5": holds(a5["LCHA"]["eval_loss"] <= a5["SANA-Video linear attention"]["eval_loss"],
                        "LCHA beats SANA-style linear attention in eval loss",
                        "SANA-style linear attention beats LCHA in eval loss"),
-        "taba6": "S2DiT-AR keeps subject and background consistent over 30 chunks (see table)",
-        "taba7": holds(res["taba7"]["with teacher (S2DiT-AR)"]["total"] >= res["taba7"]["without teacher"]["total"],
+        "taba6": "the paper reports S2DiT-AR keeping subject and background consistent on long streams; compare the rows",
+        "taba7": holds(a7["with teacher (S2DiT-AR)"]["total"] >= a7["without teacher"]["total"],
                        "distilling from the teacher beats self-distillation",
                        "self-distillation matches or beats the teacher at toy scale"),
         "bench": holds(bench["loglog_slope"]["s2dit"] <= 1.2 < bench["loglog_slope"]["attention"],
                        f"S2DiT grows near-linearly (slope {bench['loglog_slope']['s2dit']:.2f}), full attention "
-                       f"faster ({bench['loglog_slope']['attention']:.2f})",
-                       f"slopes {bench['loglog_slope']}"),
+                       f"faster ({bench['loglog_slope']['attention']:.2f})", f"slopes {bench['loglog_slope']}"),
     }
-    seconds = time.time() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Reproduce the paper's tables at toy scale into RESULTS.md")
+    p.add_argument("--run", default="runs/small", help="a completed train.py run")
+    p.add_argument("--tables", default=",".join(TABLES), help=f"subset of {','.join(TABLES)} (others reused)")
+    p.add_argument("--prompts", type=int, default=12, help="held-out prompts per VBench-lite score")
+    p.add_argument("--ablate-steps", type=int, default=150, help="fine-tuning steps of each Tab. 3 / A5 variant")
+    p.add_argument("--a6-chunks", type=int, default=30, help="chunks of the long streams of Tab. A6")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the run's)")
+    p.add_argument("--out", default="RESULTS.md", help="where to write the tables")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    args = p.parse_args(argv)
+    run = train.open_run(args.run)
+    torch.set_num_threads(args.threads or run.cfg.threads)
+    store = os.path.join(args.run, "reproduce.json")                    # tables computed so far (resumable)
+    res = json.load(open(store)) if os.path.exists(store) else {}
+    res.update({"seed": args.seed, "preset": run.cfg.preset, "n_prompts": args.prompts})
+    res.setdefault("seconds", {})
+    for name in args.tables.split(","):
+        if name not in TABLES:
+            p.error(f"unknown table {name!r}; tables: {','.join(TABLES)}")
+        print(f"{name} ...", flush=True)
+        t0 = time.time()
+        res.update(compute(name, run, args, os.path.dirname(os.path.abspath(args.out))))
+        res["seconds"][name] = time.time() - t0
+        with open(store + ".tmp", "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        os.replace(store + ".tmp", store)
+    missing = [t for t in TABLES if t not in res]
+    if missing:
+        print(f"tables still to compute: {missing}; RESULTS.md is written once all exist")
+        return
+    res["checks"] = checks(res)
+    seconds = sum(res["seconds"].values())
     cmd = "python reproduce.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     write_results(args.out, res, cmd.strip(), seconds)
-    with open(os.path.join(args.run, "reproduce.json"), "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    print(f"wrote {args.out} in {seconds / 60:.1f} min")
+    print(f"wrote {args.out}; the tables took {seconds / 60:.1f} min in all")
 
 
 if __name__ == "__main__":
