@@ -146,7 +146,7 @@ def ablate(run, stage, make, steps, seed):
         return run.metrics(stage)
     t0 = time.time()
     model = make().requires_grad_(True)
-    trained, m = train.fm_stage(run, model, steps, "base")
+    trained, m = train.fm_stage(run, model, steps, "base", ema=False)   # short runs: the raw weights
     out = {"params": count_params(trained), "train_loss_last": m["loss_last"],
            "eval_loss": heldout_fm_loss(run, trained, seed), "chunk_ms": chunk_ms(trained, run)}
     torch.save(trained.state_dict(), run.path(f"{stage}.pt.tmp"))

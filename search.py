@@ -48,7 +48,6 @@ class SearchConfig:
     router_lr: float = 3e-2       # router logits (they must move faster than the weights)
     tau: float = 0.5              # Gumbel-Softmax temperature, annealed to tau_end
     tau_end: float = 0.3
-    budget_frac: float = 0.5      # default budget: this fraction of the way from all-SSA to all-LCHA latency
     seed: int = 0
 
 
