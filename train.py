@@ -66,12 +66,12 @@ class PipelineConfig:
     pretrain_steps: int = 700      # S2DiT-Pretrained
     teacher_dim: int = 80          # each teacher expert is wider than the student (2 experts: ~3x its params)
     teacher_depth: int = 8
-    teacher_steps: int = 500
+    teacher_steps: int = 350
     cache_samples: int = 256       # teacher tuples cached for KD
     cache_shard: int = 64
-    kd_steps: int = 300            # offline KD updates (Eq. 12)
-    dmd_steps: int = 80            # Self-Forcing DMD generator updates (GAN from half way)
-    decoder_steps: int = 600
+    kd_steps: int = 250            # offline KD updates (Eq. 12)
+    dmd_steps: int = 60            # Self-Forcing DMD generator updates (GAN from half way)
+    decoder_steps: int = 400
     eval_prompts: int = 12         # held-out prompts for VBench-lite
     sample_chunks: int = 8         # length of the sample video (chunks of 12 frames)
     sample_steps: int = 2          # denoising steps of the sample video
