@@ -581,8 +581,11 @@ def r_penalty(D, x, eps=0.01, exact=False, noise=None, generator=None):
     D maps (B, ...) -> (B,); returns the batch mean."""
     x = x.detach()
     if exact:
-        x = x.requires_grad_(True)
-        (g,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+        # the fused attention kernel has no double backward: record this graph with the math kernel
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.MATH]):
+            x = x.requires_grad_(True)
+            (g,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
         return g.pow(2).flatten(1).sum(1).mean()
     n = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) if noise is None else noise
     return ((D(x + eps * n) - D(x)) ** 2).mean() / eps ** 2
