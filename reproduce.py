@@ -296,11 +296,11 @@ def compute(name, run, args, out_dir):
     if name == "tab1":
         t1, a1, videos, prompts = table1_a1(run, n, s)
         names = list(videos)                                            # pictures: first 4 prompts x models
-        grid = torch.stack([videos[m][i] for i in range(min(4, n)) for m in names])
+        grid = torch.stack([videos[m][i][:, ::2] for i in range(min(4, n)) for m in names])  # every 2nd frame
         labels = [f"{m}: {prompts[i]}" for i in range(min(4, n)) for m in names]
         path = os.path.join(out_dir, "assets", "results_grid.gif")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        data.save_grid_gif(path, grid, labels, ncol=len(names))
+        data.save_grid_gif(path, grid, labels, fps=8, ncol=len(names))     # 8 FPS: real time at stride 2
         return {"tab1": t1, "taba1": a1, "grid": path}
     if name == "tab3":
         return {"tab3": table3(run, args.ablate_steps, s)}
@@ -346,7 +346,7 @@ def checks(res):
         "taba7": holds(a7["with teacher (S2DiT-AR)"]["total"] >= a7["without teacher"]["total"],
                        "distilling from the teacher beats self-distillation",
                        "self-distillation matches or beats the teacher at toy scale"),
-        "bench": holds(bench["loglog_slope"]["s2dit"] <= 1.2 < bench["loglog_slope"]["attention"],
+        "bench": holds(bench["loglog_slope"]["s2dit"] <= 1.2 and bench["loglog_slope"]["s2dit"] < bench["loglog_slope"]["attention"],
                        f"S2DiT grows near-linearly (slope {bench['loglog_slope']['s2dit']:.2f}), full attention "
                        f"faster ({bench['loglog_slope']['attention']:.2f})", f"slopes {bench['loglog_slope']}"),
     }
