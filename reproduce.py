@@ -253,7 +253,7 @@ def write_results(path, res, cmd, seconds):
          f"seed {res['seed']}, preset `{res['preset']}`, {res['n_prompts']} held-out prompts "
          "(colour, shape, motion combinations never seen in training).", "",
          "The paper's own numbers are not reproduced here: its main text and tables were not available to us "
-         "(see README, 'What we could not read'). For each table we state the ordering the paper reports or "
+         "(see README, 'Where the paper is silent'). For each table we state the ordering the paper reports or "
          "implies, and whether it holds at toy scale.", ""]
     checks = res["checks"]
     sections = [
