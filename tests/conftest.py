@@ -1,8 +1,18 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # Tests import the flat top-level files (`import dit`), wherever pytest is started from.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-torch.set_num_threads(1)  # tiny models: one thread is faster than two contending ones
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two contending ones on a busy 2-core CPU.
+    Restored after each test, since the pipeline sets its own thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,15 +11,6 @@ import decoder as D  # noqa: E402
 import vae as V  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids thread hand-off stalls on a busy 2-core CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomised(model, seed=0, std=0.1):
     torch.manual_seed(seed)
     with torch.no_grad():

@@ -29,16 +29,6 @@ class Toy(nn.Module):
         return self.a * x + self.b * t[:, None, :, None, None] + self.c * e[:, None, None, None, None]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: with 2 threads on a shared, loaded 2-core machine every op pays an
-    OpenMP barrier (measured 60x slower). One thread for this module, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def toy_data(k, B=2, L=3, Dt=4):
     g = torch.Generator().manual_seed(100 + k)
     return (torch.randn(B, 2, 6, 2, 2, generator=g), torch.randn(B, L, Dt, generator=g),

@@ -10,15 +10,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import vae as V  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids thread hand-off stalls on a busy 2-core CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomised(model, seed=0, std=0.1):
     """Random weights everywhere (zero-init convs too), so every cached path carries signal."""
     torch.manual_seed(seed)
