@@ -35,6 +35,7 @@ times all-attention DiT vs S2DiT vs a SANA-style linear DiT at three token count
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 
@@ -155,6 +156,15 @@ def inherit_from(student: nn.Module, teacher: nn.Module, name_map=block_name_map
     return {"inherited": inherited, "fresh": fresh}
 
 
+def short_name(name):
+    """groups.1.0.attn.phi.weight -> attn.phi; down.1.proj.bias -> down"""
+    parts = name.split(".")
+    if parts[0] != "groups":
+        return parts[0]
+    parts = parts[3:]
+    return ".".join(parts[:-1] if parts[-1] in ("weight", "bias") else parts)
+
+
 def sana_dit(cfg: DiTConfig):
     """A SANA-Video-style linear DiT of equal width and depth (Tab. A5 baseline): every block ReLU
     linear attention with RoPE in the numerator, and a conv inside the FFN."""
@@ -235,6 +245,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small", help="tiny | small (paper is counted on the meta device)")
     p.add_argument("--layout", default=None, help="e.g. 1,0,0,1 (default: the preset's default layout)")
+    p.add_argument("--run", default=None, help="draw the layout search.py found for a train.py run (its layout.json)")
     p.add_argument("--bench", action="store_true", help="time attention DiT vs S2DiT vs SANA-style DiT")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = p.parse_args()
@@ -247,6 +258,11 @@ def main():
         return
     cfg = dit.get_config(args.preset)
     layout = tuple(int(c) for c in args.layout.split(",")) if args.layout else DEFAULT_LAYOUT[args.preset]
+    if args.run:
+        path = os.path.join(args.run, "layout.json")
+        if not os.path.exists(path):
+            p.error(f"{path} not found: run the `search` stage (python train.py --out {args.run})")
+        layout = tuple(json.load(open(path))["layout"])
     model = S2DiT(cfg, layout)
     grid = (cfg.chunk, (64 if args.preset == "small" else 32) // 8, (64 if args.preset == "small" else 32) // 8)
     print(f"S2DiT-{args.preset}: {dit.count_params(model):,} params, layout")
@@ -254,7 +270,7 @@ def main():
     base = dit.DiT(cfg)
     rep = inherit_from(model, base)
     print(f"  inherits {len(rep['inherited'])} tensors from the all-attention DiT; fresh: "
-          f"{sorted(set(n.split('.')[-2] if n.startswith('groups') else n.split('.')[0] for n in rep['fresh']))}")
+          f"{sorted(set(short_name(n) for n in rep['fresh']))}")
     paper = paper_report()
     print(f"S2DiT-paper (meta device): {paper['params'] / 1e9:.2f}B params, "
           f"{paper['flops_per_chunk_step'] / 1e12:.2f} TFLOPs per chunk step ({paper['tokens_per_chunk']} tokens), "
