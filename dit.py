@@ -22,7 +22,7 @@ with `state.commit = True` (re-encoding the clean chunk) the chunk is appended a
 Run `python dit.py` for a demo: the KV-cached stream equals the full block-causal pass.
 """
 import math
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn

@@ -28,7 +28,6 @@ import time
 import torch
 
 import data
-import dit
 import distill
 import evaluate
 import flow

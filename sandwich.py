@@ -37,7 +37,6 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
 
 import torch
 import torch.nn as nn

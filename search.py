@@ -24,10 +24,9 @@ import argparse
 import itertools
 import json
 import math
-import os
 import random
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 import dit
 from dit import Attention, Backbone, Block, DiTConfig, rope_tables
 from lcha import make_attention, make_ffn
-from sandwich import S2DiT, STRIDE, PAPER_CFG, check_layout, count_flops, inherit_from, switches
+from sandwich import S2DiT, STRIDE, PAPER_CFG, check_layout, inherit_from, switches
 from ssa import PatchMerge, PixelShuffleUp, low_res_grid
 
 

@@ -27,9 +27,8 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -40,7 +39,7 @@ import flow
 import search
 import text as text_mod
 import vae as vae_mod
-from sandwich import S2DiT, DEFAULT_LAYOUT
+from sandwich import S2DiT
 from vae import load_model, save_checkpoint
 
 STAGES = ["text", "vae", "latents", "base", "search", "pretrain", "teacher", "cache", "kd", "dmd",
@@ -423,7 +422,6 @@ def stage_deploy(run):
 
 def stage_sample(run):
     import stream
-    import evaluate
     cfg = run.cfg
     models = load_streaming(run.dir)
     colour, shape, motion = data.eval_prompts()[0]
