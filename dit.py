@@ -171,7 +171,8 @@ def softmax_attention(q, k, v, mask=None):
     """softmax(q k^T / sqrt(d) + log mask) v.  q (B,H,Nq,d), k/v (B,H,Nk,d), mask (Nq,Nk) bool, True = may attend.
 
     Written out it is `(q @ k.T / sqrt(d)).masked_fill(~mask, -inf).softmax(-1) @ v`; we call torch's
-    fused kernel for the same formula (3-4x faster on CPU, and it never stores the (Nq, Nk) matrix).
+    fused kernel for the same formula (a small DiT training step ran about 2x faster here), tested
+    equal to the written-out form in tests/test_backbone.py.
     Core ML converts it to its own scaled_dot_product_attention op (iOS 18)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)      # (B, H, Nq, d)
 

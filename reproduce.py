@@ -223,9 +223,9 @@ def table_a7(run, n, seed):
         run.finish("dmd_noteacher", m, time.time() - t0)
     prompts = prompts_for(n)
     rows = {}
+    base = train.load_streaming(run.dir)
     for label, stage in (("with teacher (S2DiT-AR)", "dmd"), ("without teacher", "dmd_noteacher")):
-        models = train.load_streaming(run.dir)
-        models = {**models, "model": run.model(stage).eval()}
+        models = {**base, "model": run.model(stage).eval()}
         steps = max(models["steps"] or [4])
         rows[label] = score(sample_ar(models, prompts, steps, seed=seed), prompts, seed)
     return rows

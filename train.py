@@ -19,7 +19,7 @@ marker `<stage>.done.json`; a stage with a marker is skipped, so an interrupted 
 it stopped (an interrupted stage restarts from its beginning with the same seeds, which gives the
 same result as an uninterrupted run).
 
-    python train.py                          # the `small` preset, everything (~1 h on 2 CPU cores)
+    python train.py                          # the `small` preset, everything (76 min measured on 2 shared CPU cores)
     python train.py --preset tiny --out runs/tiny        # minutes: what the tests run
     python train.py --stages base,search     # only some stages (earlier ones must exist)
 """
@@ -540,7 +540,7 @@ def run_pipeline(out, cfg: PipelineConfig, stages=None, force=()):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train the toy S2DiT pipeline end to end (resumable).")
-    p.add_argument("--preset", default="small", help="tiny (minutes) or small (the workshop run, ~1 h)")
+    p.add_argument("--preset", default="small", help="tiny (minutes) or small (the workshop run, about an hour)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--force", default="", help="comma-separated stages to re-run even if done")

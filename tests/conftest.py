@@ -8,6 +8,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def randomised(model, seed=0, std=0.1):
+    """Random weights everywhere (zero-init convs too), so every cached path carries signal."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model.eval()
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models: one intra-op thread is faster than two contending ones on a busy 2-core CPU.

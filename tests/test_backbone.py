@@ -69,6 +69,16 @@ def test_rope_is_relative_and_real():
     assert torch.allclose(dit.apply_rope(q, cos, sin).norm(dim=-1), q.norm(dim=-1), atol=1e-5)
 
 
+def test_softmax_attention_equals_the_written_out_formula():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (20, 30, 30))
+    mask = torch.rand(20, 30, generator=g) > 0.4
+    mask[:, 0] = True                                   # every query sees at least one key
+    ref = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    assert torch.allclose(dit.softmax_attention(q, k, v, mask), ref, atol=1e-5)
+    assert torch.allclose(dit.softmax_attention(q, k, v), (q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1) @ v, atol=1e-5)
+
+
 def test_block_causal_mask():
     m = dit.block_causal_mask(9, 2, 3, window=1)
     chunk = torch.arange(9).repeat_interleave(2) // 3

@@ -1,22 +1,12 @@
 """Tests for decoder.py: the efficient decoder's contract, streaming == whole clip, causality,
 parameter ratio vs the reference VAE decoder, training, SSIM, Tab. A2 table, checkpoints."""
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import decoder as D  # noqa: E402
-import vae as V  # noqa: E402
-
-
-def randomised(model, seed=0, std=0.1):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
-    return model.eval()
+import decoder as D
+import vae as V
+from conftest import randomised
 
 
 @pytest.fixture(scope="module")

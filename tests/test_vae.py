@@ -1,22 +1,12 @@
 """Tests for vae.py: shapes, chunked == full decoding, causality, GroupNorm on 4-D views,
 training reduces the loss, latent statistics, checkpoints."""
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import vae as V  # noqa: E402
-
-
-def randomised(model, seed=0, std=0.1):
-    """Random weights everywhere (zero-init convs too), so every cached path carries signal."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
-    return model.eval()
+import vae as V
+from conftest import randomised
 
 
 @pytest.fixture(scope="module")
