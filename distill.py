@@ -175,17 +175,20 @@ def _step(opt, loss, params, clip):
 
 
 def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=(0.9, 0.999),
-             weight_decay=0.0, ema_decay=None, clip=1.0, progress=True, desc="fm", boundary=None):
+             weight_decay=0.0, ema_decay=None, clip=1.0, progress=True, desc="fm", boundary=None, warmup=0):
     """Flow-matching loop. batch_fn(step) -> (x0, text, mask, null_text, null_mask).
+    The learning rate ramps up linearly over `warmup` updates, then stays constant.
     Returns (EMA copy of the model, or the model itself if ema_decay is None; metrics)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     ema = EMA(model, ema_decay) if ema_decay else None
     losses, run = [], None
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     for step in bar:
         loss = fm_loss(model, *batch_fn(step), p_uncond=p_uncond, generator=g, shift=shift, boundary=boundary)
         _step(opt, loss, list(model.parameters()), clip)
+        sched.step()
         if ema:
             ema.update(model)
         losses.append(loss.item())

@@ -377,6 +377,37 @@ class MoETeacher(nn.Module):
         self.high = DiT(cfg)                                        # expert for t >= boundary (layout, motion)
         self.low = DiT(cfg)                                         # expert for t < boundary (detail)
 
+    def grow_from(self, base: DiT):
+        """Start both experts from T_theta, each deepened to cfg.depth blocks.
+
+        ASSUMPTION (toy scale): the paper's teacher is a pretrained Wan2.2-A14B; ours must be trained
+        here, and a larger DiT trained from scratch in the CPU budget ends up *worse* than the
+        student that inherited T_theta, which would turn KD upside down. So each expert is T_theta
+        grown in depth: T_theta's blocks in their order, with fresh blocks spread between them that
+        start as the identity (AdaLN-Zero gates are zero at init; we also zero the fresh blocks'
+        cross-attention output). The grown expert computes exactly T_theta's function, then the
+        `teacher` stage specialises each expert on its half of the noise levels.
+        Returns {"inherited": block indices from T_theta, "fresh": new block indices} per expert."""
+        if base.cfg.dim != self.cfg.dim or base.cfg.depth > self.cfg.depth:
+            raise ValueError(f"can grow a teacher of width {self.cfg.dim} and depth >= {base.cfg.depth} "
+                             f"from T_theta (width {base.cfg.dim}); got depth {self.cfg.depth}")
+        n_old, n_new = base.cfg.depth, self.cfg.depth
+        keep = [round(i * (n_new - 1) / max(n_old - 1, 1)) for i in range(n_old)]  # old block i -> slot keep[i]
+        fresh = [j for j in range(n_new) if j not in keep]
+        with torch.no_grad():
+            for expert in (self.high, self.low):
+                own = expert.state_dict()
+                for name, tensor in base.state_dict().items():
+                    if name.startswith("blocks."):
+                        i, rest = name.split(".", 2)[1:]
+                        name = f"blocks.{keep[int(i)]}.{rest}"
+                    own[name].copy_(tensor)
+                expert.load_state_dict(own)
+                for j in fresh:
+                    nn.init.zeros_(expert.blocks[j].cross.proj.weight)  # fresh block = identity
+                    nn.init.zeros_(expert.blocks[j].cross.proj.bias)
+        return {"inherited": keep, "fresh": fresh}
+
     def forward(self, x, t, text, text_mask, causal=True, state=None, window=None):
         if state is not None:
             raise ValueError("the teacher is evaluated on whole sequences, not streamed")

@@ -136,6 +136,25 @@ def test_moe_teacher_routes_by_boundary():
     assert torch.equal(teacher(x, lo, text, mask), teacher.low(x, lo, text, mask))
 
 
+def test_teacher_grown_from_base_computes_the_base_then_trains_apart():
+    cfg = dit.get_config("tiny", depth=4)
+    base = randomise(dit.DiT(cfg))
+    for p in base.parameters():                                     # non-zero biases and norms too
+        if p.dim() == 1:
+            nn.init.normal_(p, std=0.05)
+    teacher = dit.MoETeacher(dit.get_config("tiny", depth=6))
+    grown = teacher.grow_from(base)
+    assert sorted(grown["inherited"] + grown["fresh"]) == list(range(6)) and len(grown["fresh"]) == 2
+    x, t, text, mask = inputs(cfg, T=6)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x, t, text, mask), base(x, t, text, mask), atol=1e-5)
+        for j in grown["fresh"]:                                    # a fresh block is not a copy: it trains from identity
+            teacher.high.blocks[j].ada.weight.normal_(std=0.1)
+        assert not torch.allclose(teacher(x, torch.full_like(t, 0.9), text, mask), base(x, torch.full_like(t, 0.9), text, mask))
+    with pytest.raises(ValueError, match="grow a teacher"):
+        dit.MoETeacher(dit.get_config("tiny", depth=2)).grow_from(base)
+
+
 def test_bad_inputs_are_clear_errors():
     cfg = dit.get_config("tiny", depth=2)
     model = dit.DiT(cfg)
