@@ -6,17 +6,18 @@
 |----------|---------------------|
 | Tab. 1   | teacher, T_theta, S2DiT-Pretrained, -KD, -AR: params and VBench-lite (quality, semantic, total) |
 | Tab. 3   | searched layout vs hourglass / all-LCHA / all-SSA / random (Eq. 10 loss, latency); LCHA vs local-only vs linear-only |
-| Tab. A1  | S2DiT-AR at 1, 2, 4 steps |
+| Tab. A1  | S2DiT-AR: separately distilled 1-, 2- and 4-step students, each at its own step count |
 | Tab. A2  | reference VAE decoder vs efficient decoder |
 | Tab. A3  | latency breakdown of one chunk on this CPU, FPS |
 | Tab. A5  | full attention vs SANA-style linear attention vs LCHA: latency, eval loss, alignment, FVD-lite |
 | Tab. A6  | 30-chunk streams: subject / background consistency, all-attention AR vs S2DiT-AR |
-| Tab. A7  | S2DiT-AR distilled without the teacher (its own pretrained model as the real score) |
+| Tab. A7  | S2DiT-AR distilled without the teacher (its own pretrained model as the real score), 2 steps both |
 
 Non-streaming models (teacher, T_theta, Pretrained, KD) sample the whole 3-chunk clip with the Euler
 sampler + CFG at a shared t (their "full-step" setting); the AR students stream chunk by chunk.
-Extra training (Tab. 3 / A5 ablations, Tab. A7's second DMD) is written into the run as stages
-`ablate_*` and `dmd_noteacher` and reused by later invocations.
+Extra training (Tab. 3 / A5 ablations, Tab. A1's 1- and 4-step students, Tab. A7's second DMD) is
+written into the run as stages `ablate_*`, `dmd_1step`, `dmd_4step` and `dmd_noteacher` and reused by
+later invocations; the 2-step student is the pipeline's own `dmd` stage.
 """
 import argparse
 import copy
@@ -86,6 +87,27 @@ def streaming_models(run, stage, steps=None):
     return m
 
 
+def student(run, stage, n_steps, without_teacher=False):
+    """The streaming system of the DMD student `stage`, distilled for n_steps. The pipeline's `dmd`
+    (n_steps = sample_steps) comes from train.py; the other students are reproduce.py's own stages,
+    distilled here by train.stage_dmd once per run (again if the file was distilled for other steps)."""
+    if stage != "dmd" and not (run.done(stage) and run.metrics(stage)["config"]["n_steps"] == n_steps):
+        t0 = time.time()
+        m = train.stage_dmd(run, without_teacher=without_teacher, name=stage, n_steps=n_steps)
+        run.finish(stage, m, time.time() - t0)
+    models = train.load_streaming(run.dir, stage)
+    if models["steps"] != [n_steps]:        # a run from when one 4-step student served 1, 2 and 4 steps
+        raise ValueError(f"{run.path(stage + '.pt')} was distilled for {models['steps']} steps, not {n_steps}; "
+                         f"distil it again: `python train.py --preset {run.cfg.preset} --out {run.dir} "
+                         f"--force dmd,deploy,sample`")
+    return models
+
+
+def ar_students(run):
+    """Tab. A1: {T: the student distilled for T steps} for T = 1, 2, 4 (one DMD run each)."""
+    return {n: student(run, "dmd" if n == run.cfg.sample_steps else f"dmd_{n}step", n) for n in (1, 2, 4)}
+
+
 # ----------------------------------------------------------------------------------------------
 def table1_a1(run, n, seed):
     prompts = prompts_for(n)
@@ -96,15 +118,14 @@ def table1_a1(run, n, seed):
         v = sample_full(run, model, prompts, seed)
         videos[name] = v
         rows[name] = {"params": count_params(model), "setting": "full-step Euler + CFG", **score(v, prompts, seed)}
-    ar = streaming_models(run, "dmd")
-    a1 = {}
-    for steps in ar["steps"]:
+    a1, students = {}, ar_students(run)
+    for steps, ar in students.items():                                 # each student at its own step count
         v = sample_ar(ar, prompts, steps, seed=seed)
-        a1[f"{steps} step{'s' * (steps > 1)}"] = score(v, prompts, seed)
+        a1[f"{steps} step{'s' * (steps > 1)}"] = {"student": ar["stage"], **score(v, prompts, seed)}
         videos[f"S2DiT-AR {steps}-step"] = v
-    best = max(ar["steps"])
-    rows[f"S2DiT-AR ({best} steps, streaming)"] = {"params": count_params(ar["model"]), "setting": "streaming",
-                                                    **a1[f"{best} steps"]}
+    k = run.cfg.sample_steps                                            # Tab. 1's AR row: the pipeline's student
+    rows[f"S2DiT-AR ({k} steps, streaming)"] = {"params": count_params(students[k]["model"]), "setting": "streaming",
+                                                **{c: v for c, v in a1[f"{k} steps"].items() if c != "student"}}
     return rows, a1, videos, prompts
 
 
@@ -189,11 +210,11 @@ def table_a5(run, n, steps, seed):
 
 
 def table_a3(run, chunks, seed):
-    ar = streaming_models(run, "dmd")
     rows = {}
-    for steps in ar["steps"]:
+    for steps, ar in ar_students(run).items():
         r = stream.run(ar, prompts_for(1)[0], chunks, steps, seed, progress=False)
-        rows[f"{steps} step{'s' * (steps > 1)}"] = {"text_encoder_ms": round(r["breakdown_ms"]["text_encoder"], 2),
+        rows[f"{steps} step{'s' * (steps > 1)}"] = {"student": ar["stage"],
+                                                    "text_encoder_ms": round(r["breakdown_ms"]["text_encoder"], 2),
                                                     "dit_per_step_ms": round(r["breakdown_ms"]["dit_per_step"], 2),
                                                     "commit_ms": round(r["breakdown_ms"]["commit"], 2),
                                                     "decoder_ms": round(r["breakdown_ms"]["decoder"], 2),
@@ -204,9 +225,9 @@ def table_a3(run, chunks, seed):
 def table_a6(run, n, chunks, seed):
     prompts = prompts_for(n)
     rows = {}
-    ar = streaming_models(run, "dmd")
+    ar = student(run, "dmd", run.cfg.sample_steps)
     base = streaming_models(run, "base")
-    for label, models, steps in (("S2DiT-AR", ar, max(ar["steps"])),
+    for label, models, steps in ((f"S2DiT-AR ({ar['steps'][0]} steps)", ar, ar["steps"][0]),
                                  ("all-attention AR (T_theta, no DMD, 8 steps)", base, 8)):
         v = sample_ar(models, prompts, steps, chunks=chunks, seed=seed)
         s = evaluate.score_videos(v, prompts, seed=seed)
@@ -217,17 +238,12 @@ def table_a6(run, n, chunks, seed):
 
 
 def table_a7(run, n, seed):
-    if not run.done("dmd_noteacher"):
-        t0 = time.time()
-        m = train.stage_dmd(run, without_teacher=True, name="dmd_noteacher")
-        run.finish("dmd_noteacher", m, time.time() - t0)
-    prompts = prompts_for(n)
+    """Like with like: both students distilled for, and streamed at, the pipeline's sample_steps."""
+    prompts, steps = prompts_for(n), run.cfg.sample_steps
     rows = {}
-    base = train.load_streaming(run.dir)
     for label, stage in (("with teacher (S2DiT-AR)", "dmd"), ("without teacher", "dmd_noteacher")):
-        models = {**base, "model": run.model(stage).eval()}
-        steps = max(models["steps"] or [4])
-        rows[label] = score(sample_ar(models, prompts, steps, seed=seed), prompts, seed)
+        models = student(run, stage, steps, without_teacher=stage == "dmd_noteacher")
+        rows[label] = {"student": stage, "steps": steps, **score(sample_ar(models, prompts, steps, seed=seed), prompts, seed)}
     return rows
 
 
@@ -257,26 +273,29 @@ def write_results(path, res, cmd, seconds):
     checks = res["checks"]
     sections = [
         ("Tab. 1: VBench-lite of the pipeline's models", md_table(res["tab1"]), checks["tab1"]),
-        ("Tab. A1: S2DiT-AR with 1, 2, 4 steps", md_table(res["taba1"], "steps"), checks["taba1"]),
+        ("Tab. A1: S2DiT-AR, one student distilled per step count (1, 2, 4), each at its own count",
+         md_table(res["taba1"], "steps"), checks["taba1"]),
         ("Tab. 3 (a): layouts at the search budget (Eq. 10 loss with the supernet's shared weights)",
          f"budget {res['tab3']['budget_ms']:.2f} ms per chunk step on this CPU, k = {res['tab3']['k']}\n\n"
          + md_table(res["tab3"]["layouts"], "layout"), checks["tab3a"]),
         ("Tab. 3 (b): LCHA vs its two paths alone (S2DiT, searched layout, fine-tuned from T_theta)",
          md_table(res["tab3"]["attention"], "attention"), checks["tab3b"]),
         ("Tab. A2: decoders", md_table(res["taba2"], "decoder"), checks["taba2"]),
-        ("Tab. A3: latency of one chunk on this CPU (small preset, S2DiT-AR)", md_table(res["taba3"], "steps"),
+        ("Tab. A3: latency of one chunk on this CPU (S2DiT-AR, each student at its own step count)",
+         md_table(res["taba3"], "steps"),
          checks["taba3"]),
         ("Tab. A5: full attention vs SANA-Video linear attention vs LCHA (every block, fine-tuned from T_theta)",
          md_table(res["taba5"], "attention"), checks["taba5"]),
         ("Tab. A6: 30-chunk streams", md_table(res["taba6"]), checks["taba6"]),
-        ("Tab. A7: DMD without the teacher", md_table(res["taba7"]), checks["taba7"]),
+        ("Tab. A7: DMD without the teacher (both students distilled for and streamed at the same steps)",
+         md_table(res["taba7"]), checks["taba7"]),
         ("Latency vs tokens (one forward of one chunk, `python sandwich.py --bench --json`)",
          md_table(res["latency_vs_tokens"], "model"), checks["bench"]),
     ]
     for title, table, check in sections:
         L += [f"## {title}", "", table, "", f"*Paper's ordering:* {check}", ""]
     L += ["## Pictures", "", f"![prompts x models]({os.path.basename(res['grid'])})", "",
-          "Rows: held-out prompts; columns: the models of Tab. 1 and the AR student at each step count.", ""]
+          "Rows: held-out prompts; columns: the models of Tab. 1 and the AR students of Tab. A1 (1, 2, 4 steps).", ""]
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(L))
     os.replace(path + ".tmp", path)
@@ -287,6 +306,7 @@ def holds(cond, yes, no):
 
 
 TABLES = ("tab1", "tab3", "taba2", "taba3", "taba5", "taba6", "taba7", "bench")
+AR_TABLES = ("tab1", "taba1", "taba3", "taba6", "taba7")               # the tables that stream DMD students
 
 
 def compute(name, run, args, out_dir):
@@ -366,7 +386,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads or run.cfg.threads)
     store = os.path.join(args.run, "reproduce.json")                    # tables computed so far (resumable)
     res = json.load(open(store)) if os.path.exists(store) else {}
-    res.update({"seed": args.seed, "preset": run.cfg.preset, "n_prompts": args.prompts})
+    if res and not res.get("separate_students"):    # stored when one 4-step student served 1, 2 and 4 steps
+        stale = [t for t in AR_TABLES if t in res]
+        for t in stale:
+            res.pop(t)
+            res.get("seconds", {}).pop(t, None)
+        print(f"{store}: dropped {stale}, measured with the old single DMD student; recompute them with "
+              f"--tables {','.join(t for t in stale if t in TABLES)}")
+    res.update({"seed": args.seed, "preset": run.cfg.preset, "n_prompts": args.prompts, "separate_students": True})
     res.setdefault("seconds", {})
     for name in args.tables.split(","):
         if name not in TABLES:

@@ -13,6 +13,8 @@ change mid-stream (`--then 5:"a blue square moves up"`): the video continues fro
 CLI: `python stream.py --run runs/small --prompt "a red circle moves right" --chunks 8 --steps 2
 --seed 0 --out out/red.mp4 --json` prints, as its last line, a JSON object with chunks, frames,
 fps, chunk_ms, breakdown_ms (text encoder, DiT per step, commit, decoder) and peak_rss_mb.
+A DMD student streams at the one step count it was distilled for (the pipeline's `dmd`: 2, the
+default of --steps); `--stage dmd_1step` / `dmd_4step` stream the students reproduce.py distils.
 Python / notebook: `for chunk in stream(load_models("runs/small"), "a red circle moves right", 8): ...`
 """
 import argparse
@@ -39,16 +41,16 @@ class Chunk:
     ms: dict = field(default_factory=dict)   # dit_steps, commit, decoder, total
 
 
-def load_models(run):
+def load_models(run, stage=None):
     """The streaming system of a trained run: text encoder, the best available S2DiT, the decoder.
 
     Preference: the DMD student (S2DiT-AR, EMA weights), else S2DiT-KD, else S2DiT-Pretrained; the
-    efficient decoder, else the VAE decoder."""
+    efficient decoder, else the VAE decoder. `stage` picks another student (e.g. dmd_4step)."""
     import train
     if not os.path.isdir(run):
         raise FileNotFoundError(f"run directory {run} not found; train one with `python train.py --out {run}` "
                                 f"(or `python train.py --preset tiny --out {run}` for a minutes-long one)")
-    return train.load_streaming(run)
+    return train.load_streaming(run, stage)
 
 
 def check_request(models, prompt, chunks, steps, out=None, then=()):
@@ -59,7 +61,14 @@ def check_request(models, prompt, chunks, steps, out=None, then=()):
     if chunks < 1:
         raise ValueError(f"--chunks must be >= 1, got {chunks}")
     if models["steps"] is not None and steps not in models["steps"]:
-        raise ValueError(f"the model `{models['name']}` was distilled for {models['steps']} steps, not {steps}")
+        # A DMD student learns to denoise from the times of ITS schedule only (Tab. A1 distils one
+        # student per step count): off that schedule it is a model never trained for the task.
+        n = models["steps"][0]
+        raise ValueError(f"`{models['name']}` was distilled for {n} denoising step{'s' * (n > 1)} only, not {steps}: "
+                         f"run it with --steps {n} (or without --steps). Each step count has its own DMD student: "
+                         f"train.py's `dmd` stage distils for 2 steps; `python reproduce.py --run RUN --tables tab1` "
+                         f"adds dmd_1step and dmd_4step to a train.py run RUN (e.g. runs/small), streamed with "
+                         f"--stage dmd_1step / dmd_4step")
     for c, _ in then:
         if not 0 < c < chunks:
             raise ValueError(f"--then switches at chunk {c}, outside 1..{chunks - 1}")
@@ -209,7 +218,10 @@ def main(argv=None):
     p.add_argument("--run", required=True, help="run directory written by train.py (e.g. runs/small)")
     p.add_argument("--prompt", required=True, help="what to generate, e.g. \"a red circle moves right\"")
     p.add_argument("--chunks", type=int, default=8, help="chunks of 3 latent frames (12 video frames) to stream")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (one the model was distilled for)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the count the student "
+                   "was distilled for; only that count is accepted)")
+    p.add_argument("--stage", default=None, help="the run's DiT stage to stream (default: dmd, else kd, else pretrain; "
+                   "dmd_1step / dmd_4step once reproduce.py has distilled them)")
     p.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same video")
     p.add_argument("--out", default=None, help="output .mp4 or .gif, written progressively")
     p.add_argument("--then", action="append", default=[], help="switch prompt at a chunk: 5:\"a blue square moves up\"")
@@ -219,7 +231,7 @@ def main(argv=None):
         then = parse_then(args.then)
         if not args.prompt.strip():
             raise ValueError("empty prompt: give a text such as \"a red circle moves right\"")
-        models = load_models(args.run)
+        models = load_models(args.run, args.stage)
         check_request(models, args.prompt, args.chunks, args.steps or (models["steps"] or [4])[-1], args.out, then)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         p.error(str(e))

@@ -312,6 +312,39 @@ def test_train_dmd_smoke(exact_r1):
         distill.train_dmd(student, real, student, None, distill.get_config("tiny", gan_real_steps=2), progress=False)
 
 
+@pytest.mark.parametrize("n_steps", [None, 4])
+def test_dmd_stage_distils_one_student_for_its_step_count(tmp_path, monkeypatch, n_steps):
+    """train.py's `dmd` stage distils the student for cfg.sample_steps (n_steps=None); reproduce.py's
+    dmd_4step passes 4. Every rollout that trains it runs that schedule (or the GAN's longer T' one),
+    and the checkpoint records that one count, the only one stream.py will run it at."""
+    import text as text_mod
+    import train
+    cfg = train.get_config("tiny", dmd_steps=2)                                 # GAN on from update 1
+    run = train.Run(str(tmp_path), cfg)
+    dcfg = dit.get_config("tiny", depth=4)
+    encoder, tokenizer, _ = text_mod.build_text("tiny", seed=0)
+    torch.manual_seed(0)
+    run._cache.update({"kd": sandwich.S2DiT(dcfg, (1, 1)), "teacher": dit.MoETeacher(dcfg),   # stages held in memory
+                       "text": (encoder.eval(), tokenizer),
+                       "pool": (torch.randn(4, dcfg.in_channels, 9, 8, 8), ["a red circle moves left"] * 4)})
+    schedules, rollout = [], distill.rollout
+
+    def spy(model, text, mask, n_chunks, ts, *a, **k):
+        schedules.append(list(ts))
+        return rollout(model, text, mask, n_chunks, ts, *a, **k)
+    monkeypatch.setattr(distill, "rollout", spy)
+    m = train.stage_dmd(run, name="student", n_steps=n_steps)
+    T = n_steps or cfg.sample_steps                                             # the pipeline's: 2
+    T_real = m["config"]["gan_real_steps"]
+    assert T_real > T                                                           # the tiny preset's T' = 4 grows for T = 4
+    shift = flow.get_config("tiny").shift
+    assert all(ts in (flow.few_step_schedule(T, shift), flow.few_step_schedule(T_real, shift)) for ts in schedules)
+    per_update = m["config"]["critic_updates"] + 1                              # critic rollouts + the generator's
+    assert schedules.count(flow.few_step_schedule(T, shift)) == per_update * cfg.dmd_steps
+    blob = torch.load(run.path("student.pt"), weights_only=True)
+    assert m["config"]["n_steps"] == T and m["steps"] == (T,) and blob["config"]["steps"] == (T,)
+
+
 def test_get_config_unknown_preset():
     with pytest.raises(ValueError, match="tiny"):
         distill.get_config("huge")

@@ -57,11 +57,36 @@ def test_corrupt_or_missing_checkpoint_names_the_stage(tiny_run, tmp_path):
 def test_streaming_system_of_the_run(tiny_run):
     run, _, _ = tiny_run
     models = train.load_streaming(run.dir)
-    assert models["name"] == "S2DiT-AR" and models["steps"]
+    n = run.cfg.sample_steps                               # the pipeline's student: distilled for sample_steps
+    assert models["name"] == "S2DiT-AR" and models["steps"] == [n] and run.metrics("dmd")["config"]["n_steps"] == n
     import stream
-    a = torch.cat([c.frames for c in stream.stream(models, "a red circle moves left", 2, models["steps"][0], seed=1)], 1)
-    b = torch.cat([c.frames for c in stream.stream(models, "a red circle moves left", 2, models["steps"][0], seed=1)], 1)
+    a = torch.cat([c.frames for c in stream.stream(models, "a red circle moves left", 2, seed=1)], 1)   # default: n
+    b = torch.cat([c.frames for c in stream.stream(models, "a red circle moves left", 2, n, seed=1)], 1)
     assert torch.equal(a, b) and a.shape[1] == 21
+    with pytest.raises(ValueError, match=f"distilled for {n} denoising steps only, not 4"):
+        stream.check_request(models, "a red circle moves left", 2, 4)
+
+
+def test_reproduce_distils_a_student_per_step_count_once_and_drops_stale_tables(tiny_run, tmp_path):
+    import reproduce
+    run, _, _ = tiny_run
+    one = reproduce.student(run, "dmd_1step", 1)                       # Tab. A1's 1-step student, trained here
+    assert one["steps"] == [1] and one["name"] == "S2DiT-AR (dmd_1step)"
+    assert run.metrics("dmd_1step")["config"]["n_steps"] == 1
+    marker = run.path("dmd_1step.done.json")
+    stamp = os.path.getmtime(marker)
+    assert reproduce.student(run, "dmd_1step", 1)["steps"] == [1] and os.path.getmtime(marker) == stamp  # reused
+    with pytest.raises(ValueError, match="not 4"):                     # the pipeline's student is never re-purposed
+        reproduce.student(run, "dmd", 4)
+    # a reproduce.json from the single-student days: the tables that streamed it are dropped, the rest kept
+    store = run.path("reproduce.json")
+    with open(store, "w") as f:
+        json.dump({"taba1": {"1 step": {"total": 0.3}}, "taba7": {}, "taba2": {"old": 1},
+                   "seconds": {"taba7": 1.0, "taba2": 0.0}}, f)
+    reproduce.main(["--run", run.dir, "--tables", "taba2", "--out", str(tmp_path / "RESULTS.md")])
+    res = json.load(open(store))
+    assert "taba1" not in res and "taba7" not in res and "taba7" not in res["seconds"]
+    assert res["separate_students"] and res["taba2"] == run.metrics("decoder")["table_a2"]
 
 
 def test_unknown_preset_and_stage_are_clear_errors(tmp_path):

@@ -15,7 +15,7 @@ import text as text_mod
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def tiny_models(layout=(1, 0, 0, 1), steps=(1, 2)):
+def tiny_models(layout=(1, 0, 0, 1), steps=(2,)):                    # a student distilled for 2 steps
     torch.manual_seed(0)
     cfg = dit.get_config("tiny")
     model = sandwich.S2DiT(cfg, layout)
@@ -120,8 +120,13 @@ def test_prompt_switch_continues_from_the_cache(models):
 def test_errors_before_any_work(models, tmp_path):
     with pytest.raises(ValueError, match="empty prompt"):
         stream.check_request(models, "   ", 3, 2)
-    with pytest.raises(ValueError, match="distilled for"):
-        stream.check_request(models, "a red circle moves left", 3, 4)
+    for other in (1, 4):                         # 1 step is not served by the 2-step student either
+        with pytest.raises(ValueError, match=f"distilled for 2 denoising steps only, not {other}") as e:
+            stream.check_request(models, "a red circle moves left", 3, other)
+        assert "--steps 2" in str(e.value) and "--stage dmd_1step / dmd_4step" in str(e.value)   # what to do instead
+    with pytest.raises(ValueError, match="not 4"):
+        next(stream.stream(models, "a red circle moves left", 3, 4))
+    stream.check_request({**models, "steps": None}, "a red circle moves left", 3, 4)   # KD / Pretrained: any count
     with pytest.raises(ValueError, match=".gif or .mp4"):
         stream.check_request(models, "a red circle moves left", 3, 2, out=str(tmp_path / "x.avi"))
     blocker = tmp_path / "file"
