@@ -84,7 +84,8 @@ class DMDConfig:
 PRESETS = {
     "tiny": DMDConfig(steps=20, batch=1, n_steps=2, critic_updates=1, gan_start=10, gan_real_steps=4,
                       kd_steps=40, kd_batch=2),
-    "small": DMDConfig(steps=300, batch=2, latent_hw=(16, 16), critic_updates=2, gan_start=150, kd_steps=600),
+    "small": DMDConfig(steps=300, batch=2, latent_hw=(16, 16), critic_updates=2, gan_start=150, kd_steps=600,
+                       lr_g=2e-4, lr_c=4e-5),
     "paper": DMDConfig(lr_g=1e-5, lr_c=2e-6, latent_hw=(36, 64), gan_real_steps=8),  # values the paper states
 }
 

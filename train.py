@@ -53,34 +53,39 @@ class PipelineConfig:
     threads: int = 2               # torch CPU threads
     clip_frames: int = 33          # training clip length: 33 pixel frames = 9 latent frames = 3 chunks
     text_batch: int = 32           # contrastive batch of the text stage
-    text_steps: int = 400          # contrastive updates of the text stage
+    text_steps: int = 300          # contrastive updates of the text stage
     vae_steps: int = 1500          # VAE updates (on 17-frame windows, 32-px crops: vae.fit_vae)
     vae_batch: int = 4
     vae_lr: float = 7e-4
     pool_clips: int = 2048         # clips encoded once for the DiT stages
-    dit_batch: int = 4             # clips per DiT update
-    dit_lr: float = 5e-4
-    base_steps: int = 500          # T_theta
+    dit_batch: int = 6             # clips per DiT update
+    dit_chunks: int = 3            # chunks per DiT training window (a random, chunk-aligned cut of the pool's
+                                   # 3-chunk clips; 3 = the current chunk + the KV window of 2, everything a
+                                   # streaming chunk attends to; 2 is 1.5x cheaper but never shows the oldest)
+    dit_lr: float = 1e-3
+    dit_warmup: int = 50           # linear lr warm-up of the flow-matching stages
+    base_steps: int = 1200         # T_theta: every student and the teacher inherit it, so it gets the most
     search_steps: int = 80         # Alg. 1 router + supernet updates
-    pretrain_steps: int = 700      # S2DiT-Pretrained
-    teacher_dim: int = 80          # each teacher expert is wider than the student (2 experts: ~3x its params)
-    teacher_depth: int = 8
-    teacher_steps: int = 350
+    pretrain_steps: int = 400      # S2DiT-Pretrained (continues T_theta through the searched supernet)
+    teacher_dim: int = 64          # expert width; = the student's width: each expert is grown from T_theta
+                                   # (dit.MoETeacher.grow_from); another width trains it from scratch
+    teacher_depth: int = 12        # expert depth: 2 experts x 12 blocks = 3x the student's blocks
+    teacher_steps: int = 300
     cache_samples: int = 256       # teacher tuples cached for KD
     cache_shard: int = 64
-    kd_steps: int = 250            # offline KD updates (Eq. 12)
-    dmd_steps: int = 60            # Self-Forcing DMD generator updates (GAN from half way)
+    kd_steps: int = 300            # offline KD updates (Eq. 12)
+    dmd_steps: int = 150           # Self-Forcing DMD generator updates (GAN from half way)
     decoder_steps: int = 400
     eval_prompts: int = 12         # held-out prompts for VBench-lite
     sample_chunks: int = 8         # length of the sample video (chunks of 12 frames)
     sample_steps: int = 2          # denoising steps of the sample video
-    ema: float = 0.99              # EMA of the flow-matching stages (0.99^500 ~ 0.007: short runs forget the init)
+    ema: float = 0.995             # EMA of the flow-matching stages (half-life ~140 updates)
 
 
 PRESETS = {
     "small": PipelineConfig(),
     "tiny": PipelineConfig(preset="tiny", threads=1, text_batch=16, text_steps=20, vae_steps=150, vae_batch=4, pool_clips=64, dit_batch=4, base_steps=40,
-                           search_steps=10, pretrain_steps=40, teacher_dim=48, teacher_depth=4, teacher_steps=40,
+                           search_steps=10, pretrain_steps=40, teacher_dim=32, teacher_depth=10, teacher_steps=40,
                            cache_samples=16, cache_shard=8, kd_steps=20, dmd_steps=6, decoder_steps=30, eval_prompts=4, sample_chunks=3,
                            ema=0.9),
 }
@@ -194,16 +199,20 @@ def null_text(run):
 
 
 def dit_batches(run, batch, seed, with_null=True):
-    """batch_fn(step) -> (x0, text, mask[, null_text, null_mask]) sampled from the latent pool."""
+    """batch_fn(step) -> (x0, text, mask[, null_text, null_mask]) sampled from the latent pool:
+    `batch` clips, each cut to a random window of `dit_chunks` whole chunks (see PipelineConfig)."""
     z, captions = pool(run)
     encoder, tokenizer = run.text()
     n_text, n_mask = null_text(run)
+    chunk, T = dit_cfg(run.cfg).chunk, z.shape[2]
+    win = min(run.cfg.dit_chunks * chunk, T)                             # latent frames per window
 
     def fn(step):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         idx = torch.randint(z.shape[0], (batch,), generator=g)
+        f0 = int(torch.randint((T - win) // chunk + 1, (1,), generator=g)) * chunk  # chunk-aligned start
         tokens, _, mask = text_mod.encode_text(encoder, tokenizer, [captions[i] for i in idx])
-        out = (z[idx], tokens, mask)
+        out = (z[idx, :, f0:f0 + win], tokens, mask)
         return out + (n_text, n_mask) if with_null else out
     return fn
 
@@ -214,9 +223,9 @@ def dit_batches(run, batch, seed, with_null=True):
 def stage_text(run):
     cfg = run.cfg
     encoder, tokenizer, tcfg = text_mod.build_text(cfg.preset, words=data.vocabulary(), seed=cfg.seed)
-    # ASSUMPTION: the CLIP-style pretraining sees 32-px, 13-frame clips at every preset: it must learn
+    # ASSUMPTION: the CLIP-style pretraining sees 32-px, 9-frame clips at every preset: it must learn
     # words (colour, shape, direction), which small clips show as well as large ones, 4x cheaper.
-    batch_fn = text_mod.data_batch_fn("tiny", cfg.text_batch, frames=13)
+    batch_fn = text_mod.data_batch_fn("tiny", cfg.text_batch, frames=9)
     m = text_mod.fit_text_encoder(encoder, tokenizer, batch_fn, cfg.text_steps, tcfg.fit_lr, cfg.seed,
                                   eval_split="eval")
     text_mod.save_text(run.path("text.pt"), encoder, tokenizer, tcfg, m)
@@ -259,7 +268,7 @@ def fm_stage(run, model, steps, name, lr=None, boundary=None, ema=True):
     fcfg = flow.get_config(cfg.preset)
     trained, m = distill.train_fm(model, batch_fn, steps, lr or cfg.dit_lr, p_uncond=fcfg.cfg_dropout,
                                   shift=fcfg.train_shift, seed=cfg.seed, ema_decay=cfg.ema if ema else None, desc=name,
-                                  boundary=boundary)
+                                  boundary=boundary, warmup=cfg.dit_warmup)
     m["params"] = dit.count_params(model)
     m.pop("losses", None)
     return trained, m
@@ -345,7 +354,9 @@ def stage_teacher(run):
     tcfg = replace(dit_cfg(cfg), dim=cfg.teacher_dim, depth=cfg.teacher_depth)
     torch.manual_seed(cfg.seed)
     model = dit.MoETeacher(tcfg, flow.get_config(cfg.preset).boundary)
+    grown = model.grow_from(run.model("base")) if tcfg.dim == dit_cfg(cfg).dim else None  # see MoETeacher.grow_from
     trained, m = fm_stage(run, model, cfg.teacher_steps, "teacher", boundary=model.boundary)
+    m["grown_from_base"] = grown
     save_checkpoint(run.path("teacher.pt"), trained, spec_of(trained, "moe", boundary=trained.boundary), m)
     return m
 
@@ -377,8 +388,13 @@ def stage_kd(run):
     return m
 
 
-def stage_dmd(run, without_teacher=False, name="dmd"):
+def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
+    """S2DiT-AR: a DMD student distilled for ONE step count T = n_steps, by default cfg.sample_steps
+    (the student the pipeline streams, ships and evaluates). DMD fits the student's samples from the
+    T-step schedule only, so Tab. A1's 1- and 4-step students are separate runs of this stage under
+    other names (reproduce.py: dmd_1step, dmd_4step), as is Tab. A7's dmd_noteacher."""
     cfg, fcfg = run.cfg, flow.get_config(run.cfg.preset)
+    n_steps = n_steps or cfg.sample_steps
     kd = run.model("kd")
     student = copy.deepcopy(kd).requires_grad_(True)
     critic = copy.deepcopy(kd).requires_grad_(True)
@@ -386,16 +402,16 @@ def stage_dmd(run, without_teacher=False, name="dmd"):
     real_model = run.model("pretrain") if without_teacher else run.model("teacher")
     real = distill.make_real_score(real_model, n_text, n_mask, fcfg.cfg_scale)
     hw = data_cfg(cfg).size // 4
-    dcfg = distill.get_config(cfg.preset, seed=cfg.seed, latent_hw=(hw, hw), shift=fcfg.shift,
+    dcfg = distill.get_config(cfg.preset, seed=cfg.seed, latent_hw=(hw, hw), shift=fcfg.shift, n_steps=n_steps,
                               without_teacher=without_teacher, steps=cfg.dmd_steps, gan_start=cfg.dmd_steps // 2)
+    # The progressive GAN's "real" samples take T' > T steps. ASSUMPTION: T' >= 2 T, so the tiny
+    # preset's T' = 4 becomes 8 for a 4-step student (small: T' = 8 for every T <= 4).
+    dcfg = replace(dcfg, gan_real_steps=max(dcfg.gan_real_steps, 2 * n_steps))
     batch = dit_batches(run, dcfg.batch, cfg.seed + 11)
     trained, m = distill.train_dmd(student, real, critic, lambda s: batch(s)[1:], dcfg)
     m.pop("curves", None)
-    # One student trained on the n-step schedule also runs the coarser schedules whose times are a
-    # subset of it (1 step: [1]; 2 steps: [1, s(.5)] within the 4-step list).
-    steps = tuple(n for n in (1, 2, 4) if n <= dcfg.n_steps and dcfg.n_steps % n == 0)
-    m["steps"] = steps
-    save_checkpoint(run.path(f"{name}.pt"), trained, spec_of(trained, "s2dit", layout=kd.layout, steps=steps), m)
+    m["steps"] = (n_steps,)                                           # the one count it streams at (stream.py checks)
+    save_checkpoint(run.path(f"{name}.pt"), trained, spec_of(trained, "s2dit", layout=kd.layout, steps=(n_steps,)), m)
     return m
 
 
@@ -458,18 +474,22 @@ def open_run(run_dir):
 
 def load_streaming(run_dir, stage=None):
     """The streaming system of a run: {"name", "model", "text", "tokenizer", "decoder", "steps",
-    "shift", "t_ctx", "latent_hw", "fps", "preset"}. `stage` forces a DiT stage (dmd, kd, pretrain)."""
+    "shift", "t_ctx", "latent_hw", "fps", "preset"}. `stage` forces a DiT stage (dmd, kd, pretrain, or a
+    student reproduce.py distilled: dmd_1step, dmd_4step, dmd_noteacher). "steps" is [n] for a DMD student
+    distilled for n steps, None for the flow-matching stages (any step count)."""
     run = open_run(run_dir)
     candidates = [stage] if stage else ["dmd", "kd", "pretrain"]
     found = [s for s in candidates if run.done(s)]
     if not found:
-        raise FileNotFoundError(f"{run_dir} has no trained S2DiT (stages {candidates}); run "
-                                f"`python train.py --out {run_dir}`")
+        how = (f"`python reproduce.py --run {run_dir} --tables tab1` distils dmd_1step and dmd_4step, "
+               f"`--tables taba7` dmd_noteacher" if stage and stage.startswith("dmd_") else
+               f"run `python train.py --out {run_dir}`")
+        raise FileNotFoundError(f"{run_dir} has no trained S2DiT (stages {candidates}); {how}")
     name = found[0]
     blob_steps = None
     model = run.model(name)
-    if name.startswith("dmd"):
-        blob_steps = list(run.metrics(name)["steps"])
+    if name.startswith("dmd"):   # the schedule it was distilled on (older files also listed 1, 2, 4 in "steps")
+        blob_steps = [run.metrics(name)["config"]["n_steps"]]
     encoder, tokenizer = run.text()
     if run.done("decoder"):
         import decoder as dec_mod
@@ -477,7 +497,8 @@ def load_streaming(run_dir, stage=None):
     else:
         dec = run.vae()
     pcfg = run.cfg
-    return {"name": f"S2DiT-{ {'dmd': 'AR', 'kd': 'KD', 'pretrain': 'Pretrained'}.get(name, name) }", "stage": name,
+    label = {"dmd": "AR", "kd": "KD", "pretrain": "Pretrained"}.get(name, f"AR ({name})" if name.startswith("dmd") else name)
+    return {"name": f"S2DiT-{label}", "stage": name,
             "model": model.eval(), "text": encoder, "tokenizer": tokenizer, "decoder": dec.eval(),
             "steps": blob_steps, "shift": flow.get_config(pcfg.preset).shift,
             "t_ctx": distill.get_config(pcfg.preset).t_ctx, "latent_hw": data_cfg(pcfg).size // 4,
