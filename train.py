@@ -54,9 +54,9 @@ class PipelineConfig:
     clip_frames: int = 33          # training clip length: 33 pixel frames = 9 latent frames = 3 chunks
     text_batch: int = 32           # contrastive batch of the text stage
     text_steps: int = 300          # contrastive updates of the text stage
-    vae_steps: int = 1500          # VAE updates (on 17-frame windows, 32-px crops: vae.fit_vae)
+    vae_steps: int = 1800          # VAE updates (on 17-frame windows, 32-px crops: vae.fit_vae)
     vae_batch: int = 4
-    vae_lr: float = 7e-4
+    vae_lr: float = 1e-3
     pool_clips: int = 2048         # clips encoded once for the DiT stages
     dit_batch: int = 6             # clips per DiT update
     dit_chunks: int = 3            # chunks per DiT training window (a random, chunk-aligned cut of the pool's

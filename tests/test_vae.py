@@ -130,3 +130,20 @@ def test_checkpoint_round_trip_and_errors(tiny, tmp_path):
     V.save_checkpoint(other, small, tiny.cfg)  # tiny config, small weights: a mismatch
     with pytest.raises(RuntimeError, match="does not match.*re-run the `vae` stage"):
         V.load_vae(other)
+
+
+def test_motion_crop_finds_the_moving_object_and_weights_its_pixels():
+    from dataclasses import replace
+    video = torch.zeros(2, 3, 9, 64, 64)                                   # static black background
+    for f in range(9):                                                     # an 8-px square moving right
+        video[:, :, f, 44:52, 4 + 2 * f:12 + 2 * f] = 1.0
+    cfg = replace(V.get_config("small"), train_frames=9, train_crop=32, motion_crop=1.0)
+    crop = V.train_view(video, cfg, torch.Generator().manual_seed(0))
+    assert crop.shape == (2, 3, 9, 32, 32)
+    assert torch.equal(crop.amax(dim=(2, 3, 4)), torch.ones(2, 3))         # the square is inside the crop
+    uniform = V.train_view(video, replace(cfg, motion_crop=0.0), torch.Generator().manual_seed(1))
+    assert uniform.shape == crop.shape
+    w = V.motion_weights(video, 4.0)                                      # (B, 1, F, H, W)
+    moving = (video - video.median(dim=2, keepdim=True).values).abs().sum(1, keepdim=True) > 0.15
+    assert torch.equal(w[moving], torch.full_like(w[moving], 5.0)) and torch.equal(w[~moving], torch.ones_like(w[~moving]))
+    assert moving.any() and (~moving).any()
