@@ -1,6 +1,6 @@
-"""deploy.py: the Core ML bundle (paper Sec. D.2). One tiny bundle is built per session (conversion is
-slow); the tests inspect saved specs (prediction needs macOS) and hold the static-shape export path
-against the PyTorch streaming path."""
+"""deploy.py, chunk_step.py, quantize.py: the Core ML bundle (paper Sec. D.2). One tiny bundle is built
+per session (conversion is slow); the tests inspect saved specs (prediction needs macOS), hold the
+static-shape export path against the PyTorch streaming path and the quantized emulation against float."""
 import json
 import os
 import subprocess
@@ -9,9 +9,11 @@ import sys
 import pytest
 import torch
 
+import chunk_step
 import decoder
 import deploy
 import dit
+import quantize
 import sandwich
 import text
 
@@ -46,7 +48,7 @@ def test_export_step_equals_streaming_path():
     """The static-shape ChunkStep + roll == dit.StreamState streaming over 4 chunks (window rolls twice)."""
     models = build_models_for_test()
     m, cfg = models["model"], models["model"].cfg
-    step = deploy.ChunkStep(m, 8).eval()
+    step = chunk_step.ChunkStep(m, 8).eval()
     g = torch.Generator().manual_seed(1)
     txt, mask = torch.randn(1, 16, cfg.text_dim, generator=g), torch.zeros(1, 16, dtype=torch.bool)
     mask[:, :5] = True
@@ -66,14 +68,14 @@ def test_export_step_equals_streaming_path():
             state.commit = False
             state.advance(3)
             _, new = step(xc, torch.tensor([0.1]), txt, mask.int(), *caches)
-            caches = deploy.roll(caches, new)
+            caches = chunk_step.roll(caches, new)
     assert caches[-1].tolist() == [1.0, 1.0]                           # both slots valid after 4 commits
 
 
 def test_stateful_wrapper_rolls_like_functional_roll():
     models = build_models_for_test()
-    step = deploy.ChunkStep(models["model"], 8).eval()
-    sd = deploy.StatefulDiT(step, commit=True)
+    step = chunk_step.ChunkStep(models["model"], 8).eval()
+    sd = chunk_step.StatefulDiT(step, commit=True)
     caches = step.empty_caches()
     with torch.no_grad():
         for _ in range(3):
@@ -81,8 +83,8 @@ def test_stateful_wrapper_rolls_like_functional_roll():
                                                                          torch.randn(1, 16, 32), torch.ones(1, 16, dtype=torch.int32))
             sd(*args)
             _, new = step(*args, *caches)
-            caches = deploy.roll(caches, new)
-    for name, c in zip(deploy.CACHE_NAMES, caches):
+            caches = chunk_step.roll(caches, new)
+    for name, c in zip(chunk_step.CACHE_NAMES, caches):
         assert torch.allclose(getattr(sd, name).float(), c, atol=2e-2, rtol=1e-2), name   # fp16 buffers
 
 
@@ -138,32 +140,65 @@ def test_emulated_quantized_close_to_float(built):
 def test_emulation_differs_from_float_and_follows_bits():
     """The emulation is not the float model, and 8-bit everywhere is closer than the plan's W4."""
     models = build_models_for_test()
-    calib = deploy.capture_calibration(models, deploy.DEFAULT_PROMPTS[:1], 2, 2)
-    scales = deploy.calibrate(deploy.ChunkStep(models["model"], 8).eval(), calib)
-    layers = deploy.quant_layers(models["model"])
-    w4 = {n: {"bits": 4, "granularity": deploy.granularity(m, 4, 32)} for n, m in layers.items()}
+    calib = quantize.capture_calibration(models, quantize.DEFAULT_PROMPTS[:1], 2, 2)
+    scales = quantize.calibrate(chunk_step.ChunkStep(models["model"], 8).eval(), calib)
+    layers = quantize.quant_layers(models["model"])
+    w4 = {n: {"bits": 4, "granularity": quantize.granularity(m, 4, 32)} for n, m in layers.items()}
     w8 = {n: {"bits": 8, "granularity": "per_channel"} for n in layers}
-    f = deploy.ChunkStep(models["model"], 8).eval()
+    f = chunk_step.ChunkStep(models["model"], 8).eval()
     with torch.no_grad():
         ref = f(*calib[1])[0]
-        p4 = deploy.psnr(ref, deploy.emulate_quantized(models["model"], w4, scales, 8)(*calib[1])[0])
-        p8 = deploy.psnr(ref, deploy.emulate_quantized(models["model"], w8, scales, 8)(*calib[1])[0])
+        p4 = quantize.psnr(ref, quantize.emulate_quantized(models["model"], w4, scales, 8)(*calib[1])[0])
+        p8 = quantize.psnr(ref, quantize.emulate_quantized(models["model"], w8, scales, 8)(*calib[1])[0])
     assert 15 < p4 < p8 < 80, (p4, p8)
 
 
-def test_quantized_dit_size(built):
-    """Quantized DiT vs its fp16 export. At tiny scale the package is dominated by fixed overheads (MIL
-    text of two functions, fp16 biases / norms, activation quant ops) and the forced-8-bit ends hold a
-    large share of the weights: measured package 0.80x, weight blob 0.38x. So: the weight blob <= 0.40x,
-    and the weights of the 4-bit layers, counted from the saved spec, <= 0.35x of their fp16 bytes."""
+def test_quantized_dit_size_tiny(built):
+    """What the bytes of the tiny DiT.mlpackage are, fp16 export vs quantized. Tiny is structurally unlike
+    the bar of the issue (quantized package <= 0.35x fp16, tested at width in the next test): the
+    package is the MIL program of two functions (~1600 ops each, their names and types: ~0.65 MB,
+    the same in both exports) plus the weights, and tiny's fp16 weights are only ~0.46 MB, so even
+    zero-byte weights would give ~0.58x. What must hold: quantization leaves no layer weight in fp16,
+    the float constants left (biases, norm weights, gates, RoPE tables) stay small, the weight blob
+    shrinks to <= 0.40x (measured 0.38x: the forced-8-bit ends hold a large share at this width), the
+    program does not grow by more than the constexpr ops, and the package holds nothing else."""
     models, _, report, chk = built
-    assert report["dit_size_ratio"]["weights"] <= 0.40, (report["dit_fp16"], report["dit_quantized"])
-    layers = deploy.quant_layers(models["model"])
-    w4 = [n for n, p in report["plan"].items() if p["bits"] == 4]
-    fp16 = sum(2 * layers[n].weight.numel() for n in w4)
-    q = sum(layers[n].weight.numel() // 2 + 2 * layers[n].weight.shape[0] *
-            (layers[n].weight[0].numel() // 32 if report["plan"][n]["granularity"] == "per_block" else 1) for n in w4)
-    assert q / fp16 <= 0.35, q / fp16
+    f, q = report["dit_fp16"], report["dit_quantized"]
+    print(f"\ntiny DiT.mlpackage: fp16 {f['package']:,} B -> quantized {q['package']:,} B "
+          f"({report['dit_size_ratio']['package']:.2f}x); program {f['program']:,} -> {q['program']:,} B; weight blob "
+          f"{f['weights']:,} -> {q['weights']:,} B ({report['dit_size_ratio']['weights']:.2f}x); quantized data + scales "
+          f"{q['quantized']:,} B, fp16 consts {q['float_consts']:,} B (largest {q['largest_float']}), blob overhead "
+          f"{q['blob_overhead']:,} B; DiTStateless {report['stateless_size_ratio']['package']:.2f}x")
+    assert q["float_matrices"] == [] and f["quantized"] == 0              # every layer weight quantized
+    assert q["float_consts"] < 40_000, q                                    # measured 21 kB
+    assert q["largest_float"][1] <= 1536, q["largest_float"]               # a RoPE table, not a weight
+    assert report["dit_size_ratio"]["weights"] <= 0.40, (f, q)
+    assert q["program"] <= 1.06 * f["program"], (f["program"], q["program"])
+    assert q["package"] - q["program"] - q["weights"] < 2_000                # only the manifest besides
+    assert chk["models"]["DiT"]["sizes"]["package"] == q["package"]        # the check reports the same
+
+
+def test_quantized_dit_package_ratio(tmp_path):
+    """The issue's bar on DiT.mlpackage: quantized package <= 0.35x its fp16 export. The program does
+    not depend on the width, so it holds once the weights dominate: the tiny layout (8 blocks, two
+    functions) at width 256 (12.8M parameters, fp16 weights ~26 MB) measured 0.32x. Bits follow the
+    plan's rules without the sensitivity scan (no layer promoted by PSNR): this test is about bytes."""
+    models = build_models_for_test()
+    torch.manual_seed(0)
+    m = sandwich.S2DiT(dit.get_config("tiny", dim=256, heads=16), sandwich.DEFAULT_LAYOUT["tiny"]).eval()
+    with torch.no_grad():                    # as build_models_for_test: no all-zero (deduplicated) weights
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    models["model"] = m
+    calib = quantize.capture_calibration(models, quantize.DEFAULT_PROMPTS[:1], 1, 2)
+    scales = quantize.calibrate(chunk_step.ChunkStep(m, 8).eval(), calib)
+    plan = quantize.make_plan(models, {n: float("inf") for n in quantize.quant_layers(m)}, deploy.get_config("tiny"))
+    os.makedirs(tmp_path / "fp16")
+    res = deploy.export_dit(models, str(tmp_path), plan, scales, 32, stateless=False, fp16_dir=str(tmp_path / "fp16"))
+    f, q = deploy.package_sizes(res["DiT_fp16"]), deploy.package_sizes(res["DiT"])
+    print(f"\nDiT.mlpackage, tiny layout at width 256: fp16 {f['package']:,} B -> quantized {q['package']:,} B "
+          f"({q['package'] / f['package']:.3f}x; program {q['program']:,} B, weight blob {q['weights'] / f['weights']:.3f}x)")
+    assert q["package"] <= 0.35 * f["package"], (f, q)
 
 
 def test_untraceable_shape_names_the_model(tmp_path):

@@ -1,0 +1,218 @@
+"""Quantization of the DiT as the paper deploys it (Sec. D.2, "W8A8 / W4 mixed"), in PyTorch.
+
+  1. Calibration inputs: every DiT call (denoise steps and commits) of streams of a few prompts,
+     captured through chunk_step.ChunkStep, so the latents, timesteps, text embeddings and window
+     contents are the ones the phone will see.
+  2. Activations: int8 at the input of every Linear / conv / phi, the scale s = absmax / 127 over the
+     calibration calls; in the Core ML export they are quantize/dequantize ops.
+     # ASSUMPTION: symmetric, one scale per tensor (the paper says "A8" only).
+  3. Per-layer sensitivity: PSNR of the DiT output x0 when ONLY that layer's weights are 4-bit, every
+     layer in turn (Apple's ml-stable-diffusion mixed-bit pre-analysis does the same).
+  4. The plan: 8 bits for the layers the paper names sensitive and for any layer whose 4-bit PSNR is
+     under `psnr_threshold`; 4 bits (per block of `block_size` inputs) elsewhere.
+  5. Emulation: a copy of the DiT with fake-quantized weights and int8-rounded activations, the
+     PyTorch stand-in for the quantized Core ML model (prediction needs macOS); `quality_report` gives
+     the PSNR of its denoised latents per streamed chunk against float, `vbench_drop` the VBench-lite drop.
+deploy.py applies the plan to the converted program with coremltools (`deploy.quantize_weights`).
+
+Run `python quantize.py`: a random tiny S2DiT, its sensitivity table, the plan and the emulated PSNR
+per chunk, in seconds.
+"""
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from chunk_step import ChunkStep, stream_latents
+
+
+@dataclass
+class QuantConfig:
+    psnr_threshold: float = 30.0   # ASSUMPTION: dB; a layer whose 4-bit PSNR is below this gets 8 bits
+    block_size: int = 32           # ASSUMPTION: int4 per-block granularity along the input axis (unstated)
+    calib_prompts: int = 4         # prompts streamed to capture calibration inputs
+    calib_chunks: int = 3          # chunks per calibration stream (fills and rolls the window)
+    eval_chunks: int = 3           # chunks for the float-vs-quantized PSNR per chunk
+    sens_samples: int = 8          # calibration calls used by the per-layer sensitivity scan
+
+
+PRESETS = {"tiny": QuantConfig(calib_prompts=2, calib_chunks=3), "small": QuantConfig()}
+# Layers forced to 8 bits whatever their measured PSNR (paper: patch embedding, projections in and out,
+# text embedding/projection, final layer). ASSUMPTION: "projections in and out" = time embedding, the
+# pooled-text projection and the down_n / up_n projections into and out of the low-resolution stream.
+SENSITIVE = ("patch_embed", "text_proj", "text_pool", "time_mlp", "ada_out", "head", "down.", "up.")
+DEFAULT_PROMPTS = ["a red circle moves right", "a blue square moves up", "a green triangle moves left",
+                   "a yellow circle moves down"]
+
+
+def get_config(name: str) -> QuantConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown quantization preset {name!r}; known presets: {sorted(PRESETS)}")
+    return QuantConfig(**asdict(PRESETS[name]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations: calibration on captured streaming inputs
+# ----------------------------------------------------------------------------------------------
+def capture_calibration(models, prompts, chunks, steps):
+    """Inputs of every DiT call (denoise steps and commits) of streams of `prompts`."""
+    step, record = ChunkStep(models["model"], models["latent_hw"]).eval(), []
+    for i, p in enumerate(prompts):
+        stream_latents(step, models, p, chunks, steps, seed=i, record=record)
+    return record
+
+
+@torch.no_grad()
+def calibrate(step, calib):
+    """Activation ranges: absmax of every quantized layer's input over the calibration calls."""
+    step.act_mode, step.act_absmax = "calib", {}
+    for args in calib:
+        step(*args)
+    step.act_mode = None
+    return {k: max(v, 1e-8) / 127.0 for k, v in step.act_absmax.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights: symmetric linear quantization, per-layer sensitivity, the plan
+# ----------------------------------------------------------------------------------------------
+def quant_layers(model):
+    """name -> module for every weight the bundle quantizes (Linear, conv, phi)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv3d)) or
+            (hasattr(m, "weight") and isinstance(m.weight, nn.Parameter) and m.weight.dim() == 3 and n.endswith("phi"))}
+
+
+def granularity(mod, bits, block_size):
+    w = mod.weight
+    if bits == 4 and isinstance(mod, nn.Linear) and w.shape[1] % block_size == 0:
+        return "per_block"
+    return "per_channel"
+
+
+def fake_quant_weight(w, bits, gran, block_size):
+    """Symmetric linear quantization (coremltools "linear_symmetric"): per output channel, or per block
+    of `block_size` inputs. Returns the dequantized weight."""
+    qmax = 2 ** (bits - 1) - 1
+    if gran == "per_block":
+        wb = w.reshape(w.shape[0], -1, block_size)                         # (out, in/bs, bs)
+        s = wb.abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax
+        return ((wb / s).round().clamp(-qmax - 1, qmax) * s).reshape(w.shape)
+    s = w.reshape(w.shape[0], -1).abs().amax(-1).clamp(min=1e-12) / qmax   # (out,)
+    s = s.reshape(-1, *([1] * (w.dim() - 1)))
+    return (w / s).round().clamp(-qmax - 1, qmax) * s
+
+
+def psnr(ref, x):
+    """PSNR in dB with the reference's peak |value| as the signal peak."""
+    mse = (ref - x).pow(2).mean().clamp(min=1e-20)
+    return float(10 * torch.log10(ref.abs().max().pow(2) / mse))
+
+
+@torch.no_grad()
+def sensitivity(models, calib, cfg: QuantConfig):
+    """PSNR of the DiT output x0 when only one layer's weights are 4-bit, every layer in turn."""
+    step = ChunkStep(models["model"], models["latent_hw"]).eval()
+    calib = calib[::max(1, len(calib) // cfg.sens_samples)][:cfg.sens_samples]  # a spread-out subset
+    refs = [step(*a)[0] for a in calib]
+    table = {}
+    for name, mod in quant_layers(models["model"]).items():
+        w = mod.weight.data.clone()
+        mod.weight.data.copy_(fake_quant_weight(w, 4, granularity(mod, 4, cfg.block_size), cfg.block_size))
+        out = torch.cat([step(*a)[0].flatten() for a in calib])
+        mod.weight.data.copy_(w)
+        table[name] = psnr(torch.cat([r.flatten() for r in refs]), out)
+    return table
+
+
+def make_plan(models, table, cfg: QuantConfig):
+    """{layer: {"bits", "granularity", "psnr_w4", "why"}}: 8 bits for the named sensitive layers and
+    for layers under the PSNR threshold, 4 bits elsewhere."""
+    plan = {}
+    for name, mod in quant_layers(models["model"]).items():
+        forced = any(name == s or name.startswith(s if s.endswith(".") else s + ".") or name == s.rstrip(".")
+                     or name.startswith(s) for s in SENSITIVE)
+        low = table[name] < cfg.psnr_threshold
+        bits = 8 if (forced or low) else 4
+        plan[name] = {"bits": bits, "granularity": granularity(mod, bits, cfg.block_size), "psnr_w4": table[name],
+                      "why": "sensitive layer" if forced else (f"PSNR < {cfg.psnr_threshold}" if low else "")}
+    return plan
+
+
+def print_plan(plan):
+    print(f"{'layer':44s} {'PSNR(W4) dB':>12s} {'bits':>5s}  why")
+    for name, p in plan.items():
+        print(f"{name:44s} {p['psnr_w4']:12.1f} {p['bits']:5d}  {p['why']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The quantized DiT emulated in PyTorch, and what it costs in quality
+# ----------------------------------------------------------------------------------------------
+def emulate_quantized(model, plan, calib, latent_hw=None, block_size=32):
+    """PyTorch emulation of the quantized DiT: a copy of `model` with fake-quantized weights at the
+    planned bits and a ChunkStep whose activation points fake-quantize to int8 at the ranges
+    calibrated on `calib` (a list of ChunkStep inputs, or a precomputed {layer: scale})."""
+    q = copy.deepcopy(model).eval()
+    latent_hw = latent_hw if latent_hw is not None else calib[0][0].shape[-1]
+    step = ChunkStep(q, latent_hw).eval()
+    scales = calib if isinstance(calib, dict) else calibrate(ChunkStep(model, latent_hw).eval(), calib)
+    with torch.no_grad():
+        for name, mod in quant_layers(q).items():
+            mod.weight.copy_(fake_quant_weight(mod.weight, plan[name]["bits"], plan[name]["granularity"], block_size))
+    step.act_mode, step.act_scales = "fake", scales
+    return step
+
+
+@torch.no_grad()
+def quality_report(models, qstep, prompts, chunks, steps):
+    """PSNR of the denoised latents per chunk, quantized emulation vs float, same noise."""
+    fstep = ChunkStep(models["model"], models["latent_hw"]).eval()
+    per_chunk = []
+    for i, p in enumerate(prompts):
+        a = stream_latents(fstep, models, p, chunks, steps, seed=100 + i)
+        b = stream_latents(qstep, models, p, chunks, steps, seed=100 + i)
+        per_chunk.append([psnr(x, y) for x, y in zip(a, b)])
+    return [sum(c[j] for c in per_chunk) / len(per_chunk) for j in range(chunks)]
+
+
+@torch.no_grad()
+def vbench_drop(models, qstep, n_prompts=2, chunks=3, steps=2, seed=0):
+    """VBench-lite (evaluate.score_videos) of float vs emulated-quantized streams on held-out prompts."""
+    import data
+    import evaluate
+    prompts = [data.canonical_prompt(*a) for a in data.eval_prompts(n_prompts)]
+    fstep = ChunkStep(models["model"], models["latent_hw"]).eval()
+    scores = {}
+    for name, st in (("float", fstep), ("quantized", qstep)):
+        vids = []
+        for i, p in enumerate(prompts):
+            cache, frames = None, []
+            for z in stream_latents(st, models, p, chunks, steps, seed=seed + i):
+                f, cache = models["decoder"].decode_chunk(z, cache)
+                frames.append(f[0].clamp(-1, 1))
+            vids.append(torch.cat(frames, dim=1))
+        scores[name] = evaluate.score_videos(torch.stack(vids), prompts, seed=seed)
+    return scores
+
+
+if __name__ == "__main__":
+    import dit
+    import sandwich
+    import text
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    m = sandwich.S2DiT(dit.get_config("tiny"), sandwich.DEFAULT_LAYOUT["tiny"]).eval()
+    with torch.no_grad():
+        for p in m.parameters():                  # random weights, perturbed off the zero-init gates and head
+            p.add_(torch.randn_like(p) * 0.05)
+    enc, tok, _ = text.build_text("tiny")
+    models = {"model": m, "text": enc.eval(), "tokenizer": tok, "latent_hw": 8, "shift": 3.0, "t_ctx": 0.1}
+    cfg = get_config("tiny")
+    calib = capture_calibration(models, DEFAULT_PROMPTS[:cfg.calib_prompts], cfg.calib_chunks, steps=2)
+    scales = calibrate(ChunkStep(m, 8).eval(), calib)
+    print(f"{len(calib)} calibration calls, {len(scales)} int8 activation points")
+    plan = make_plan(models, sensitivity(models, calib, cfg), cfg)
+    print_plan(plan)
+    qstep = emulate_quantized(m, plan, scales, 8, cfg.block_size)
+    per_chunk = quality_report(models, qstep, DEFAULT_PROMPTS[:1], cfg.eval_chunks, steps=2)
+    print("emulated W4/W8 + A8 vs float, PSNR of the denoised latents per chunk: "
+          + ", ".join(f"{p:.1f}" for p in per_chunk) + " dB")
