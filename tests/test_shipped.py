@@ -1,8 +1,9 @@
 """The shipped `small` weights (weights/small, <= 25 MB) load with the current code and stream video.
 
 Not asserted: prompt alignment. The issue asks for an evaluate.py semantic score above a floor; the
-shipped S2DiT-AR does not reach one yet (README, "What is not there yet"), and a test that could only
-pass by lowering the floor to what we measured would prove nothing."""
+shipped S2DiT-AR does not reach chance level yet (semantic 0.03 on 12 held-out prompts; chance, a clean
+object in a random colour, shape and direction, is 0.19; README, "What is not there yet"), and a test
+that could only pass by lowering the floor below chance would prove nothing."""
 import os
 
 import pytest
@@ -22,9 +23,8 @@ def test_shipped_weights_are_small_enough():
 
 def test_shipped_weights_load_and_stream_deterministic_prompt_dependent_video():
     models = train.load_streaming(WEIGHTS)
-    # the shipped student was distilled on the 4-step schedule (before each step count got its own
-    # student); stream.py's default --steps is that count
-    assert models["name"] == "S2DiT-AR" and models["steps"] == [4]
+    # the shipped student was distilled for the pipeline's sample_steps = 2; stream.py's default --steps
+    assert models["name"] == "S2DiT-AR" and models["steps"] == [2]
     prompts = [data.canonical_prompt(*a) for a in data.eval_prompts(2)]
     with torch.no_grad():
         run = lambda p, seed: torch.cat([c.frames for c in stream.stream(models, p, 3, seed=seed)], dim=1)
@@ -41,5 +41,5 @@ def test_readme_commands_stream_the_shipped_weights_and_refuse_other_step_counts
                  "--out", str(tmp_path / "red.mp4"), "--json"])
     assert (tmp_path / "red.mp4").exists()
     with pytest.raises(SystemExit):
-        stream.main(["--run", WEIGHTS, "--prompt", "a red circle moves right", "--steps", "2"])
-    assert "distilled for 4 denoising steps only, not 2" in capsys.readouterr().err
+        stream.main(["--run", WEIGHTS, "--prompt", "a red circle moves right", "--steps", "4"])
+    assert "distilled for 2 denoising steps only, not 4" in capsys.readouterr().err
