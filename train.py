@@ -19,7 +19,7 @@ marker `<stage>.done.json`; a stage with a marker is skipped, so an interrupted 
 it stopped (an interrupted stage restarts from its beginning with the same seeds, which gives the
 same result as an uninterrupted run).
 
-    python train.py                          # the `small` preset, everything (76 min measured on 2 shared CPU cores)
+    python train.py                          # the `small` preset, everything (58.7 min measured on 2 idle CPU cores)
     python train.py --preset tiny --out runs/tiny        # minutes: what the tests run
     python train.py --stages base,search     # only some stages (earlier ones must exist)
 """
