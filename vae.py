@@ -516,7 +516,10 @@ def main():
     ap.add_argument("--run", default=None, help="a train.py run: PSNR and VBench-lite of its VAE's reconstructions")
     args = ap.parse_args()
     if args.run:
-        with open(os.path.join(args.run, "pipeline.json")) as f:
+        spec = os.path.join(args.run, "pipeline.json")
+        if not os.path.exists(spec):
+            ap.error(f"{spec} not found: {args.run} is not a train.py run")
+        with open(spec) as f:
             preset = json.load(f)["preset"]
         print(json.dumps(judge_reconstructions(os.path.join(args.run, "vae.pt"), preset)))
         return

@@ -147,3 +147,16 @@ def test_motion_crop_finds_the_moving_object_and_weights_its_pixels():
     moving = (video - video.median(dim=2, keepdim=True).values).abs().sum(1, keepdim=True) > 0.15
     assert torch.equal(w[moving], torch.full_like(w[moving], 5.0)) and torch.equal(w[~moving], torch.ones_like(w[~moving]))
     assert moving.any() and (~moving).any()
+
+
+def test_judge_reconstructions_scores_clips_and_what_the_vae_lets_through(tmp_path):
+    """The clips themselves score ~1; a VAE that outputs nothing useful (zero-initialised decoder
+    output: every reconstruction is grey) lets no colour through."""
+    path = str(tmp_path / "vae.pt")
+    model = V.VAE(V.get_config("tiny"))
+    torch.nn.init.zeros_(model.decoder.conv_out.conv.weight)
+    torch.nn.init.zeros_(model.decoder.conv_out.conv.bias)
+    V.save_checkpoint(path, model, model.cfg)
+    res = V.judge_reconstructions(path, "tiny", n=4)
+    assert res["n"] == 4 and res["clips"]["color_acc"] >= 0.95
+    assert res["reconstructions"]["color_acc"] == 0.0 and res["psnr"] < 20
