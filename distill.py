@@ -6,7 +6,10 @@ The student S2DiT (sandwich.py) becomes a few-step, block-causal streaming gener
      runs ONCE over the data and writes, per sample, the text embedding e and one diffusion tuple
      (t, n, v) per expert: n the noisy latent x_t, v the teacher's CFG-guided velocity. The student
      then regresses those velocities from disk; the teacher is never loaded while it trains.
-  2. Self-Forcing DMD (Sec. C.2): the student generates a whole clip chunk after chunk with its own
+  2. Self-Forcing DMD (Sec. C.2), started as Self-Forcing starts it, from an ODE-regression
+     initialisation (CausVid, Yin et al. 2025): the real score's guided ODE is integrated from noise
+     to a clip, and the few-step student learns to jump from the ODE's states at its own schedule
+     straight to the ODE's end, chunk after chunk on the clean past. Then the student generates a whole clip chunk after chunk with its own
      KV cache (backward simulation), and the DMD gradient (Yin et al. 2024, "One-step Diffusion with
      Distribution Matching Distillation"; normalised as in DMD2, Yin et al. 2024b) pulls its samples
      toward the real score (teacher + CFG) and away from a trainable fake score (the critic).
@@ -54,6 +57,9 @@ class DMDConfig:
     window: int = 2               # KV window in chunks (paper: 2)
     t_ctx: float = 0.0            # noise level the clean chunk is re-encoded at (Self-Forcing: 0)
     critic_updates: int = 5       # critic (fake score) updates per generator update (DMD2 / Self-Forcing: 5)
+    critic_warmup: int = 0        # critic updates on the initial generator's samples before the first
+                                  # generator update (ASSUMPTION: the fake score starts as the KD model,
+                                  # whose samples are not the ODE-initialised student's)
     lr_g: float = 1e-4            # generator lr (paper 1e-5; ASSUMPTION: x10 for the toy)
     lr_c: float = 2e-5            # critic lr (paper 2e-6): the paper's 5:1 generator:critic ratio
     betas: tuple = (0.0, 0.999)   # AdamW betas (paper / DMD2: beta1 = 0)
@@ -63,6 +69,13 @@ class DMDConfig:
     t_min: float = 0.02           # DMD / GAN t range before the shift (DMD2: [0.02, 0.98])
     t_max: float = 0.98
     ema: float = 0.99             # EMA decay of the generator (paper: 0.99)
+    # --- ODE-regression initialisation (CausVid / Self-Forcing's starting point) ---
+    ode_pairs: int = 128          # (ODE states, ODE end) clips from the real score (Self-Forcing: ~16k)
+    ode_steps: int = 16           # Euler steps of the real score's ODE (a multiple of n_steps, so the
+                                  # student's schedule lies on the Euler grid)
+    ode_updates: int = 200        # regression updates before DMD (0 = start DMD from the KD student)
+    ode_batch: int = 4
+    ode_lr: float = 1e-4          # ASSUMPTION (AdamW betas (0.9, 0.999))
     without_teacher: bool = False # Tab. A7: train.py passes make_real_score(pretrained student) as the real score
     # --- progressive RpGAN (Eq. 13-14) ---
     gan_start: int = 100          # generator update at which the GAN terms switch on (ASSUMPTION: half way)
@@ -83,7 +96,7 @@ class DMDConfig:
 
 PRESETS = {
     "tiny": DMDConfig(steps=20, batch=1, n_steps=2, critic_updates=1, gan_start=10, gan_real_steps=4,
-                      kd_steps=40, kd_batch=2),
+                      kd_steps=40, kd_batch=2, ode_pairs=8, ode_steps=4, ode_updates=10, ode_batch=2),
     "small": DMDConfig(steps=300, batch=2, latent_hw=(16, 16), critic_updates=2, gan_start=150, kd_steps=600,
                        lr_g=2e-4, lr_c=4e-5),
     "paper": DMDConfig(lr_g=1e-5, lr_c=2e-6, latent_hw=(36, 64), gan_real_steps=8),  # values the paper states
@@ -123,7 +136,7 @@ def fm_loss(model, x0, text, mask, null_text, null_mask, p_uncond=0.1, generator
         L = E || V(x_t, t, e) - (eps - x0) ||^2,   x_t = (1 - t) x0 + t eps,  t independent per chunk.
     # DEVIATION: the paper's KD model is bidirectional; ours (teacher, T_theta, S2DiT-Pretrained) is
     # block-causal with per-chunk t from the start, so the same network can denoise a chunk next to
-    # clean context; this replaces Self-Forcing's ODE initialisation."""
+    # clean context (the DMD stage still starts with Self-Forcing's ODE regression, ode_init)."""
     B, C, T = x0.shape[:3]
     t = flow.sample_t(B, T, chunk=_chunk(model), shift=shift, generator=generator).to(x0)  # (B, T)
     if boundary is not None:
@@ -493,6 +506,85 @@ def rollout(model, text, mask, n_chunks, ts, latent_shape, generator, exit_step=
 
 
 # ==============================================================================================
+# ODE-regression initialisation (Self-Forcing's starting point, from CausVid)
+# ==============================================================================================
+@torch.no_grad()
+def ode_trajectories(real_score, text, mask, shape, n_frames, ts, ode_steps, shift, generator):
+    """Integrate the real score's guided ODE dx/dt = v(x, t) from noise (t = 1) to a clip (t = 0),
+    Euler on flow.euler_schedule(ode_steps, shift), every frame at the same t (the real score is
+    block-causal, so chunk k never sees later chunks). Keeps the states at the student's times ts,
+    which must lie on the Euler grid. shape = (C, h, w).
+    Returns xs (B, len(ts), C, T, h, w) (xs[:, 0] = the noise, t = 1) and x0 (B, C, T, h, w)."""
+    grid = flow.euler_schedule(ode_steps, shift)
+    keep = []
+    for t in ts:
+        j = min(range(len(grid) - 1), key=lambda i: abs(grid[i] - t))
+        if abs(grid[j] - t) > 1e-6:
+            raise ValueError(f"student time {t:.4f} is not on the {ode_steps}-step Euler grid; "
+                             f"ode_steps must be a multiple of the student's steps ({len(ts)})")
+        keep.append(j)
+    B = text.shape[0]
+    x = torch.randn((B, shape[0], n_frames, *shape[1:]), generator=generator).to(text)  # (B, C, T, h, w)
+    xs = {}
+    for j, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        if j in keep:
+            xs[j] = x
+        x = x + (t_next - t) * real_score(x, torch.full((B, n_frames), t).to(x), text, mask)
+    return torch.stack([xs[j] for j in keep], dim=1), x
+
+
+def ode_regression_loss(student, xs, x0, text, mask, ts, window):
+    """CausVid's ODE regression, chunk by chunk as the student streams: from the ODE's state at each
+    of its times t_i, the student's x0 = x_t - t v must land on the ODE's end; the past it reads is
+    the ODE's clean chunks (teacher forcing), re-encoded with commit_chunk as at inference.
+        L = mean_{k, i} || x_{t_i}^k - t_i V(x_{t_i}^k, t_i | clean chunks < k) - x0^k ||^2
+    xs (B, n, C, T, h, w), x0 (B, C, T, h, w)."""
+    B, chunk = x0.shape[0], _chunk(student)
+    state, losses = StreamState(window), []
+    for f0 in range(0, x0.shape[2], chunk):
+        target = x0[:, :, f0:f0 + chunk]                                         # (B, C, 3, h, w)
+        state.commit = False
+        for i, t in enumerate(ts):
+            x_t = xs[:, i, :, f0:f0 + chunk]                                    # (B, C, 3, h, w)
+            v = student(x_t, torch.full((B, chunk), t).to(x_t), text, mask, state=state)
+            losses.append(F.mse_loss(x_t - t * v, target))
+        commit_chunk(student, state, target, text, mask)
+    return torch.stack(losses).mean()
+
+
+def ode_init(student, real_score, batch_fn_text, cfg, generator, progress=True):
+    """Self-Forcing's initialisation: cfg.ode_pairs ODE trajectories of the real score (prompts from
+    batch_fn_text, drawn at steps past the DMD loop's), then cfg.ode_updates regression updates.
+    Trains `student` in place; returns metrics."""
+    shape = (student.cfg.in_channels, *cfg.latent_hw)
+    ts = flow.few_step_schedule(cfg.n_steps, cfg.shift)
+    n_frames = cfg.n_chunks * _chunk(student)
+    t0, xs, x0, texts, masks, i = time.time(), [], [], [], [], 0
+    bar = tqdm(total=cfg.ode_pairs, desc="ode pairs", disable=not progress)
+    while sum(len(x) for x in x0) < cfg.ode_pairs:
+        text, mask = batch_fn_text(10_000_000 + i)[:2]
+        i += 1
+        a, b = ode_trajectories(real_score, text, mask, shape, n_frames, ts, cfg.ode_steps, cfg.shift, generator)
+        xs.append(a), x0.append(b), texts.append(text), masks.append(mask)
+        bar.update(len(b))
+    bar.close()
+    xs, x0, texts, masks = (torch.cat(v)[:cfg.ode_pairs] for v in (xs, x0, texts, masks))
+    pair_seconds = time.time() - t0
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.ode_lr, weight_decay=cfg.weight_decay)
+    losses = []
+    bar = tqdm(range(cfg.ode_updates), desc="ode regression", disable=not progress)
+    for _ in bar:
+        idx = torch.randint(len(x0), (cfg.ode_batch,), generator=generator)
+        loss = ode_regression_loss(student, xs[idx], x0[idx], texts[idx], masks[idx], ts, cfg.window)
+        _step(opt, loss, list(student.parameters()), cfg.clip)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return {"ode_pairs": len(x0), "ode_pair_seconds": pair_seconds, "ode_seconds": time.time() - t0,
+            "ode_loss_first": losses[0] if losses else None,
+            "ode_loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
+
+
+# ==============================================================================================
 # DMD (Sec. C.2): real score, fake score (critic), the normalised DMD gradient
 # ==============================================================================================
 def make_real_score(model, null_text, null_mask, cfg_scale):
@@ -611,10 +703,12 @@ def train_dmd(student, real_score, critic, batch_fn_text, cfg: DMDConfig, progre
     guided velocity; critic: trainable copy of the student architecture (the fake score), initialised
     from the pretrained / KD student. Per generator update: `critic_updates` critic updates (flow
     matching on fresh samples, + L_D + R1 + R2 once the GAN is on), then one generator update
-    (L_DMD + gan_weight L_G) and the EMA. Returns (EMA student, metrics)."""
+    (L_DMD + gan_weight L_G) and the EMA. Before the loop, cfg.ode_updates > 0 runs the ODE-regression
+    initialisation (ode_init) on the real score's trajectories. Returns (EMA student, metrics)."""
     if cfg.gan_real_steps <= cfg.n_steps and cfg.gan_weight > 0:
         raise ValueError(f"progressive GAN needs T' = gan_real_steps > n_steps, got {cfg.gan_real_steps} <= {cfg.n_steps}")
     g = torch.Generator().manual_seed(cfg.seed)
+    ode = ode_init(student, real_score, batch_fn_text, cfg, g, progress) if cfg.ode_updates > 0 else {}
     shape = (student.cfg.in_channels, *cfg.latent_hw)                          # (C, h, w)
     ts = flow.few_step_schedule(cfg.n_steps, cfg.shift)                         # T steps (fake for the GAN)
     ts_real = flow.few_step_schedule(cfg.gan_real_steps, cfg.shift)             # T' steps (real for the GAN)
@@ -626,6 +720,13 @@ def train_dmd(student, real_score, critic, batch_fn_text, cfg: DMDConfig, progre
     sim = lambda text, mask, steps, **kw: rollout(student, text, mask, cfg.n_chunks, steps, shape, g,
                                                    t_ctx=cfg.t_ctx, window=cfg.window, **kw)
     log = {k: [] for k in ("dmd", "critic", "gan_d", "gan_g", "r1", "r2")}
+    for i in tqdm(range(cfg.critic_warmup), desc="critic warm-up", disable=not progress):
+        text, mask = batch_fn_text(20_000_000 + i)[:2]
+        with torch.no_grad():
+            x_fake = sim(text, mask, ts)                                        # (B, C, T, h, w)
+        loss_c = critic_fm_loss(critic, x_fake, text, mask, g)
+        _step(opt_c, loss_c, c_params, cfg.clip)
+        log["critic"].append(loss_c.item())
     bar = tqdm(range(cfg.steps), desc="dmd", disable=not progress)
     for step in bar:
         text, mask = batch_fn_text(step)[:2]
@@ -674,7 +775,7 @@ def train_dmd(student, real_score, critic, batch_fn_text, cfg: DMDConfig, progre
         ema.update(student)
         bar.set_postfix(dmd=f"{log['dmd'][-1]:.4f}", critic=f"{log['critic'][-1]:.4f}", gan=int(gan_on))
     metrics = {f"{k}_last": (v[-1] if v else None) for k, v in log.items()}
-    metrics.update({"curves": log, "config": asdict(cfg)})
+    metrics.update({"curves": log, "config": asdict(cfg), **ode})
     return _ema_result(student, ema), metrics
 
 

@@ -406,7 +406,8 @@ def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
                               without_teacher=without_teacher, steps=cfg.dmd_steps, gan_start=cfg.dmd_steps // 2)
     # The progressive GAN's "real" samples take T' > T steps. ASSUMPTION: T' >= 2 T, so the tiny
     # preset's T' = 4 becomes 8 for a 4-step student (small: T' = 8 for every T <= 4).
-    dcfg = replace(dcfg, gan_real_steps=max(dcfg.gan_real_steps, 2 * n_steps))
+    dcfg = replace(dcfg, gan_real_steps=max(dcfg.gan_real_steps, 2 * n_steps),
+                   ode_steps=-(-dcfg.ode_steps // n_steps) * n_steps)  # the student's times on the ODE grid
     batch = dit_batches(run, dcfg.batch, cfg.seed + 11)
     trained, m = distill.train_dmd(student, real, critic, lambda s: batch(s)[1:], dcfg)
     m.pop("curves", None)

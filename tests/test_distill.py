@@ -345,6 +345,61 @@ def test_dmd_stage_distils_one_student_for_its_step_count(tmp_path, monkeypatch,
     assert m["config"]["n_steps"] == T and m["steps"] == (T,) and blob["config"]["steps"] == (T,)
 
 
+# ------------------------------------------------------------------- ODE-regression initialisation
+def test_ode_trajectories_are_euler_states_at_the_students_times():
+    """For dx/dt = a x, Euler's states are products of (1 + a dt): the kept states must be the ones at
+    the student's times, the first is the noise itself, the last output is the ODE's end."""
+    a, shift, ode_steps = 0.7, 3.0, 8
+    real = lambda x, t, text, mask: a * x
+    text, mask = text_inputs(B=2)
+    ts = flow.few_step_schedule(4, shift)
+    xs, x0 = distill.ode_trajectories(real, text, mask, (2, 3, 3), 6, ts, ode_steps, shift, torch.Generator().manual_seed(0))
+    assert xs.shape == (2, 4, 2, 6, 3, 3) and x0.shape == (2, 2, 6, 3, 3)
+    grid = flow.euler_schedule(ode_steps, shift)
+    factor = lambda j: torch.tensor([1 + a * (grid[i + 1] - grid[i]) for i in range(j)]).prod()
+    noise = xs[:, 0]
+    for i in range(4):                                                          # t_i sits at grid index 2 i
+        assert abs(grid[2 * i] - ts[i]) < 1e-6
+        torch.testing.assert_close(xs[:, i], noise * factor(2 * i))
+    torch.testing.assert_close(x0, noise * factor(ode_steps))
+    with pytest.raises(ValueError, match="multiple"):
+        distill.ode_trajectories(real, text, mask, (2, 3, 3), 6, ts, 6, shift, torch.Generator())
+
+
+def test_ode_init_teaches_the_student_the_real_scores_ode():
+    """A few regression updates on a handful of trajectories of a (random) real score cut the student's
+    chunk-by-chunk regression error on them, and the student's own 2-step streaming output moves
+    toward the ODE's end from the same noise."""
+    student = tiny_s2dit()
+    text, mask = text_inputs()
+    null, null_m = torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
+    real = distill.make_real_score(tiny_s2dit(seed=1), null, null_m, 2.0)
+    cfg = distill.get_config("tiny", n_chunks=2, latent_hw=(4, 4), ode_pairs=2, ode_steps=4, ode_updates=40,
+                             ode_batch=2, ode_lr=3e-3, shift=3.0)
+    ts = flow.few_step_schedule(cfg.n_steps, cfg.shift)
+    g = torch.Generator().manual_seed(5)                                        # ode_init's pairs: same generator,
+    pairs = [distill.ode_trajectories(real, text, mask, (student.cfg.in_channels, 4, 4), 6, ts,  # same order
+                                      cfg.ode_steps, cfg.shift, g) for _ in range(2)]
+    xs, x0 = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+    def errors():
+        with torch.no_grad():
+            reg = distill.ode_regression_loss(student, xs, x0, text.expand(2, -1, -1), mask.expand(2, -1), ts, cfg.window).item()
+            state, outs = dit.StreamState(cfg.window), []
+            for f0 in (0, 3):
+                out = distill.denoise_chunk(student, state, xs[:1, 0, :, f0:f0 + 3], text, mask, ts,
+                                            torch.Generator().manual_seed(1))
+                distill.commit_chunk(student, state, out, text, mask)
+                outs.append(out)
+            return reg, (torch.cat(outs, 2) - x0[:1]).pow(2).mean().item()
+    reg0, gen0 = errors()
+    m = distill.ode_init(student, real, lambda s: (text, mask), cfg, torch.Generator().manual_seed(5), progress=False)
+    reg1, gen1 = errors()
+    assert m["ode_pairs"] == 2 and m["ode_loss_last"] < m["ode_loss_first"]
+    assert reg1 < 0.5 * reg0, (reg0, reg1)
+    assert gen1 < gen0, (gen0, gen1)
+
+
 def test_get_config_unknown_preset():
     with pytest.raises(ValueError, match="tiny"):
         distill.get_config("huge")
