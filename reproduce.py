@@ -124,6 +124,12 @@ def table1_a1(run, n, seed):
         a1[f"{steps} step{'s' * (steps > 1)}"] = {"student": ar["stage"], **score(v, prompts, seed)}
         videos[f"S2DiT-AR {steps}-step"] = v
     k = run.cfg.sample_steps                                            # Tab. 1's AR row: the pipeline's student
+    if os.path.exists(run.path("dmd_ode.pt")):                          # the same student before DMD
+        ode = streaming_models(run, "dmd_ode", steps=[k])
+        v = sample_ar(ode, prompts, k, seed=seed)
+        videos[f"S2DiT-AR {k}-step, ODE init only"] = v
+        rows[f"S2DiT-AR before DMD (ODE init only, {k} steps)"] = {"params": count_params(ode["model"]),
+                                                                   "setting": "streaming", **score(v, prompts, seed)}
     rows[f"S2DiT-AR ({k} steps, streaming)"] = {"params": count_params(students[k]["model"]), "setting": "streaming",
                                                 **{c: v for c, v in a1[f"{k} steps"].items() if c != "student"}}
     return rows, a1, videos, prompts
@@ -295,7 +301,7 @@ def write_results(path, res, cmd, seconds):
     for title, table, check in sections:
         L += [f"## {title}", "", table, "", f"*Paper's ordering:* {check}", ""]
     L += ["## Pictures", "", f"![prompts x models]({os.path.basename(res['grid'])})", "",
-          "Rows: held-out prompts; columns: the models of Tab. 1 and the AR students of Tab. A1 (1, 2, 4 steps).", ""]
+          "Rows: held-out prompts; columns: the models of Tab. 1 (with the 2-step student before DMD, when the run kept it) and the AR students of Tab. A1 (1, 2, 4 steps).", ""]
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(L))
     os.replace(path + ".tmp", path)

@@ -389,7 +389,8 @@ def stage_kd(run):
 
 
 def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
-    """S2DiT-AR: a DMD student distilled for ONE step count T = n_steps, by default cfg.sample_steps
+    """S2DiT-AR: ODE-regression initialisation (distill.ode_init, saved as <name>_ode.pt), then
+    Self-Forcing DMD + progressive GAN. One student per step count T = n_steps, by default cfg.sample_steps
     (the student the pipeline streams, ships and evaluates). DMD fits the student's samples from the
     T-step schedule only, so Tab. A1's 1- and 4-step students are separate runs of this stage under
     other names (reproduce.py: dmd_1step, dmd_4step), as is Tab. A7's dmd_noteacher."""
@@ -409,8 +410,15 @@ def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
     dcfg = replace(dcfg, gan_real_steps=max(dcfg.gan_real_steps, 2 * n_steps),
                    ode_steps=-(-dcfg.ode_steps // n_steps) * n_steps)  # the student's times on the ODE grid
     batch = dit_batches(run, dcfg.batch, cfg.seed + 11)
-    trained, m = distill.train_dmd(student, real, critic, lambda s: batch(s)[1:], dcfg)
+    text_fn = lambda s: batch(s)[1:]
+    ode = {}
+    if dcfg.ode_updates > 0:   # Self-Forcing's starting point; kept as <name>_ode.pt (Tab. 1: before DMD)
+        ode = distill.ode_init(student, real, text_fn, dcfg, torch.Generator().manual_seed(cfg.seed + 13))
+        save_checkpoint(run.path(f"{name}_ode.pt"), student, spec_of(student, "s2dit", layout=kd.layout, steps=(n_steps,)), ode)
+    trained, m = distill.train_dmd(student, real, critic, text_fn, replace(dcfg, ode_updates=0))
     m.pop("curves", None)
+    m.update(ode)
+    m["config"]["ode_updates"] = dcfg.ode_updates
     m["steps"] = (n_steps,)                                           # the one count it streams at (stream.py checks)
     save_checkpoint(run.path(f"{name}.pt"), trained, spec_of(trained, "s2dit", layout=kd.layout, steps=(n_steps,)), m)
     return m
