@@ -300,7 +300,7 @@ def write_results(path, res, cmd, seconds):
     ]
     for title, table, check in sections:
         L += [f"## {title}", "", table, "", f"*Paper's ordering:* {check}", ""]
-    L += ["## Pictures", "", f"![prompts x models]({os.path.basename(res['grid'])})", "",
+    L += ["## Pictures", "", f"![prompts x models]({os.path.relpath(res['grid'], os.path.dirname(os.path.abspath(path)))})", "",
           "Rows: held-out prompts; columns: the models of Tab. 1 (with the 2-step student before DMD, when the run kept it) and the AR students of Tab. A1 (1, 2, 4 steps).", ""]
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(L))
