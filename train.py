@@ -55,7 +55,8 @@ class PipelineConfig:
     clip_frames: int = 33          # training clip length: 33 pixel frames = 9 latent frames = 3 chunks
     text_batch: int = 32           # contrastive batch of the text stage
     text_steps: int = 300          # contrastive updates of the text stage
-    vae_steps: int = 1800          # VAE updates (on 17-frame windows, 32-px crops: vae.fit_vae)
+    vae_steps: int = 3600          # VAE updates (on 17-frame windows, 32-px crops: vae.fit_vae); held-out
+                                   # PSNR 25.5 dB at 1800, 28.3 dB at 3600 (small, session 3)
     vae_batch: int = 4
     vae_lr: float = 1e-3
     pool_clips: int = 2048         # clips encoded once for the DiT stages
