@@ -10,9 +10,9 @@ The student S2DiT (sandwich.py) becomes a few-step, block-causal streaming gener
      initialisation (CausVid, Yin et al. 2025): the real score's guided ODE is integrated from noise
      to a clip, and the few-step student learns to jump from the ODE's states at its own schedule
      straight to the ODE's end, chunk after chunk on the clean past. Then the student generates a
-     whole clip chunk after chunk with its own KV cache (backward simulation), and the DMD gradient (Yin et al. 2024, "One-step Diffusion with
-     Distribution Matching Distillation"; normalised as in DMD2, Yin et al. 2024b) pulls its samples
-     toward the real score (teacher + CFG) and away from a trainable fake score (the critic).
+     whole clip chunk after chunk with its own KV cache (backward simulation), and the DMD gradient
+     (Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation"; normalised as in
+     DMD2, Yin et al. 2024b) pulls its samples toward the real score (teacher + CFG) and away from a trainable fake score (the critic).
      Progressive adversarial fine-tuning (Eq. 13-14) adds an RpGAN whose "real" samples are the
      student's own many-step (T') outputs and whose "fake" are its few-step (T < T') outputs, with
      R1 + R2 penalties in the paper's finite-difference form.
