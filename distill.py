@@ -708,12 +708,11 @@ def train_dmd(student, real_score, critic, batch_fn_text, cfg: DMDConfig, progre
     guided velocity; critic: trainable copy of the student architecture (the fake score), initialised
     from the pretrained / KD student. Per generator update: `critic_updates` critic updates (flow
     matching on fresh samples, + L_D + R1 + R2 once the GAN is on), then one generator update
-    (L_DMD + gan_weight L_G) and the EMA. Before the loop, cfg.ode_updates > 0 runs the ODE-regression
-    initialisation (ode_init) on the real score's trajectories. Returns (EMA student, metrics)."""
+    (L_DMD + gan_weight L_G) and the EMA. Self-Forcing starts it from an ODE-initialised student: call
+    ode_init(student, real_score, ...) first (train.py's dmd stage does). Returns (EMA student, metrics)."""
     if cfg.gan_real_steps <= cfg.n_steps and cfg.gan_weight > 0:
         raise ValueError(f"progressive GAN needs T' = gan_real_steps > n_steps, got {cfg.gan_real_steps} <= {cfg.n_steps}")
     g = torch.Generator().manual_seed(cfg.seed)
-    ode = ode_init(student, real_score, batch_fn_text, cfg, g, progress) if cfg.ode_updates > 0 else {}
     shape = (student.cfg.in_channels, *cfg.latent_hw)                          # (C, h, w)
     ts = flow.few_step_schedule(cfg.n_steps, cfg.shift)                         # T steps (fake for the GAN)
     ts_real = flow.few_step_schedule(cfg.gan_real_steps, cfg.shift)             # T' steps (real for the GAN)
@@ -780,7 +779,7 @@ def train_dmd(student, real_score, critic, batch_fn_text, cfg: DMDConfig, progre
         ema.update(student)
         bar.set_postfix(dmd=f"{log['dmd'][-1]:.4f}", critic=f"{log['critic'][-1]:.4f}", gan=int(gan_on))
     metrics = {f"{k}_last": (v[-1] if v else None) for k, v in log.items()}
-    metrics.update({"curves": log, "config": asdict(cfg), **ode})
+    metrics.update({"curves": log, "config": asdict(cfg)})
     return _ema_result(student, ema), metrics
 
 

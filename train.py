@@ -417,10 +417,9 @@ def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
     if dcfg.ode_updates > 0:   # Self-Forcing's starting point; kept as <name>_ode.pt (Tab. 1: before DMD)
         ode = distill.ode_init(student, real, text_fn, dcfg, torch.Generator().manual_seed(cfg.seed + 13))
         save_checkpoint(run.path(f"{name}_ode.pt"), student, spec_of(student, "s2dit", layout=kd.layout, steps=(n_steps,)), ode)
-    trained, m = distill.train_dmd(student, real, critic, text_fn, replace(dcfg, ode_updates=0))
+    trained, m = distill.train_dmd(student, real, critic, text_fn, dcfg)
     m.pop("curves", None)
     m.update(ode)
-    m["config"]["ode_updates"] = dcfg.ode_updates
     m["steps"] = (n_steps,)                                           # the one count it streams at (stream.py checks)
     save_checkpoint(run.path(f"{name}.pt"), trained, spec_of(trained, "s2dit", layout=kd.layout, steps=(n_steps,)), m)
     return m
