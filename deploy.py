@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -142,13 +143,88 @@ def set_metadata(path, role, description, version, extra=None):
     os.replace(tmp, path)
 
 
+def _short_name(i):
+    """0 -> "_0", 35 -> "_z", 36 -> "_10": base-36 names; a leading "_" never matches our API names."""
+    digits, s = "0123456789abcdefghijklmnopqrstuvwxyz", ""
+    while True:
+        s, i = digits[i % 36] + s, i // 36
+        if i == 0:
+            return "_" + s
+
+
+def compact_names(path):
+    """Rename a saved package's intermediate values to short names ("_0", "_1", ...), in place.
+
+    coremltools names every value after the traced torch code ("step_model_groups_3_0_attn_qkv_linear_
+    cast_fp16"), and each name is stored three times or more: as the op's output, as its "name" attribute
+    and at every use. For the small DiT the names were a third of the program. The graph does not change.
+    Kept: the function inputs, outputs and states (the API in s2dit_config.json); the values stored in
+    the weight blob (layer weights, biases) keep their torch name ("head_weight"), so the check can
+    still say which layer is int4 / int8. Applied to the fp16 reference export too: size ratios compare
+    like with like."""
+    from coremltools.proto import Model_pb2
+    file = os.path.join(path, "Data", "com.apple.CoreML", "model.mlmodel")
+    spec = Model_pb2.Model()
+    with open(file, "rb") as f:
+        spec.ParseFromString(f.read())
+
+    def holds_blob(op):
+        vals = [op.attributes["val"]] if "val" in op.attributes else []
+        vals += [a.value for arg in op.inputs.values() for a in arg.arguments if a.HasField("value")]
+        return any(v.HasField("blobFileValue") for v in vals)
+
+    for fn in spec.mlProgram.functions.values():
+        block = fn.block_specializations[fn.opset]
+        ops = list(_walk_ops(block))
+        api = {i.name for i in fn.inputs} | set(block.outputs)
+        # stored values keep a readable name, without the wrapper prefix and the cast suffixes:
+        # "step_model_head_weight_to_fp16_quantized" -> "head_weight"
+        stored = [o.name for op in ops if holds_blob(op) for o in op.outputs if o.name not in api]
+        new = {}
+        for n in stored:
+            short = re.sub(r"(_to_fp16)?(_quantized)?$", "", re.sub(r"^step_model_", "", n))
+            taken = short in api or short in new.values() or (short != n and short in stored)
+            new[n] = n if taken else short
+        used, i = api | set(new.values()), 0
+        for op in ops:                                            # every other value: "_0", "_1", ...
+            for o in op.outputs:
+                if o.name not in api and o.name not in new:
+                    while _short_name(i) in used:
+                        i += 1
+                    new[o.name], i = _short_name(i), i + 1
+        rename = lambda n: new.get(n, n)
+        for op in ops:
+            for o in op.outputs:
+                o.name = rename(o.name)
+            for arg in op.inputs.values():
+                for a in arg.arguments:
+                    if a.HasField("name"):
+                        a.name = rename(a.name)
+            if "name" in op.attributes:
+                names = op.attributes["name"].immediateValue.tensor.strings.values
+                names[:] = [rename(n) for n in names]
+            for b in op.blocks:                                   # nested blocks (none in our models)
+                b.outputs[:] = [rename(n) for n in b.outputs]
+    with open(file + ".tmp", "wb") as f:
+        f.write(spec.SerializeToString())
+    os.replace(file + ".tmp", file)
+
+
+def save(ml, path):
+    """Save a final (single-function) package with compact names."""
+    ml.save(path)
+    compact_names(path)
+
+
 def save_multi(parts, path, default):
+    """Merge single-function packages into one multifunction package (weights shared), compact names."""
     ct = _ct()
     desc = ct.utils.MultiFunctionDescriptor()
     for fn, p in parts.items():
         desc.add_function(p, src_function_name="main", target_function_name=fn)
     desc.default_function_name = default
     ct.utils.save_multifunction(desc, path)
+    compact_names(path)
 
 
 def dit_io(step):
@@ -200,11 +276,11 @@ def export_dit(models, out_dir, plan=None, act_scales=None, block_size=32, tmp=N
             ml = _convert(StatelessDiT(step), ex, dit_io(step) + cin, ["x0"] + [n + "_out" for n in shapes])
             if fp16_dir is not None:
                 res["DiTStateless_fp16"] = os.path.join(fp16_dir, "DiTStateless_fp16.mlpackage")
-                ml.save(res["DiTStateless_fp16"])
+                save(ml, res["DiTStateless_fp16"])
             if plan is not None:
                 ml = quantize_weights(ml, plan, block_size)
             res["DiTStateless"] = os.path.join(out_dir, "DiTStateless.mlpackage")
-            ml.save(res["DiTStateless"])
+            save(ml, res["DiTStateless"])
         shutil.rmtree(work, ignore_errors=True)
         return res
     return _stage("DiT", run)
@@ -220,7 +296,7 @@ def export_text(models, out_dir):
                   ct.TensorType(name="mask", shape=(1, L), dtype=np.int32)]
         ml = _convert(TextExport(models["text"]), (ids, torch.ones(1, L, dtype=torch.int32)), inputs, ["tokens"])
         path = os.path.join(out_dir, "TextEncoder.mlpackage")
-        ml.save(path)
+        save(ml, path)
         return path
     return _stage("TextEncoder", run)
 

@@ -47,7 +47,7 @@ class DiTConfig:
 
 PRESETS = {
     "tiny": DiTConfig(in_channels=4, dim=32, depth=8, heads=2, text_dim=32, freq_dim=32),
-    "small": DiTConfig(in_channels=8, dim=64, depth=8, heads=4, text_dim=64, freq_dim=64),
+    "small": DiTConfig(in_channels=8, dim=128, depth=8, heads=4, text_dim=64, freq_dim=64),
 }
 
 
@@ -307,7 +307,7 @@ class Backbone(nn.Module):
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
         self.time_mlp = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
         # ASSUMPTION: the pooled prompt joins the timestep in the AdaLN condition (as SD3's pooled CLIP
-        # vector); the paper names only cross-attention. It helps a 64-wide toy model find the colour.
+        # vector); the paper names only cross-attention. It helps a narrow toy model find the colour.
         self.text_pool = nn.Linear(D, D)
         self.norm_out = nn.LayerNorm(D)
         self.ada_out = nn.Linear(D, 2 * D)

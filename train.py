@@ -69,7 +69,7 @@ class PipelineConfig:
     base_steps: int = 1200         # T_theta: every student and the teacher inherit it, so it gets the most
     search_steps: int = 80         # Alg. 1 router + supernet updates
     pretrain_steps: int = 400      # S2DiT-Pretrained (continues T_theta through the searched supernet)
-    teacher_dim: int = 64          # expert width; = the student's width: each expert is grown from T_theta
+    teacher_dim: int = 128         # expert width; = the student's width: each expert is grown from T_theta
                                    # (dit.MoETeacher.grow_from); another width trains it from scratch
     teacher_depth: int = 12        # expert depth: 2 experts x 12 blocks = 3x the student's blocks
     teacher_steps: int = 300

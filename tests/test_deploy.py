@@ -121,7 +121,7 @@ def test_weight_bits_follow_plan_and_activations_quantized(built):
     for fn in ("denoise", "commit"):
         w = chk["models"]["DiT"]["functions"][fn]["weights"]
         for layer, p in plan.items():      # every planned layer is quantized (none silently skipped)
-            hit = [dt for name, dt in w.items() if ("_" + layer.replace(".", "_") + "_weight") in name]
+            hit = [dt for name, dt in w.items() if name == layer.replace(".", "_") + "_weight"]  # compact_names
             assert hit == [f"INT{p['bits']}"], (layer, hit)
         census = chk["models"]["DiT"]["functions"][fn]["op_census"]
         # one int8 quantize/dequantize pair per layer input; the converter merges pairs that share an
