@@ -450,7 +450,7 @@ def build_bundle(models, out_dir, calib_prompts=None, progress=True, cfg=None):
         vb = None
         if models.get("run"):
             try:
-                vb = vbench_drop(models, qstep, steps=steps)
+                vb = vbench_drop(models, qstep, n_prompts=4, steps=steps)
             except Exception as e:              # evaluate.py absent or its API differs: report, don't fail
                 vb = {"skipped": f"{type(e).__name__}: {e}"}
         say("[deploy] TextEncoder")
