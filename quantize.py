@@ -16,7 +16,9 @@
 deploy.py applies the plan to the converted program with coremltools (`deploy.quantize_weights`).
 
 Run `python quantize.py`: a random tiny S2DiT, its sensitivity table, the plan and the emulated PSNR
-per chunk, in seconds.
+per chunk, in seconds. `python quantize.py --run runs/small`: the error budget of a trained run, the
+per-chunk PSNR of the plan next to variants that keep one source of error each (weights only, A8 only,
+W8 everywhere, no PSNR promotions).
 """
 import copy
 from dataclasses import asdict, dataclass
@@ -200,7 +202,42 @@ def vbench_drop(models, qstep, n_prompts=2, chunks=3, steps=2, seed=0):
     return scores
 
 
-if __name__ == "__main__":
+@torch.no_grad()
+def error_budget(models, cfg: QuantConfig, prompts=None, progress=True):
+    """Where the emulated model's error comes from: PSNR of the denoised latents per streamed chunk
+    against float for the plan and for variants that each keep one source of error. -> {variant: [dB]}"""
+    steps = (models.get("steps") or [2])[-1]
+    prompts = list(prompts or DEFAULT_PROMPTS[:cfg.calib_prompts])
+    calib = capture_calibration(models, prompts, cfg.calib_chunks, steps)
+    scales = calibrate(ChunkStep(models["model"], models["latent_hw"]).eval(), calib)
+    plan = make_plan(models, sensitivity(models, calib, cfg), cfg)
+    layers = quant_layers(models["model"])
+    bits = lambda rule: {n: {"bits": b, "granularity": granularity(layers[n], b, cfg.block_size)}
+                         for n, b in ((n, rule(n)) for n in layers)}
+    variants = {
+        "plan: W4/W8 + A8": (plan, True),
+        "plan's weights, float activations": (plan, False),
+        "plan without the PSNR promotions": (bits(lambda n: 8 if plan[n]["why"] == "sensitive layer" else 4), True),
+        "W8 everywhere + A8": (bits(lambda n: 8), True),
+        "A8 only (float weights)": (None, True),
+    }
+    out = {}
+    for name, (p, a8) in variants.items():
+        if p is None:
+            step = ChunkStep(copy.deepcopy(models["model"]).eval(), models["latent_hw"]).eval()
+            step.act_mode, step.act_scales = "fake", scales
+        else:
+            step = emulate_quantized(models["model"], p, scales, models["latent_hw"], cfg.block_size)
+            step.act_mode = "fake" if a8 else None
+        out[name] = quality_report(models, step, prompts[:2], cfg.eval_chunks, steps)
+        if progress:
+            n8 = sum(v["bits"] == 8 for v in p.values()) if p else 0
+            print(f"{name:36s} {n8:3d} layers at 8 bits   " + " / ".join(f"{x:.1f}" for x in out[name]) + " dB", flush=True)
+    return out
+
+
+def _demo():
+    """A random tiny S2DiT: its sensitivity table, the plan and the emulated PSNR per chunk."""
     import dit
     import sandwich
     import text
@@ -222,3 +259,19 @@ if __name__ == "__main__":
     per_chunk = quality_report(models, qstep, DEFAULT_PROMPTS[:1], cfg.eval_chunks, steps=2)
     print("emulated W4/W8 + A8 vs float, PSNR of the denoised latents per chunk: "
           + ", ".join(f"{p:.1f}" for p in per_chunk) + " dB")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Quantization of the DiT: a random tiny demo, or the error budget of a run.")
+    ap.add_argument("--run", default=None, help="a train.py run directory: per-chunk PSNR of the plan and its variants")
+    args = ap.parse_args()
+    if args.run is None:
+        _demo()
+    else:
+        import train
+        torch.set_num_threads(2)
+        models = train.load_streaming(args.run)
+        preset = train.open_run(args.run).cfg.preset
+        print(f"{args.run}: PSNR of the denoised latents per streamed chunk, emulation vs float")
+        error_budget(models, get_config(preset if preset in PRESETS else "small"))

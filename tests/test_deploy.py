@@ -154,6 +154,18 @@ def test_emulation_differs_from_float_and_follows_bits():
     assert 15 < p4 < p8 < 80, (p4, p8)
 
 
+def test_error_budget_separates_the_sources():
+    """quantize.error_budget: every variant streams 3 chunks; switching the activations off changes the
+    result (A8 is applied), and W8 everywhere is closer to float than the plan's W4/W8."""
+    models = build_models_for_test()
+    cfg = quantize.get_config("tiny")
+    out = quantize.error_budget(models, cfg, progress=False)
+    assert len(out) == 5 and all(len(v) == cfg.eval_chunks for v in out.values())
+    mean = {k: sum(v) / len(v) for k, v in out.items()}
+    assert mean["plan's weights, float activations"] != mean["plan: W4/W8 + A8"]
+    assert mean["W8 everywhere + A8"] > mean["plan: W4/W8 + A8"], mean
+
+
 def _graph(path):
     """A package's program as structure only: per function, each op's type and, per input, the position
     of the op producing it (or the function input's name), plus the output names. Names are ignored."""
@@ -226,26 +238,24 @@ def test_quantized_dit_size_tiny(built):
 
 
 def test_quantized_dit_package_ratio(tmp_path):
-    """The issue's bar on DiT.mlpackage: quantized package <= 0.35x its fp16 export. The program does
-    not depend on the width, so it holds once the weights dominate: the tiny layout (8 blocks, two
-    functions) at width 256 (12.8M parameters, fp16 weights ~26 MB) measured 0.303x. The small bundle
-    (width 128) is measured by the deploy stage of train.py, see README. Bits follow the
-    plan's rules without the sensitivity scan (no layer promoted by PSNR): this test is about bytes."""
-    models = build_models_for_test()
-    torch.manual_seed(0)
-    m = sandwich.S2DiT(dit.get_config("tiny", dim=256, heads=16), sandwich.DEFAULT_LAYOUT["tiny"]).eval()
-    with torch.no_grad():                    # as build_models_for_test: no all-zero (deduplicated) weights
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    models["model"] = m
+    """The issue's bar on DiT.mlpackage: quantized package <= 0.35x its fp16 export, for the small
+    preset's DiT as the pipeline ships it (width 128, 8 blocks, two functions, 16x16 latents). The
+    program does not depend on the width, so the bar needs the weights to dominate: at tiny's width 32
+    the package is ~0.7x (previous test). Random weights; bits follow the plan's rules without the
+    sensitivity scan (no layer promoted by PSNR): this test is about bytes. Measured 0.333x; the trained
+    small run, with two more layers at 8 bits by sensitivity, 0.345x (README)."""
+    models = build_models_for_test("small")
+    m = models["model"]
     calib = quantize.capture_calibration(models, quantize.DEFAULT_PROMPTS[:1], 1, 2)
-    scales = quantize.calibrate(chunk_step.ChunkStep(m, 8).eval(), calib)
-    plan = quantize.make_plan(models, {n: float("inf") for n in quantize.quant_layers(m)}, deploy.get_config("tiny"))
+    scales = quantize.calibrate(chunk_step.ChunkStep(m, 16).eval(), calib)
+    plan = quantize.make_plan(models, {n: float("inf") for n in quantize.quant_layers(m)}, deploy.get_config("small"))
     os.makedirs(tmp_path / "fp16")
-    res = deploy.export_dit(models, str(tmp_path), plan, scales, 32, stateless=False, fp16_dir=str(tmp_path / "fp16"))
+    res = deploy.export_dit(models, str(tmp_path), plan, scales, deploy.get_config("small").block_size,
+                            stateless=False, fp16_dir=str(tmp_path / "fp16"))
     f, q = deploy.package_sizes(res["DiT_fp16"]), deploy.package_sizes(res["DiT"])
-    print(f"\nDiT.mlpackage, tiny layout at width 256: fp16 {f['package']:,} B -> quantized {q['package']:,} B "
+    print(f"\nsmall DiT.mlpackage (width {m.cfg.dim}): fp16 {f['package']:,} B -> quantized {q['package']:,} B "
           f"({q['package'] / f['package']:.3f}x; program {q['program']:,} B, weight blob {q['weights'] / f['weights']:.3f}x)")
+    assert m.cfg.dim == dit.get_config("small").dim
     assert q["package"] <= 0.35 * f["package"], (f, q)
 
 
