@@ -241,7 +241,7 @@ def dit_example(step):
             torch.randn(1, step.L, step.model.cfg.text_dim), torch.ones(1, step.L, dtype=torch.int32))
 
 
-def export_dit(models, out_dir, plan=None, act_scales=None, block_size=32, tmp=None, stateless=True, fp16_dir=None):
+def export_dit(models, out_dir, plan=None, act_scales=None, block_size=64, tmp=None, stateless=True, fp16_dir=None):
     """DiT.mlpackage (stateful, denoise + commit) and DiTStateless.mlpackage; fp16 if plan is None.
     fp16_dir: also save both packages as converted, before weight quantization (the size references
     DiT_fp16, DiTStateless_fp16: the same program, fp16 weights)."""

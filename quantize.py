@@ -155,7 +155,7 @@ def print_plan(plan):
 # ----------------------------------------------------------------------------------------------
 # The quantized DiT emulated in PyTorch, and what it costs in quality
 # ----------------------------------------------------------------------------------------------
-def emulate_quantized(model, plan, calib, latent_hw=None, block_size=32):
+def emulate_quantized(model, plan, calib, latent_hw=None, block_size=64):
     """PyTorch emulation of the quantized DiT: a copy of `model` with fake-quantized weights at the
     planned bits and a ChunkStep whose activation points fake-quantize to int8 at the ranges
     calibrated on `calib` (a list of ChunkStep inputs, or a precomputed {layer: scale})."""

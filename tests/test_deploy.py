@@ -144,13 +144,14 @@ def test_emulation_differs_from_float_and_follows_bits():
     calib = quantize.capture_calibration(models, quantize.DEFAULT_PROMPTS[:1], 2, 2)
     scales = quantize.calibrate(chunk_step.ChunkStep(models["model"], 8).eval(), calib)
     layers = quantize.quant_layers(models["model"])
-    w4 = {n: {"bits": 4, "granularity": quantize.granularity(m, 4, 32)} for n, m in layers.items()}
+    bs = quantize.get_config("tiny").block_size
+    w4 = {n: {"bits": 4, "granularity": quantize.granularity(m, 4, bs)} for n, m in layers.items()}
     w8 = {n: {"bits": 8, "granularity": "per_channel"} for n in layers}
     f = chunk_step.ChunkStep(models["model"], 8).eval()
     with torch.no_grad():
         ref = f(*calib[1])[0]
-        p4 = quantize.psnr(ref, quantize.emulate_quantized(models["model"], w4, scales, 8)(*calib[1])[0])
-        p8 = quantize.psnr(ref, quantize.emulate_quantized(models["model"], w8, scales, 8)(*calib[1])[0])
+        p4 = quantize.psnr(ref, quantize.emulate_quantized(models["model"], w4, scales, 8, bs)(*calib[1])[0])
+        p8 = quantize.psnr(ref, quantize.emulate_quantized(models["model"], w8, scales, 8, bs)(*calib[1])[0])
     assert 15 < p4 < p8 < 80, (p4, p8)
 
 
