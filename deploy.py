@@ -15,14 +15,16 @@ window 2 chunks); which bits each layer gets and the activation scales come from
 converts (torch.jit.trace -> coremltools, iOS 18, fp16), applies the plan to the weights, writes the
 bundle, checks it offline and, on macOS, streams from it.
 
-What a package's bytes are (`package_sizes`, in `--check --json`): the MIL program (model.mlmodel:
+What a package's bytes are (mlpackage.package_sizes, in `--check --json`): the MIL program (model.mlmodel:
 every function's ops with their names, output types and small inline constants) and the weight blob
 (quantized weight data + scales, fp16 constants left unquantized: biases, norm weights, RoPE tables).
-The program does not shrink with quantization (it gains the activation quantize/dequantize ops) and
+The program does not shrink with quantization (the fp16 reference is the same converted program,
+activation quantize/dequantize ops included; quantizing swaps weight consts for constexpr ops) and it
 grows with the number of ops (depth, two functions), not with the width: ~0.47 MB for DiT.mlpackage
-once `compact_names` has shortened coremltools' long value names (a third of the bytes). Against the
-fp16 weights it is 1x at tiny's width 32, so tiny's package ratio stays far above its weight ratio;
-at small's width 128 the weights dominate and the quantized DiT.mlpackage is ~0.34x of its fp16 export.
+once mlpackage.compact_names has shortened coremltools' long value names (a third of the bytes).
+Against the fp16 weights it is 1x at tiny's width 32, so tiny's package ratio stays far above its
+weight ratio; at small's width 128 the weights dominate and the quantized DiT.mlpackage is ~0.34x of
+its fp16 export. Reading packages back (sizes, names, the offline check) is mlpackage.py.
 
 CLI:  python deploy.py --run runs/tiny --out runs/tiny/S2DiTResources      build (progress prints)
       python deploy.py --check runs/tiny/S2DiTResources --json             offline check, JSON last line
@@ -43,6 +45,7 @@ import torch
 
 import flow
 from chunk_step import ChunkStep, DecoderExport, StatefulDiT, StatelessDiT, TextExport, decoder_cache_layout
+from mlpackage import check_bundle, compact_names, dir_bytes, package_sizes
 from quantize import (DEFAULT_PROMPTS, QuantConfig, calibrate, capture_calibration, emulate_quantized, make_plan,
                       print_plan, quality_report, sensitivity, vbench_drop)
 
@@ -53,11 +56,6 @@ class DeployConfig(QuantConfig):   # the quantization settings (quantize.QuantCo
 
 
 PRESETS = {"tiny": DeployConfig(calib_prompts=2, calib_chunks=3), "small": DeployConfig()}
-# Ops that public reports say do not run on the Neural Engine (they fall back to CPU/GPU).
-# ASSUMPTION: not an Apple list; verify on a device with MLComputePlan. "conv3d" = conv on a rank-5 input.
-NON_ANE_OPS = {"gather", "gather_nd", "gather_along_axis", "scatter", "scatter_nd", "scatter_along_axis",
-               "cumsum", "topk", "argsort", "non_maximum_suppression", "while_loop", "cond", "random_normal",
-               "random_uniform", "random_bernoulli", "random_categorical", "conv3d", "einsum"}
 COMPUTE_UNITS = {"TextEncoder": "CPU_AND_NE", "DiT": "CPU_AND_NE", "DiTStateless": "CPU_AND_NE",
                  "Decoder": "CPU_AND_GPU"}
 
@@ -105,7 +103,8 @@ def _stage(name, fn):
 
 
 def const_name_map(mlmodel, names):
-    """torch layer name -> name of the const op holding its weight in the converted program."""
+    """torch layer name -> name of the const op holding its weight in the converted program (as
+    ct.convert returns it, before `compact_names` shortens the names of a saved package)."""
     consts = [op.outputs[0].name for f in mlmodel._mil_program.functions.values()
               for op in f.operations if op.op_type == "const"]
     out = {}
@@ -144,73 +143,6 @@ def set_metadata(path, role, description, version, extra=None):
     os.replace(tmp, path)
 
 
-def _short_name(i):
-    """0 -> "_0", 35 -> "_z", 36 -> "_10": base-36 names; a leading "_" never matches our API names."""
-    digits, s = "0123456789abcdefghijklmnopqrstuvwxyz", ""
-    while True:
-        s, i = digits[i % 36] + s, i // 36
-        if i == 0:
-            return "_" + s
-
-
-def compact_names(path):
-    """Rename a saved package's intermediate values to short names ("_0", "_1", ...), in place.
-
-    coremltools names every value after the traced torch code ("step_model_groups_3_0_attn_qkv_linear_
-    cast_fp16"), and each name is stored three times or more: as the op's output, as its "name" attribute
-    and at every use. For the small DiT the names were a third of the program. The graph does not change.
-    Kept: the function inputs, outputs and states (the API in s2dit_config.json); the values stored in
-    the weight blob (layer weights, biases) keep their torch name ("head_weight"), so the check can
-    still say which layer is int4 / int8. Applied to the fp16 reference export too: size ratios compare
-    like with like."""
-    from coremltools.proto import Model_pb2
-    file = os.path.join(path, "Data", "com.apple.CoreML", "model.mlmodel")
-    spec = Model_pb2.Model()
-    with open(file, "rb") as f:
-        spec.ParseFromString(f.read())
-
-    def holds_blob(op):
-        vals = [op.attributes["val"]] if "val" in op.attributes else []
-        vals += [a.value for arg in op.inputs.values() for a in arg.arguments if a.HasField("value")]
-        return any(v.HasField("blobFileValue") for v in vals)
-
-    for fn in spec.mlProgram.functions.values():
-        block = fn.block_specializations[fn.opset]
-        ops = list(_walk_ops(block))
-        api = {i.name for i in fn.inputs} | set(block.outputs)
-        # stored values keep a readable name, without the wrapper prefix and the cast suffixes:
-        # "step_model_head_weight_to_fp16_quantized" -> "head_weight"
-        stored = [o.name for op in ops if holds_blob(op) for o in op.outputs if o.name not in api]
-        new = {}
-        for n in stored:
-            short = re.sub(r"(_to_fp16)?(_quantized)?$", "", re.sub(r"^step_model_", "", n))
-            taken = short in api or short in new.values() or (short != n and short in stored)
-            new[n] = n if taken else short
-        used, i = api | set(new.values()), 0
-        for op in ops:                                            # every other value: "_0", "_1", ...
-            for o in op.outputs:
-                if o.name not in api and o.name not in new:
-                    while _short_name(i) in used:
-                        i += 1
-                    new[o.name], i = _short_name(i), i + 1
-        rename = lambda n: new.get(n, n)
-        for op in ops:
-            for o in op.outputs:
-                o.name = rename(o.name)
-            for arg in op.inputs.values():
-                for a in arg.arguments:
-                    if a.HasField("name"):
-                        a.name = rename(a.name)
-            if "name" in op.attributes:
-                names = op.attributes["name"].immediateValue.tensor.strings.values
-                names[:] = [rename(n) for n in names]
-            for b in op.blocks:                                   # nested blocks (none in our models)
-                b.outputs[:] = [rename(n) for n in b.outputs]
-    with open(file + ".tmp", "wb") as f:
-        f.write(spec.SerializeToString())
-    os.replace(file + ".tmp", file)
-
-
 def save(ml, path):
     """Save a final (single-function) package with compact names."""
     ml.save(path)
@@ -241,7 +173,7 @@ def dit_example(step):
             torch.randn(1, step.L, step.model.cfg.text_dim), torch.ones(1, step.L, dtype=torch.int32))
 
 
-def export_dit(models, out_dir, plan=None, act_scales=None, block_size=64, tmp=None, stateless=True, fp16_dir=None):
+def export_dit(models, out_dir, plan=None, act_scales=None, block_size=QuantConfig.block_size, tmp=None, stateless=True, fp16_dir=None):
     """DiT.mlpackage (stateful, denoise + commit) and DiTStateless.mlpackage; fp16 if plan is None.
     fp16_dir: also save both packages as converted, before weight quantization (the size references
     DiT_fp16, DiTStateless_fp16: the same program, fp16 weights)."""
@@ -331,50 +263,6 @@ def export_decoder(models, out_dir, tmp=None):
 # ----------------------------------------------------------------------------------------------
 # The bundle
 # ----------------------------------------------------------------------------------------------
-def dir_bytes(path):
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
-
-
-def weight_bytes(path):
-    w = os.path.join(path, "Data", "com.apple.CoreML", "weights")
-    return dir_bytes(w) if os.path.isdir(w) else 0
-
-
-def package_sizes(path):
-    """Bytes of a .mlpackage by what they hold: `package` (all files) = `program` (model.mlmodel: the MIL
-    ops of every function, their names, output types and inline constants) + `weights` (the blob) +
-    the manifest. The blob = `quantized` (int4/int8 weight data and their fp16 scales, constexpr ops)
-    + `float_consts` (constants left in fp16/fp32: biases, norm weights, gates, RoPE tables) + `blob_overhead`
-    (per-entry headers and 64-byte alignment). `float_matrices`: unquantized layer weights of rank >= 2
-    (should be none). `largest_float`: the biggest float constant, (name, elements)."""
-    ct = _ct()
-    from coremltools.proto import MIL_pb2
-    bits = {"FLOAT16": 16, "FLOAT32": 32, "INT8": 8, "UINT8": 8, "INT4": 4, "UINT4": 4, "INT32": 32, "BFLOAT16": 16}
-    spec = ct.models.MLModel(path, skip_model_load=True).get_spec()
-    entries = {}                                         # blob offset -> (kind, bytes, name, elements, rank)
-    for fn in spec.mlProgram.functions.values():
-        for op in _walk_ops(fn.block_specializations[fn.opset]):
-            vals = [op.attributes["val"]] if op.type == "const" else \
-                [a.value for arg in op.inputs.values() for a in arg.arguments if a.HasField("value")]
-            for v in vals:
-                if not v.HasField("blobFileValue"):
-                    continue
-                tt = v.type.tensorType
-                n = math.prod(d.constant.size for d in tt.dimensions)
-                kind = "quantized" if op.type.startswith("constexpr_") else "float_consts"
-                nbytes = (n * bits.get(MIL_pb2.DataType.Name(tt.dataType), 32) + 7) // 8
-                entries[v.blobFileValue.offset] = (kind, nbytes, op.outputs[0].name, n, len(tt.dimensions))
-    out = {"package": dir_bytes(path), "program": os.path.getsize(os.path.join(path, "Data", "com.apple.CoreML", "model.mlmodel")),
-           "weights": weight_bytes(path), "quantized": 0, "float_consts": 0}
-    for kind, nbytes, *_ in entries.values():
-        out[kind] += nbytes
-    out["blob_overhead"] = out["weights"] - out["quantized"] - out["float_consts"]
-    floats = [e for e in entries.values() if e[0] == "float_consts"]
-    out["float_matrices"] = sorted(name for _, _, name, n, rank in floats if rank >= 2 and "weight" in name)
-    out["largest_float"] = max(((name, n) for _, _, name, n, _ in floats), key=lambda e: e[1], default=None)
-    return out
-
-
 def _atomic_json(path, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
@@ -518,101 +406,6 @@ def build_bundle(models, out_dir, calib_prompts=None, progress=True, cfg=None):
             f"({r['weights']:.2f}x; quantized data {z['quantized']:,} B, fp16 consts {z['float_consts']:,} B)")
     say(f"[deploy] bundle at {out_dir} in {report['seconds']:.0f} s")
     return report
-
-
-# ----------------------------------------------------------------------------------------------
-# Offline check
-# ----------------------------------------------------------------------------------------------
-def _walk_ops(block):
-    for op in block.operations:
-        yield op
-        for b in op.blocks:
-            yield from _walk_ops(b)
-
-
-def _feature(f):
-    t = f.type
-    kind = t.WhichOneof("Type")
-    if kind == "multiArrayType":
-        from coremltools.proto import FeatureTypes_pb2 as ft
-        return {"name": f.name, "shape": list(t.multiArrayType.shape),
-                "dtype": ft.ArrayFeatureType.ArrayDataType.Name(t.multiArrayType.dataType)}
-    if kind == "stateType":
-        a = t.stateType.arrayType
-        return {"name": f.name, "shape": list(a.shape), "dtype": "FLOAT16" if a.dataType == 65552 else str(a.dataType)}
-    return {"name": f.name, "type": kind}
-
-
-def inspect_package(path):
-    """Functions, I/O, states, op census (+ ops flagged as not Neural-Engine), weight dtypes, sizes."""
-    ct = _ct()
-    from coremltools.proto import MIL_pb2
-    spec = ct.models.MLModel(path, skip_model_load=True).get_spec()
-    d = spec.description
-    funcs = list(d.functions) or [d]
-    names = [f.name for f in d.functions] or ["main"]
-    out = {"functions": {}, "metadata": {"author": d.metadata.author, "short_description": d.metadata.shortDescription,
-                                         "version": d.metadata.versionString, **dict(d.metadata.userDefined)},
-           "size_bytes": dir_bytes(path), "weights_bytes": weight_bytes(path), "sizes": package_sizes(path)}
-    for name, f in zip(names, funcs):
-        fn = spec.mlProgram.functions[name]
-        census, weights, flagged = {}, {}, set()
-        for op in _walk_ops(fn.block_specializations[fn.opset]):
-            typ = op.type
-            if typ == "conv" and len(op.outputs[0].type.tensorType.dimensions) == 5:
-                typ = "conv3d"                                           # a 3-D conv: see NON_ANE_OPS
-            census[typ] = census.get(typ, 0) + 1
-            if typ in NON_ANE_OPS:
-                flagged.add(typ)
-            if typ.startswith("constexpr_"):
-                arg = op.inputs["data"].arguments[0] if "data" in op.inputs else None
-                dt = arg.value.type.tensorType.dataType if arg is not None and arg.HasField("value") else None
-                weights[op.outputs[0].name] = MIL_pb2.DataType.Name(dt) if dt is not None else typ
-            elif typ == "const" and "val" in op.attributes:
-                tt = op.attributes["val"].type.tensorType
-                if len(tt.dimensions) >= 2:
-                    weights[op.outputs[0].name] = MIL_pb2.DataType.Name(tt.dataType)
-        out["functions"][name] = {"inputs": [_feature(i) for i in f.input], "outputs": [_feature(o) for o in f.output],
-                                  "states": [_feature(s) for s in f.state], "op_census": census,
-                                  "non_ane_ops": sorted(flagged), "weights": weights}
-    first = out["functions"][names[0]]
-    out.update({k: first[k] for k in ("inputs", "outputs", "states")})
-    out["weight_dtypes"] = {}
-    for fn in out["functions"].values():
-        for dt in fn["weights"].values():
-            out["weight_dtypes"][dt] = out["weight_dtypes"].get(dt, 0) + 1
-    return out
-
-
-def check_bundle(path):
-    """Validate a bundle offline (no prediction): every file, every model's I/O, states, functions, ops,
-    weight dtypes, metadata. -> {"ok", "problems", "models": {...}, "config": ...}."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"bundle directory {path} not found; build one with `python deploy.py --run RUN --out {path}`")
-    problems, models = [], {}
-    for f in ("vocab.json", "s2dit_config.json", "README.md"):
-        if not os.path.exists(os.path.join(path, f)):
-            problems.append(f"missing {f}")
-    expect = {"TextEncoder": ["main"], "DiT": ["denoise", "commit"], "DiTStateless": ["main"],
-              "Decoder": ["decode_first", "decode"]}
-    for name, fns in expect.items():
-        p = os.path.join(path, name + ".mlpackage")
-        if not os.path.isdir(p):
-            problems.append(f"missing {name}.mlpackage")
-            continue
-        info = inspect_package(p)
-        models[name] = info
-        if sorted(info["functions"]) != sorted(fns):
-            problems.append(f"{name}: functions {sorted(info['functions'])}, expected {fns}")
-        if name == "DiT" and not all(info["functions"][f]["states"] for f in info["functions"]):
-            problems.append("DiT: functions without states")
-        if not info["metadata"].get("role") or not info["metadata"].get("intended_compute_units"):
-            problems.append(f"{name}: metadata role / intended_compute_units missing")
-    config = None
-    if os.path.exists(os.path.join(path, "s2dit_config.json")):
-        with open(os.path.join(path, "s2dit_config.json")) as f:
-            config = json.load(f)
-    return {"bundle": path, "ok": not problems, "problems": problems, "models": models, "config": config}
 
 
 # ----------------------------------------------------------------------------------------------

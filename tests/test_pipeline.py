@@ -67,6 +67,20 @@ def test_streaming_system_of_the_run(tiny_run):
         stream.check_request(models, "a red circle moves left", 2, 4)
 
 
+def test_shipped_copy_stores_the_dit_in_fp16_and_loads_back(tiny_run, tmp_path):
+    """train.py --ship: the DiT file holds fp16 tensors (half the bytes), loads into the same fp32 model
+    up to fp16 rounding, and the copy is a run that load_streaming opens."""
+    run, _, _ = tiny_run
+    out = str(tmp_path / "shipped")
+    train.ship_weights(run.dir, out)
+    sd = torch.load(os.path.join(out, "dmd.pt"), weights_only=True)["state_dict"]
+    assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float16}
+    a, b = train.load_streaming(run.dir)["model"], train.load_streaming(out)["model"]
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert q.dtype == p.dtype and torch.allclose(p, q, rtol=1e-3, atol=1e-4), k
+    assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_reproduce_distils_a_student_per_step_count_once_and_drops_stale_tables(tiny_run, tmp_path):
     import reproduce
     run, _, _ = tiny_run
