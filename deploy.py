@@ -20,7 +20,7 @@ every function's ops with their names, output types and small inline constants) 
 (quantized weight data + scales, fp16 constants left unquantized: biases, norm weights, RoPE tables).
 The program does not shrink with quantization (the fp16 reference is the same converted program,
 activation quantize/dequantize ops included; quantizing swaps weight consts for constexpr ops) and it
-grows with the number of ops (depth, two functions), not with the width: ~0.47 MB for DiT.mlpackage
+grows with the number of ops (depth, two functions), not with the width: ~0.46 MB for DiT.mlpackage
 once mlpackage.compact_names has shortened coremltools' long value names (a third of the bytes).
 Against the fp16 weights it is 1x at tiny's width 32, so tiny's package ratio stays far above its
 weight ratio; at small's width 128 the weights dominate and the quantized DiT.mlpackage is ~0.34x of
