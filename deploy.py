@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time

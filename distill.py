@@ -12,7 +12,8 @@ The student S2DiT (sandwich.py) becomes a few-step, block-causal streaming gener
      straight to the ODE's end, chunk after chunk on the clean past. Then the student generates a
      whole clip chunk after chunk with its own KV cache (backward simulation), and the DMD gradient
      (Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation"; normalised as in
-     DMD2, Yin et al. 2024b) pulls its samples toward the real score (teacher + CFG) and away from a trainable fake score (the critic).
+     DMD2, Yin et al. 2024b) pulls its samples toward the real score (teacher + CFG) and away from a
+     trainable fake score (the critic).
      Progressive adversarial fine-tuning (Eq. 13-14) adds an RpGAN whose "real" samples are the
      student's own many-step (T') outputs and whose "fake" are its few-step (T < T') outputs, with
      R1 + R2 penalties in the paper's finite-difference form.
@@ -97,11 +98,12 @@ class DMDConfig:
 PRESETS = {
     "tiny": DMDConfig(steps=20, batch=1, n_steps=2, critic_updates=1, gan_start=10, gan_real_steps=4,
                       kd_steps=40, kd_batch=2, ode_pairs=8, ode_steps=4, ode_updates=10, ode_batch=2),
-    # small: after the ODE initialisation DMD is a refinement (measured on the small run, 12 held-out
-    # prompts, 2 steps: ODE init alone colour / shape / direction 0.42 / 0.25 / 0.25; + 150 DMD updates at
-    # lr_g 2e-4, lr_c 4e-5: 0.33 / 0.25 / 0.08; at lr 2e-4 both + 40 critic warm-up updates: 0.42 / 0.25 /
-    # 0.08; at lr 2e-5 both + warm-up: 0.50 / 0.25 / 0.33). ASSUMPTION: 2-clip batches make each DMD
-    # gradient noisy, so the toy takes small steps with a critic that starts on the student's samples.
+    # small: after the ODE initialisation DMD is a refinement (measured on session 3's 64-wide small run,
+    # 12 held-out prompts, 2 steps: ODE init alone colour / shape / direction 0.42 / 0.25 / 0.25; + 150
+    # DMD updates at lr_g 2e-4, lr_c 4e-5: 0.33 / 0.25 / 0.08; at lr 2e-4 both + 40 critic warm-up
+    # updates: 0.42 / 0.25 / 0.08; at lr 2e-5 both + warm-up: 0.50 / 0.25 / 0.33).
+    # ASSUMPTION: 2-clip batches make each DMD gradient noisy, so the toy takes small steps with a
+    # critic that starts on the student's samples.
     "small": DMDConfig(steps=300, batch=2, latent_hw=(16, 16), critic_updates=2, gan_start=150, kd_steps=600,
                        lr_g=2e-5, lr_c=2e-5, critic_warmup=40),
     "paper": DMDConfig(lr_g=1e-5, lr_c=2e-6, latent_hw=(36, 64), gan_real_steps=8),  # values the paper states

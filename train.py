@@ -19,8 +19,8 @@ marker `<stage>.done.json`; a stage with a marker is skipped, so an interrupted 
 it stopped (an interrupted stage restarts from its beginning with the same seeds, which gives the
 same result as an uninterrupted run).
 
-    python train.py                          # the `small` preset, everything (36 min measured on 2 idle CPU cores in
-                                             # session 3; session 2's cores ran the same stages ~1.7x slower)
+    python train.py                          # the `small` preset, everything (46.6 min measured on 2 idle CPU
+                                             # cores in session 4; session 2's cores ran ~1.7x slower)
     python train.py --preset tiny --out runs/tiny        # minutes: what the tests run
     python train.py --stages base,search     # only some stages (earlier ones must exist)
 """

@@ -214,6 +214,7 @@ def test_compact_names_keeps_the_graph(tmp_path, monkeypatch):
             op_names = [op.attributes["name"].immediateValue.tensor.strings.values[0] for op in ops]
             assert len(values) == len(set(values)) and len(op_names) == len(set(op_names))
             assert max(map(len, op_names)) <= max(len(v) for v in values)   # no long op name left behind
+            assert all(n == op.outputs[0].name for n, op in zip(op_names, ops) if op.outputs)  # op = its output
             stored = {o.name for op in ops if op.type.startswith("constexpr_") for o in op.outputs}
             assert "head_weight" in stored and "patch_embed_weight" in stored, sorted(stored)[:5]
         assert size(b) < 0.75 * size(a), (size(a), size(b))
