@@ -112,6 +112,34 @@ def caption(colour, shape, motion, rng_or_seed=0):
                              m=pick(MOTION_PHRASES[motion])))
 
 
+def recaption(objects, rng_or_seed=0):
+    """Another caption of the same clip: a fresh paraphrase of every object, joined as make_batch
+    joins them. A clip with two captions is what caption-caption contrast needs (text.py), as
+    COCO's five captions per image are used to train sentence encoders."""
+    rng = _rng(rng_or_seed)
+    clauses = [caption(o["color"], o["shape"], o["motion"], rng) for o in objects]
+    text = clauses[0]
+    for clause in clauses[1:]:
+        text += f" {JOINERS[rng.randint(2)]} " + clause
+    return text
+
+
+def swap_one_word(objects, rng_or_seed=0):
+    """A caption of the same clip with ONE attribute of the primary object changed (its colour,
+    shape or motion, picked at random): the hardest negative a caption can have, since it differs
+    from the truth in one word. The new combination is a training one, so held-out combinations
+    never appear in a training caption, not even as a negative."""
+    rng = _rng(rng_or_seed)
+    c, s, m = (objects[0][k] for k in ("color", "shape", "motion"))
+    options = [(c2, s, m) for c2 in COLORS if c2 != c] + [(c, s2, m) for s2 in SHAPES if s2 != s] \
+        + [(c, s, m2) for m2 in MOTIONS if m2 != m]
+    options = [o for o in options if o not in HELD_OUT]
+    kind = rng.randint(3)                     # colour, shape or motion: each equally often
+    per_kind = [o for o in options if [o[0] != c, o[1] != s, o[2] != m][kind]] or options
+    combo = per_kind[rng.randint(len(per_kind))]
+    return recaption([dict(color=combo[0], shape=combo[1], motion=combo[2])] + list(objects[1:]), rng)
+
+
 def canonical_prompt(colour, shape, motion):
     return f"a {colour} {shape} moves {motion}"
 

@@ -32,6 +32,7 @@ import copy
 import hashlib
 import io
 import json
+import math
 import os
 import resource
 import time
@@ -195,17 +196,45 @@ def _step(opt, loss, params, clip):
     opt.step()
 
 
+def lr_factor(step, warmup, steps, decay):
+    """Linear warm-up over `warmup` updates, then constant (decay="none") or a cosine down to 10 %
+    of the peak at the last update (decay="cosine"; the usual schedule of DiT/SD3-style runs)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if decay == "cosine" and steps > warmup:
+        p = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+    return 1.0
+
+
 def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=(0.9, 0.999),
-             weight_decay=0.0, ema_decay=None, clip=1.0, progress=True, desc="fm", boundary=None, warmup=0):
+             weight_decay=0.0, ema_decay=None, clip=1.0, progress=True, desc="fm", boundary=None, warmup=0,
+             decay="none", ckpt=None, ckpt_every_s=180.0, hook=None, hook_every=0):
     """Flow-matching loop. batch_fn(step) -> (x0, text, mask, null_text, null_mask).
-    The learning rate ramps up linearly over `warmup` updates, then stays constant.
+    The learning rate follows lr_factor (warm-up, then constant or cosine).
+
+    ckpt: a file this loop saves itself to every `ckpt_every_s` seconds (model, optimizer, EMA,
+    the noise generator, the step) and resumes from when it exists: since batch_fn is a function of
+    the step and the generator state is restored, a killed-and-resumed loop gives the same weights
+    as an uninterrupted one, bit for bit. The file is removed when the loop ends.
+    hook(step, ema_model) runs every `hook_every` updates (and after the last): learning curves.
     Returns (EMA copy of the model, or the model itself if ema_decay is None; metrics)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, steps, decay))
     ema = EMA(model, ema_decay) if ema_decay else None
-    losses, run = [], None
-    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    losses, run, start = [], None, 0
+    if ckpt and os.path.exists(ckpt):
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        g.set_state(state["generator"])
+        if ema:
+            ema.shadow = state["ema"]
+        losses, run, start = state["losses"], state["run"], state["step"]
+    last_save = time.time()
+    bar = tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps)
     for step in bar:
         loss = fm_loss(model, *batch_fn(step), p_uncond=p_uncond, generator=g, shift=shift, boundary=boundary)
         _step(opt, loss, list(model.parameters()), clip)
@@ -215,6 +244,18 @@ def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=
         losses.append(loss.item())
         run = losses[-1] if run is None else 0.95 * run + 0.05 * losses[-1]
         bar.set_postfix(loss=f"{run:.4f}")
+        done = step + 1
+        if hook and hook_every and (done % hook_every == 0 or done == steps):
+            hook(done, _ema_result(model, ema))
+        if ckpt and (time.time() - last_save > ckpt_every_s) and done < steps:
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                     "generator": g.get_state(), "ema": ema.shadow if ema else {}, "losses": losses,
+                     "run": run, "step": done}
+            torch.save(state, ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+            last_save = time.time()
+    if ckpt and os.path.exists(ckpt):
+        os.remove(ckpt)
     return _ema_result(model, ema), {"loss_first": losses[0] if losses else None, "loss_last": run, "losses": losses}
 
 

@@ -13,6 +13,18 @@ paraphrases of the same scene ("a red circle moves left", "a crimson ball slides
 land close together, which is what CLIP gives the DiT. After pretraining the encoder is frozen
 for every diffusion stage, as CLIP is in the paper.
 
+ASSUMPTION (keeping every word): video-text contrast alone lets the encoder drop any word the
+vision tower cannot yet see: measured on the toy world, "moves left" and "moves right" ended at
+pooled cosine 0.999, so no DiT could learn direction from them. CLIP keeps such words because its
+400M pairs contain captions that differ in them. We give it the same pressure directly, with two
+more terms (both standard for sentence encoders):
+  - caption-caption contrast: two captions of the same clip are a positive pair, every other
+    caption in the batch a negative (supervised SimCSE; COCO's several captions per image);
+  - one-word hard negatives: each clip also gets a caption with one attribute word swapped
+    ("... moves right" for "... moves left"), a negative for both its video and its captions.
+`probe` measures the result: a linear classifier on frozen features must recover colour, shape
+and motion from captions of combinations the encoder never saw.
+
 Classifier-free guidance needs an "empty prompt". Users may not pass "" (a clear ValueError);
 internally `TextEncoder.null_embedding` encodes an all-<pad> sequence instead.
 
@@ -30,6 +42,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -246,25 +259,38 @@ class VideoTower(nn.Module):
 
 
 def data_batch_fn(preset: str, batch_size: int, frames: int | None = None):
-    """batch_fn(seed, split) -> (video, captions) drawn from data.py's toy world; `frames`
-    overrides the clip length (fewer frames = faster pretraining)."""
+    """batch_fn(seed, split) -> (video, captions, paraphrases, swaps) drawn from data.py's toy
+    world: paraphrases[i] is another caption of clip i, swaps[i] a caption of clip i with one
+    attribute word changed. `frames` overrides the clip length (fewer frames = faster pretraining)."""
     import data  # lazy: data.py is a sibling concept and may be absent in isolated tests
     dcfg = data.get_config(preset)
     if frames is not None:
         dcfg = dataclasses.replace(dcfg, frames=frames)
-    return lambda seed, split="train": data.make_batch(dcfg, batch_size, seed, split=split)[:2]
+
+    def batch_fn(seed, split="train"):
+        video, captions, gt = data.make_batch(dcfg, batch_size, seed, split=split)
+        rng = np.random.RandomState(seed + 1)                # the second captions' own stream
+        paraphrases = [data.recaption(g["objects"], rng) for g in gt]
+        swaps = [data.swap_one_word(g["objects"], rng) for g in gt]
+        return video, captions, paraphrases, swaps
+    return batch_fn
 
 
 def fit_text_encoder(encoder: TextEncoder, tokenizer: Tokenizer, batch_fn, steps: int, lr: float,
                      seed: int, progress: bool = True, eval_batches: int = 4,
                      eval_split: str | None = None) -> dict:
-    """CLIP pretraining: symmetric InfoNCE between pooled text and pooled video, learnable
-    temperature. batch_fn(seed, split) -> (video (B, 3, F, H, W), captions, ...). Training uses
-    batch seeds seed*10^6 + step; evaluation uses seeds never seen in training (seed*10^6 + 900000 + i)
-    and reports top-1 video->text retrieval among the B captions of a batch (chance = 1/B; two
-    clips with the same attributes in one batch cap it below 1): `heldout_*` on unseen batches of
-    the train split, `eval_split_*` on split `eval_split` if given (data.py's "eval" holds
-    (colour, shape, motion) combinations never seen in training). The encoder is frozen at the end.
+    """CLIP pretraining, plus the two word-keeping terms of the module docstring.
+
+    batch_fn(seed, split) -> (video (B, 3, F, H, W), captions, paraphrases, swaps): B clips, a
+    caption each, a second caption of the same clip, and a caption with one attribute word swapped.
+    Loss per update = video-text InfoNCE (the swaps are extra negatives of each video)
+                    + caption-caption InfoNCE (the paraphrase is the positive; every other caption
+                      and paraphrase in the batch, and the swaps, are negatives).
+    Training uses batch seeds seed*10^6 + step; evaluation uses seeds never seen in training
+    (seed*10^6 + 900000 + i) and reports top-1 video->text retrieval among the B captions of a batch
+    (chance = 1/B; two clips with the same attributes in one batch cap it below 1): `heldout_*` on
+    unseen batches of the train split, `eval_split_*` on split `eval_split` if given (data.py's
+    "eval" holds combinations never seen in training). The encoder is frozen at the end.
     """
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -275,24 +301,25 @@ def fit_text_encoder(encoder: TextEncoder, tokenizer: Tokenizer, batch_fn, steps
     params = list(encoder.parameters()) + list(tower.parameters()) + [logit_scale]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     encoder.train().requires_grad_(True)
-    run_loss, run_acc = None, None
+    run = {}
     bar = tqdm(range(steps), desc="text: CLIP pretraining", disable=not progress)
     for step in bar:
-        batch = batch_fn(seed * 1_000_000 + step, "train")
-        video, captions = batch[0], batch[1]
-        loss, acc = _clip_loss(encoder, tower, tokenizer, video, captions, logit_scale)
+        video, captions, paraphrases, swaps = batch_fn(seed * 1_000_000 + step, "train")[:4]
+        losses = _losses(encoder, tower, tokenizer, video, captions, paraphrases, swaps, logit_scale)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (losses["video_text"] + losses["caption_caption"]).backward()
         opt.step()
         with torch.no_grad():
             logit_scale.clamp_(0, math.log(100))
-        run_loss = loss.item() if run_loss is None else 0.9 * run_loss + 0.1 * loss.item()
-        run_acc = acc if run_acc is None else 0.9 * run_acc + 0.1 * acc
-        bar.set_postfix(loss=f"{run_loss:.3f}", top1=f"{run_acc:.2f}")
+        for k, v in losses.items():   # running means for the progress bar and the metrics
+            v = v.item() if torch.is_tensor(v) else float(v)
+            run[k] = v if k not in run else 0.9 * run[k] + 0.1 * v
+        bar.set_postfix(v2t=f"{run['video_text']:.3f}", c2c=f"{run['caption_caption']:.3f}",
+                        top1=f"{run['top1']:.2f}")
     encoder.eval().requires_grad_(False)                                     # frozen from now on (as CLIP)
     tower.eval()
-    metrics = {"steps": steps, "train_loss": run_loss, "train_top1": run_acc,
-               "temperature": float(1 / logit_scale.detach().exp())}
+    metrics = {"steps": steps, "train_loss": run.get("video_text"), "train_caption_loss": run.get("caption_caption"),
+               "train_top1": run.get("top1"), "temperature": float(1 / logit_scale.detach().exp())}
     for name, split in (("heldout", "train"), ("eval_split", eval_split)):
         if split is None:
             continue
@@ -309,24 +336,113 @@ def fit_text_encoder(encoder: TextEncoder, tokenizer: Tokenizer, batch_fn, steps
     return metrics
 
 
-def _clip_logits(encoder, tower, tokenizer, video, captions, logit_scale):
+def _embed(encoder, tokenizer, captions):
     ids, mask = tokenizer.encode(list(captions))                             # (B, L), (B, L)
-    _, text = encoder(ids, mask)                                             # (B, D)
-    vid = tower(video)                                                       # (B, D)
-    text, vid = F.normalize(text, dim=-1), F.normalize(vid, dim=-1)          # unit vectors
-    logits = logit_scale.exp() * vid @ text.T                                # (B, B) video x text
-    labels = torch.arange(len(captions))
+    return F.normalize(encoder(ids, mask)[1], dim=-1)                        # (B, D) unit vectors
+
+
+def _clip_logits(encoder, tower, tokenizer, video, captions, logit_scale, extra_texts=()):
+    """(B, B + E) video x text logits; the E extra texts are negatives only."""
+    text = _embed(encoder, tokenizer, list(captions) + list(extra_texts))   # (B + E, D)
+    vid = F.normalize(tower(video), dim=-1)                                  # (B, D)
+    logits = logit_scale.exp() * vid @ text.T                                # (B, B + E)
+    B = len(captions)
+    labels = torch.arange(B)
     acc_v2t = (logits.argmax(1) == labels).float().mean().item()
-    acc_t2v = (logits.argmax(0) == labels).float().mean().item()
+    acc_t2v = (logits[:, :B].argmax(0) == labels).float().mean().item()
     return logits, acc_v2t, acc_t2v
 
 
-def _clip_loss(encoder, tower, tokenizer, video, captions, logit_scale):
-    logits, acc_v2t, _ = _clip_logits(encoder, tower, tokenizer, video, captions, logit_scale)
-    labels = torch.arange(len(captions))
-    # symmetric InfoNCE: each clip picks its caption, each caption picks its clip
-    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    return loss, acc_v2t
+def _losses(encoder, tower, tokenizer, video, captions, paraphrases, swaps, logit_scale):
+    B = len(captions)
+    labels = torch.arange(B)
+    # video-text, symmetric InfoNCE: each clip picks its caption (against every caption and every
+    # one-word swap), each caption picks its clip
+    logits, acc_v2t, _ = _clip_logits(encoder, tower, tokenizer, video, captions, logit_scale, swaps)
+    video_text = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :B].T, labels)) / 2
+    # caption-caption: caption i picks its paraphrase among all paraphrases and swaps, and back
+    z = _embed(encoder, tokenizer, list(captions) + list(paraphrases) + list(swaps))  # (3B, D)
+    cap, para, swap = z[:B], z[B:2 * B], z[2 * B:]
+    s = logit_scale.exp()
+    c2p = s * cap @ torch.cat([para, swap]).T                                # (B, 2B)
+    p2c = s * para @ torch.cat([cap, swap]).T                                # (B, 2B)
+    caption_caption = (F.cross_entropy(c2p, labels) + F.cross_entropy(p2c, labels)) / 2
+    return {"video_text": video_text, "caption_caption": caption_caption, "top1": acc_v2t}
+
+
+# ----------------------------------------------------------------------------- does it keep every word?
+def _all_captions(combos):
+    """Every paraphrase data.py can write of each single-object combination: (captions, labels)
+    with labels (N, 3) long = (colour, shape, motion) indices."""
+    import data
+    caps, labels = [], []
+    for c, s, m in combos:
+        for t in data.TEMPLATES:
+            for cw in data.COLOR_WORDS[c]:
+                for sw in data.SHAPE_WORDS[s]:
+                    for mw in data.MOTION_PHRASES[m]:
+                        caps.append(data._article(t.format(c=cw, s=sw, m=mw)))
+                        labels.append((list(data.COLORS).index(c), data.SHAPES.index(s), data.MOTIONS.index(m)))
+    return caps, torch.tensor(labels)
+
+
+def _features(encoder, tokenizer, captions, batch=512):
+    return torch.cat([encode_text(encoder, tokenizer, captions[i:i + batch])[1]
+                      for i in range(0, len(captions), batch)])              # (N, D) pooled
+
+
+def probe(encoder: TextEncoder, tokenizer: Tokenizer, train_captions: int = 4000, seed: int = 0) -> dict:
+    """Does the frozen encoder keep every attribute of a caption? Two measurements:
+
+    linear probe: a logistic-regression classifier per attribute (colour 7-way, shape 4-way, motion
+    6-way) is fitted on pooled features of `train_captions` random paraphrases of the TRAINING
+    combinations, then scored on every paraphrase of every HELD-OUT combination (21 x 108 captions
+    the encoder never saw, in words or in combination). Features are standardised on the train set.
+    one-word pairs: for each training combination's canonical prompt and each other value of one
+    attribute, the pooled cosine between the two prompts; reported as the largest cosine per
+    attribute (the closest pair), next to the smallest cosine between two paraphrases of the same
+    combination (how close "the same" is)."""
+    import data
+    g = torch.Generator().manual_seed(seed)
+    caps, y = _all_captions(data.TRAIN_COMBOS)
+    pick = torch.randperm(len(caps), generator=g)[:train_captions]
+    x_tr, y_tr = _features(encoder, tokenizer, [caps[i] for i in pick]), y[pick]
+    test_caps, y_te = _all_captions(data.HELD_OUT)
+    x_te = _features(encoder, tokenizer, test_caps)
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
+    out = {"probe_train_captions": len(pick), "probe_test_captions": len(test_caps)}
+    for j, (name, n) in enumerate((("colour", len(data.COLORS)), ("shape", len(data.SHAPES)),
+                                   ("motion", len(data.MOTIONS)))):
+        w = torch.zeros(x_tr.shape[1], n, requires_grad=True)
+        b = torch.zeros(n, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x_tr @ w + b, y_tr[:, j]) + 1e-3 * (w ** 2).sum()
+            loss.backward()
+            return loss
+        with torch.enable_grad():
+            opt.step(closure)
+        with torch.no_grad():
+            out[f"probe_{name}"] = ((x_te @ w + b).argmax(1) == y_te[:, j]).float().mean().item()
+    # one-word pairs, on the canonical phrasing
+    z = lambda ps: F.normalize(encode_text(encoder, tokenizer, ps)[1], dim=-1)  # noqa: E731
+    for j, (name, values) in enumerate((("colour", list(data.COLORS)), ("shape", data.SHAPES),
+                                        ("motion", data.MOTIONS))):
+        worst = -1.0
+        for combo in data.TRAIN_COMBOS:
+            others = [combo[:j] + (v,) + combo[j + 1:] for v in values if v != combo[j]]
+            sims = z([data.canonical_prompt(*combo)]) @ z([data.canonical_prompt(*o) for o in others]).T
+            worst = max(worst, sims.max().item())
+        out[f"one_word_max_cos_{name}"] = worst
+    same = []
+    for combo in data.TRAIN_COMBOS[::7]:
+        zc = z(_all_captions([combo])[0])                                    # (108, D)
+        same.append((zc @ zc.T).min().item())
+    out["paraphrase_min_cos"] = min(same)
+    return out
 
 
 # ----------------------------------------------------------------------------- building and checkpoints
@@ -407,25 +523,32 @@ DIRECTIONS = {"left": ((0, -1), ("left", "to the left", "leftward")), "right": (
 
 def colour_batch_fn(batch_size: int = 16, frames: int = 5, size: int = 16):
     """A minimal stand-in for data.py (tests, demo): a coloured square moving on black, captioned
-    with random synonyms. batch_fn(seed, split) -> (video (B, 3, F, size, size), captions, attrs)."""
+    with random synonyms. batch_fn(seed, split) -> (video (B, 3, F, size, size), captions,
+    paraphrases, swaps), the last two as in data_batch_fn."""
     def batch_fn(seed: int, split: str = "train"):
         g = torch.Generator().manual_seed(seed)
         video = -torch.ones(batch_size, 3, frames, size, size)
-        captions, attrs = [], []
+        pick = lambda ws: ws[int(torch.randint(len(ws), (1,), generator=g))]  # noqa: E731
+        say = lambda colour, direction: (f"{pick(('a', 'the'))} {pick(COLOURS[colour][1])} "  # noqa: E731
+                                         f"{pick(('square', 'block'))} {pick(('moves', 'goes', 'slides', 'drifts'))} "
+                                         f"{pick(DIRECTIONS[direction][1])}")
+        captions, paraphrases, swaps = [], [], []
         for b in range(batch_size):
             colour = list(COLOURS)[int(torch.randint(4, (1,), generator=g))]
             direction = list(DIRECTIONS)[int(torch.randint(4, (1,), generator=g))]
-            rgb, colour_words = COLOURS[colour]
-            (dy, dx), dir_words = DIRECTIONS[direction]
+            rgb = COLOURS[colour][0]
+            (dy, dx) = DIRECTIONS[direction][0]
             y, x = (int(v) for v in torch.randint(size // 2 - 2, size // 2 + 1, (2,), generator=g))
             for f in range(frames):
                 yy, xx = y + dy * f - 2, x + dx * f - 2
                 video[b, :, f, max(yy, 0):max(yy + 4, 0), max(xx, 0):max(xx + 4, 0)] = torch.tensor(rgb, dtype=torch.float)[:, None, None]
-            pick = lambda ws: ws[int(torch.randint(len(ws), (1,), generator=g))]
-            captions.append(f"{pick(('a', 'the'))} {pick(colour_words)} {pick(('square', 'block'))} "
-                            f"{pick(('moves', 'goes', 'slides', 'drifts'))} {pick(dir_words)}")
-            attrs.append((colour, direction))
-        return video, captions, attrs
+            captions.append(say(colour, direction))
+            paraphrases.append(say(colour, direction))
+            if int(torch.randint(2, (1,), generator=g)):                       # swap the colour or the direction
+                swaps.append(say(pick([c for c in COLOURS if c != colour]), direction))
+            else:
+                swaps.append(say(colour, pick([d for d in DIRECTIONS if d != direction])))
+        return video, captions, paraphrases, swaps
     return batch_fn
 
 

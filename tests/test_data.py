@@ -227,3 +227,20 @@ def test_clip_folder_errors_name_the_file(tmp_path):
     ds = data.ClipFolder(str(tmp_path), 16, 9)
     with pytest.raises(ValueError, match="bad.gif"):
         ds[0]
+
+
+def test_second_captions_and_one_word_swaps():
+    """text.py's word-keeping terms: recaption describes the same clip (parses to the same primary
+    object), swap_one_word changes exactly one attribute of it and never names a held-out combination."""
+    cfg = data.get_config("tiny")
+    _, caps, gt = data.make_batch(cfg, 64, seed=3)
+    rng = np.random.RandomState(0)
+    kinds = set()
+    for c, g in zip(caps, gt):
+        truth = data.parse_prompt(c)
+        assert data.parse_prompt(data.recaption(g["objects"], rng)) == truth
+        swapped = data.parse_prompt(data.swap_one_word(g["objects"], rng))
+        diff = [i for i in range(3) if swapped[i] != truth[i]]
+        assert len(diff) == 1 and swapped not in data.HELD_OUT, (c, swapped)
+        kinds.add(diff[0])
+    assert kinds == {0, 1, 2}                        # colour, shape and motion swaps all occur

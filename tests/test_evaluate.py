@@ -132,3 +132,21 @@ def test_videos_dir_errors_name_the_file(tmp_path):
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"file": "gone.gif", "prompt": "x"}) + "\n")
     with pytest.raises(FileNotFoundError, match="gone.gif"):
         evaluate.read_prompt_dir(str(tmp_path), 32)
+
+
+def test_known_wrong_videos_score_at_chance():
+    """Clean clips of all 168 combinations, each scored against a prompt drawn at random: the
+    scorer must give chance (1/7, 1/4, 1/6), not more: a model that ignores its prompt cannot look
+    better than one. Chance must lie in the 99% Wilson interval of each accuracy (n = 168)."""
+    import curves
+    combos = [(c, s, m) for c in data.COLORS for s in data.SHAPES for m in data.MOTIONS]
+    v, _ = data.make_clips(data.get_config("small"), combos, seed=5)
+    g = torch.Generator().manual_seed(0)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
+    prompts = [data.canonical_prompt(pick(list(data.COLORS)), pick(data.SHAPES), pick(data.MOTIONS)) for _ in combos]
+    r = evaluate.score_videos(v, prompts)
+    for k, chance in zip(ACC, (1 / len(data.COLORS), 1 / len(data.SHAPES), 1 / len(data.MOTIONS))):
+        lo, hi = curves.wilson(r[k], len(combos), z=2.576)
+        assert lo <= chance <= hi, (k, r[k], chance, (lo, hi))
+    right = evaluate.score_videos(v, [data.canonical_prompt(*c) for c in combos])
+    assert all(right[k] >= 0.95 for k in ACC), right    # the same clips with their own prompts

@@ -1,0 +1,264 @@
+"""Learning curves of T_theta: does the DiT learn what its prompt says, and what limits it?
+
+Every later stage (search, S2DiT-Pretrained, the teacher, KD, DMD) inherits T_theta, the
+all-attention DiT of the student's width, so whether the toy world is learnable is decided here.
+This file trains T_theta with a named recipe and, every few hundred updates, samples videos
+(many-step Euler + CFG, decoded by the run's VAE) for prompts of SEEN (colour, shape, motion)
+combinations and of HELD-OUT ones, and scores them with evaluate.py (VBench-lite, unchanged). It
+also asks whether the DiT reads each word at all: the relative change of its velocity when one
+word of the prompt changes ("word sensitivity").
+
+    python train.py --stages text,vae,latents           # what the curves need (runs/small)
+    python curves.py --run runs/small --recipe current  # one curve: ~/s2dit-runs/.. or --out
+    python curves.py --report runs/small/curves         # table (Markdown) + plot (SVG) of every curve
+
+A curve checkpoints itself every few minutes and resumes where it stopped (distill.train_fm).
+Scores carry their sample count and a 95% Wilson interval: two points whose intervals overlap
+are a tie.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import time
+from dataclasses import asdict, replace
+
+import torch
+
+import data
+import distill
+import dit
+import evaluate
+import flow
+import text as text_mod
+import train
+
+# Each recipe is a set of overrides on top of the run's preset: PipelineConfig fields (dit_batch,
+# dit_chunks, dit_lr, dit_warmup, ema), DiT fields under "dit", and the lr decay. One change at a
+# time against "current", so a curve says what its change is worth.
+RECIPES = {
+    "current": {},                                                   # the small preset as it is
+    "one_chunk": {"dit_chunks": 1, "dit_batch": 18},                 # same tokens per update, 3x the clips
+    "cosine": {"decay": "cosine"},
+    "one_chunk_cosine": {"dit_chunks": 1, "dit_batch": 18, "decay": "cosine"},
+}
+
+
+def wilson(p, n, z=1.96):
+    """95% Wilson score interval of a proportion p measured on n samples."""
+    if n == 0:
+        return (0.0, 1.0)
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def prompt_sets(n):
+    """n SEEN and n HELD-OUT combinations, canonical phrasing, spread over the whole lists."""
+    seen = [data.TRAIN_COMBOS[round(i * len(data.TRAIN_COMBOS) / n)] for i in range(n)]
+    return {"seen": seen, "heldout": data.eval_prompts(n)}
+
+
+@torch.no_grad()
+def sample_videos(model, run, combos, chunks, seeds, scale, steps, shift):
+    """Whole-window Euler + CFG (one t for every frame) -> decoded videos (B, 3, F, H, W), prompts."""
+    encoder, tokenizer = run.text()
+    n_text, n_mask = train.null_text(run)
+    prompts = [data.canonical_prompt(*c) for c in combos for _ in range(seeds)]
+    tokens, _, mask = text_mod.encode_text(encoder, tokenizer, prompts)
+    hw, T = train.data_cfg(run.cfg).size // 4, chunks * model.cfg.chunk
+    g = torch.Generator().manual_seed(1234)                          # the same noise at every point
+    noise = torch.randn(len(prompts), model.cfg.in_channels, T, hw, hw, generator=g)
+    B = len(prompts)
+    v_fn = lambda x, t: distill.cfg_predict(model, x, t[:, None].expand(B, T), tokens, mask,  # noqa: E731
+                                            n_text, n_mask, scale, causal=True)
+    z = flow.sample_euler(v_fn, noise, steps, shift)                 # (B, C, T, h, w)
+    return run.vae().decode(z).clamp(-1, 1), prompts
+
+
+@torch.no_grad()
+def word_sensitivity(model, run, chunks, t=0.7):
+    """|v(prompt) - v(prompt with one word changed)| / |v(prompt)| at noise level t, averaged over
+    6 base prompts and every other value of the word: how much the DiT reads colour, shape, motion."""
+    encoder, tokenizer = run.text()
+    hw, T = train.data_cfg(run.cfg).size // 4, chunks * model.cfg.chunk
+    g = torch.Generator().manual_seed(99)
+    out = {}
+    bases = data.TRAIN_COMBOS[::25][:6]
+    for j, (name, values) in enumerate((("colour", list(data.COLORS)), ("shape", data.SHAPES),
+                                        ("motion", data.MOTIONS))):
+        ratios = []
+        for base in bases:
+            combos = [base] + [base[:j] + (v,) + base[j + 1:] for v in values if v != base[j]]
+            tokens, _, mask = text_mod.encode_text(encoder, tokenizer, [data.canonical_prompt(*c) for c in combos])
+            x0 = torch.randn(1, model.cfg.in_channels, T, hw, hw, generator=g).expand(len(combos), -1, -1, -1, -1)
+            tt = torch.full((len(combos), T), t)
+            v = model(x0, tt, tokens, mask, causal=True)             # (K, C, T, h, w)
+            ratios += ((v[1:] - v[:1]).flatten(1).norm(dim=1) / v[:1].flatten(1).norm()).tolist()
+        out[name] = sum(ratios) / len(ratios)
+    return out
+
+
+def evaluate_point(model, run, recipe, n_prompts, seeds, scale, steps):
+    fcfg = flow.get_config(run.cfg.preset)
+    chunks = recipe.get("dit_chunks", run.cfg.dit_chunks)
+    point = {}
+    for split, combos in prompt_sets(n_prompts).items():
+        videos, prompts = sample_videos(model, run, combos, chunks, seeds, scale, steps, fcfg.shift)
+        s = evaluate.score_videos(videos, prompts)
+        for k in ("color_acc", "shape_acc", "direction_acc"):
+            point[f"{split}_{k}"] = s[k]
+        point[f"{split}_n"] = s["n"]
+    point["sensitivity"] = word_sensitivity(model, run, chunks)
+    return point
+
+
+def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, scale=None, steps=30,
+              text_path=None, threads=2):
+    """Train T_theta with recipe `name` for `updates` updates, scoring every `every`; resumable."""
+    torch.set_num_threads(threads)
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
+    recipe = dict(RECIPES[name])
+    run = train.open_run(run_dir)
+    if text_path:                                                    # compare text encoders on one pool
+        run._cache["text"] = text_mod.load_text(text_path)
+    pipe = {k: v for k, v in recipe.items() if k in asdict(run.cfg)}
+    run.cfg = replace(run.cfg, **pipe)
+    dcfg = dit.get_config(run.cfg.preset, **recipe.get("dit", {}))
+    fcfg = flow.get_config(run.cfg.preset)
+    scale = fcfg.cfg_scale if scale is None else scale
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    log = {"recipe": name, "overrides": recipe, "run": run_dir, "text": text_path or run.path("text.pt"),
+           "cfg_scale": scale, "euler_steps": steps, "prompts_per_split": n_prompts * seeds,
+           "clips_per_update": run.cfg.dit_batch, "points": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            log["points"] = json.load(f)["points"]
+    done = {p["update"] for p in log["points"]}
+    t_start = time.time() - (log["points"][-1]["seconds"] if log["points"] else 0)
+
+    def hook(step, ema_model):
+        if step in done:
+            return
+        t0 = time.time()
+        point = {"update": step, "clips": step * run.cfg.dit_batch, "seconds": round(time.time() - t_start)}
+        point.update(evaluate_point(ema_model.eval(), run, recipe, n_prompts, seeds, scale, steps))
+        point["eval_seconds"] = round(time.time() - t0)
+        log["points"].append(point)
+        with open(path + ".tmp", "w") as f:
+            json.dump(log, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"[{name}] update {step}: " + ", ".join(
+            f"{k} {point[k]:.2f}" for k in point if k.endswith("_acc")) +
+            f"; sensitivity {point['sensitivity']}", flush=True)
+
+    torch.manual_seed(run.cfg.seed)
+    model = dit.DiT(dcfg)
+    batch_fn = train.dit_batches(run, run.cfg.dit_batch, run.cfg.seed + train.STAGES.index("base"))
+    distill.train_fm(model, batch_fn, updates, run.cfg.dit_lr, p_uncond=fcfg.cfg_dropout, shift=fcfg.train_shift,
+                     seed=run.cfg.seed, ema_decay=run.cfg.ema, desc=f"curve {name}", warmup=run.cfg.dit_warmup,
+                     decay=recipe.get("decay", "none"), ckpt=os.path.join(out_dir, f"{name}.ckpt.pt"),
+                     hook=hook, hook_every=every)
+    return log
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: one Markdown table and one SVG plot of every curve in a folder
+# ----------------------------------------------------------------------------------------------
+ATTRS = (("color_acc", "colour", 1 / 7), ("shape_acc", "shape", 1 / 4), ("direction_acc", "direction", 1 / 6))
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def load_curves(folder):
+    logs = []
+    for p in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(p) as f:
+            logs.append(json.load(f))
+    if not logs:
+        raise FileNotFoundError(f"no curves (*.json) in {folder}; make one with `python curves.py --run DIR --recipe NAME`")
+    return logs
+
+
+def table(logs):
+    rows = ["| recipe | update | clips | minutes | seen colour / shape / direction | held-out colour / shape / direction "
+            "| word sensitivity colour / shape / motion |", "|---|---|---|---|---|---|---|"]
+    for log in logs:
+        for p in log["points"]:
+            cell = lambda split: " / ".join(f"{p[f'{split}_{k}']:.2f}" for k, _, _ in ATTRS)  # noqa: E731
+            s = p["sensitivity"]
+            rows.append(f"| {log['recipe']} | {p['update']} | {p['clips']} | {p['seconds'] / 60:.1f} | {cell('seen')} | "
+                        f"{cell('heldout')} | {s['colour']:.3f} / {s['shape']:.3f} / {s['motion']:.3f} |")
+    n = logs[0]["points"][0]["heldout_n"] if logs[0]["points"] else 0
+    lo, hi = wilson(0.5, n)
+    rows.append(f"\n{n} videos per split and point (each combination x {logs[0]['prompts_per_split'] // max(1, n // 2)} "
+                f"noise draws, rounded); a 95% interval is about +-{(hi - lo) / 2:.2f} at 0.5.")
+    return "\n".join(rows)
+
+
+def svg(logs, width=960, height=330):
+    """Three panels (colour, shape, direction) of accuracy against clips seen: one colour per
+    recipe, solid = held-out combinations, dashed = seen ones, grey = chance. Plain SVG text: no
+    plotting library needed, and it renders on GitHub and in any browser."""
+    W, H, m = width // 3, height, 40
+    xmax = max((p["clips"] for log in logs for p in log["points"]), default=1)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20 * len(logs) + 10}" '
+           f'font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>']
+    for i, (key, label, chance) in enumerate(ATTRS):
+        x0 = i * W
+        X = lambda c: x0 + m + (W - m - 10) * c / xmax                                   # noqa: E731
+        Y = lambda a: H - m + (-(H - m - 20)) * a                                        # noqa: E731
+        out.append(f'<text x="{x0 + W / 2}" y="14" text-anchor="middle" font-weight="bold">{label}</text>')
+        out.append(f'<line x1="{X(0)}" y1="{Y(0)}" x2="{X(xmax)}" y2="{Y(0)}" stroke="black"/>')
+        out.append(f'<line x1="{X(0)}" y1="{Y(0)}" x2="{X(0)}" y2="{Y(1)}" stroke="black"/>')
+        for a in (0, 0.5, 1):
+            out.append(f'<text x="{X(0) - 4}" y="{Y(a) + 4}" text-anchor="end">{a:g}</text>')
+        out.append(f'<text x="{X(xmax)}" y="{Y(0) + 16}" text-anchor="end">{xmax // 1000}k clips</text>')
+        out.append(f'<line x1="{X(0)}" y1="{Y(chance)}" x2="{X(xmax)}" y2="{Y(chance)}" stroke="#aaa" stroke-dasharray="2,3"/>')
+        for j, log in enumerate(logs):
+            for split, dash in (("heldout", ""), ("seen", ' stroke-dasharray="5,4"')):
+                pts = " ".join(f"{X(p['clips']):.1f},{Y(p[f'{split}_{key}']):.1f}" for p in log["points"])
+                out.append(f'<polyline points="{pts}" fill="none" stroke="{COLOURS[j % len(COLOURS)]}" stroke-width="2"{dash}/>')
+    for j, log in enumerate(logs):
+        y = H + 20 * j + 14
+        out.append(f'<line x1="{m}" y1="{y - 4}" x2="{m + 24}" y2="{y - 4}" stroke="{COLOURS[j % len(COLOURS)]}" stroke-width="2"/>')
+        out.append(f'<text x="{m + 30}" y="{y}">{log["recipe"]}: {json.dumps(log["overrides"])} '
+                   f'(solid held-out, dashed seen; grey chance)</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Learning curves of T_theta (prompt following against updates).")
+    p.add_argument("--run", help="a train.py run with the text, vae and latents stages done")
+    p.add_argument("--recipe", default="current", help=f"one of: {', '.join(RECIPES)}")
+    p.add_argument("--updates", type=int, default=1200, help="T_theta updates")
+    p.add_argument("--every", type=int, default=200, help="score every N updates")
+    p.add_argument("--prompts", type=int, default=12, help="combinations per split (seen, held-out)")
+    p.add_argument("--seeds", type=int, default=2, help="noise draws per combination")
+    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the preset's)")
+    p.add_argument("--text", default=None, help="another text encoder checkpoint (default: the run's text.pt)")
+    p.add_argument("--out", default=None, help="folder of the curve files (default: <run>/curves)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--report", default=None, help="write the table and plot of every curve in this folder and exit")
+    p.add_argument("--svg", default="assets/curves.svg", help="where --report writes the plot")
+    args = p.parse_args(argv)
+    if args.report:
+        logs = load_curves(args.report)
+        print(table(logs))
+        with open(args.svg, "w") as f:
+            f.write(svg(logs))
+        print(f"\nplot: {args.svg}")
+        return
+    if not args.run:
+        p.error("--run DIR is required (or --report FOLDER)")
+    if args.recipe not in RECIPES:
+        p.error(f"unknown recipe {args.recipe!r}; recipes: {', '.join(RECIPES)}")
+    run_curve(args.run, args.recipe, args.updates, args.every, args.out or os.path.join(args.run, "curves"),
+              args.prompts, args.seeds, args.cfg_scale, text_path=args.text, threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()
