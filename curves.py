@@ -11,6 +11,7 @@ word of the prompt changes ("word sensitivity").
     python train.py --stages text,vae,latents           # what the curves need (runs/small)
     python curves.py --run runs/small --recipe current  # one curve: ~/s2dit-runs/.. or --out
     python curves.py --report runs/small/curves         # table (Markdown) + plot (SVG) of every curve
+    python curves.py --bench                            # a training step's GFLOP/s against the matmul peak
 
 A curve checkpoints itself every few minutes and resumes where it stopped (distill.train_fm).
 Scores carry their sample count and a 95% Wilson interval: two points whose intervals overlap
@@ -35,13 +36,12 @@ import text as text_mod
 import train
 
 # Each recipe is a set of overrides on top of the run's preset: PipelineConfig fields (dit_batch,
-# dit_chunks, dit_lr, dit_warmup, ema), DiT fields under "dit", and the lr decay. One change at a
+# dit_chunks, first_chunk_frac, dit_lr, dit_decay, ema, ...) and DiT fields under "dit". One change at a
 # time against "current", so a curve says what its change is worth.
 RECIPES = {
     "current": {},                                                   # the small preset as it is
-    "one_chunk": {"dit_chunks": 1, "dit_batch": 18},                 # same tokens per update, 3x the clips
-    "cosine": {"decay": "cosine"},
-    "one_chunk_cosine": {"dit_chunks": 1, "dit_batch": 18, "decay": "cosine"},
+    "first_chunk": {"first_chunk_frac": 1.0},                        # every update on first chunks, 18 clips
+    "first_chunk_cosine": {"first_chunk_frac": 1.0, "dit_decay": "cosine"},
 }
 
 
@@ -100,9 +100,8 @@ def word_sensitivity(model, run, chunks, t=0.7):
     return out
 
 
-def evaluate_point(model, run, recipe, n_prompts, seeds, scale, steps):
+def evaluate_point(model, run, chunks, n_prompts, seeds, scale, steps):
     fcfg = flow.get_config(run.cfg.preset)
-    chunks = recipe.get("dit_chunks", run.cfg.dit_chunks)
     point = {}
     for split, combos in prompt_sets(n_prompts).items():
         videos, prompts = sample_videos(model, run, combos, chunks, seeds, scale, steps, fcfg.shift)
@@ -114,8 +113,8 @@ def evaluate_point(model, run, recipe, n_prompts, seeds, scale, steps):
     return point
 
 
-def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, scale=None, steps=30,
-              text_path=None, threads=2):
+def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, scale=None, steps=20,
+              text_path=None, threads=2, eval_chunks=1):
     """Train T_theta with recipe `name` for `updates` updates, scoring every `every`; resumable."""
     torch.set_num_threads(threads)
     if name not in RECIPES:
@@ -132,21 +131,26 @@ def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, sca
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
     log = {"recipe": name, "overrides": recipe, "run": run_dir, "text": text_path or run.path("text.pt"),
-           "cfg_scale": scale, "euler_steps": steps, "prompts_per_split": n_prompts * seeds,
-           "clips_per_update": run.cfg.dit_batch, "points": []}
+           "cfg_scale": scale, "euler_steps": steps, "eval_chunks": eval_chunks, "combinations": n_prompts, "seeds": seeds,
+           "points": []}
     if os.path.exists(path):
         with open(path) as f:
             log["points"] = json.load(f)["points"]
     done = {p["update"] for p in log["points"]}
-    t_start = time.time() - (log["points"][-1]["seconds"] if log["points"] else 0)
+    # training seconds only (the scoring is not training); a resumed curve continues its count
+    clock = {"train": log["points"][-1]["seconds"] if log["points"] else 0, "mark": time.time()}
 
     def hook(step, ema_model):
         if step in done:
             return
         t0 = time.time()
-        point = {"update": step, "clips": step * run.cfg.dit_batch, "seconds": round(time.time() - t_start)}
-        point.update(evaluate_point(ema_model.eval(), run, recipe, n_prompts, seeds, scale, steps))
+        clock["train"] += t0 - clock["mark"]
+        n1 = int(run.cfg.first_chunk_frac * updates)                 # clips seen so far (fm_batches)
+        clips = min(step, n1) * run.cfg.first_chunk_batch + max(0, step - n1) * run.cfg.dit_batch
+        point = {"update": step, "clips": clips, "seconds": round(clock["train"])}
+        point.update(evaluate_point(ema_model.eval(), run, eval_chunks, n_prompts, seeds, scale, steps))
         point["eval_seconds"] = round(time.time() - t0)
+        clock["mark"] = time.time()
         log["points"].append(point)
         with open(path + ".tmp", "w") as f:
             json.dump(log, f, indent=1)
@@ -157,10 +161,10 @@ def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, sca
 
     torch.manual_seed(run.cfg.seed)
     model = dit.DiT(dcfg)
-    batch_fn = train.dit_batches(run, run.cfg.dit_batch, run.cfg.seed + train.STAGES.index("base"))
+    batch_fn = train.fm_batches(run, run.cfg.seed + train.STAGES.index("base"), updates)  # as the base stage
     distill.train_fm(model, batch_fn, updates, run.cfg.dit_lr, p_uncond=fcfg.cfg_dropout, shift=fcfg.train_shift,
                      seed=run.cfg.seed, ema_decay=run.cfg.ema, desc=f"curve {name}", warmup=run.cfg.dit_warmup,
-                     decay=recipe.get("decay", "none"), ckpt=os.path.join(out_dir, f"{name}.ckpt.pt"),
+                     decay=run.cfg.dit_decay, ckpt=os.path.join(out_dir, f"{name}.ckpt.pt"),
                      hook=hook, hook_every=every)
     return log
 
@@ -191,10 +195,12 @@ def table(logs):
             s = p["sensitivity"]
             rows.append(f"| {log['recipe']} | {p['update']} | {p['clips']} | {p['seconds'] / 60:.1f} | {cell('seen')} | "
                         f"{cell('heldout')} | {s['colour']:.3f} / {s['shape']:.3f} / {s['motion']:.3f} |")
-    n = logs[0]["points"][0]["heldout_n"] if logs[0]["points"] else 0
-    lo, hi = wilson(0.5, n)
-    rows.append(f"\n{n} videos per split and point (each combination x {logs[0]['prompts_per_split'] // max(1, n // 2)} "
-                f"noise draws, rounded); a 95% interval is about +-{(hi - lo) / 2:.2f} at 0.5.")
+    for log in logs:
+        n = log["combinations"] * log["seeds"]
+        lo, hi = wilson(0.5, n)
+        rows.append(f"\n{log['recipe']}: {n} videos per split and point ({log['combinations']} combinations x "
+                    f"{log['seeds']} noise draws, {log['eval_chunks']} chunk(s), {log['euler_steps']} Euler steps, "
+                    f"CFG {log['cfg_scale']}); a 95% interval is about +-{(hi - lo) / 2:.2f} at 0.5.")
     return "\n".join(rows)
 
 
@@ -230,6 +236,52 @@ def svg(logs, width=960, height=330):
     return "\n".join(out)
 
 
+# ----------------------------------------------------------------------------------------------
+# How close to the machine is a training step? (achieved GFLOP/s against the matmul peak, one run)
+# ----------------------------------------------------------------------------------------------
+def bench(preset="small", batch=6, chunks=3, threads=2, reps=5, dit_overrides=None):
+    """FLOPs of one T_theta update (forward + backward, counted by torch's FlopCounterMode) over its
+    measured time, next to the peak of a square float32 matmul on the same threads, in one process."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    peak = 20 * 2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9
+    cfg = dit.get_config(preset, **(dit_overrides or {}))
+    torch.manual_seed(0)
+    model = dit.DiT(cfg)
+    hw = data.get_config(preset).size // 4
+    T = chunks * cfg.chunk
+    x0 = torch.randn(batch, cfg.in_channels, T, hw, hw)
+    text = torch.randn(batch, 16, cfg.text_dim)
+    mask = torch.ones(batch, 16, dtype=torch.bool)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = distill.fm_loss(model, x0, text, mask, text[:1], mask[:1], generator=torch.Generator().manual_seed(0))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    step()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    sec = (time.perf_counter() - t0) / reps
+    tokens = batch * T * (hw // cfg.patch[1]) * (hw // cfg.patch[2])
+    return {"preset": preset, "threads": threads, "batch": batch, "chunks": chunks, "tokens_per_update": tokens,
+            "params": dit.count_params(model), "gflop_per_update": round(flops / 1e9, 2),
+            "ms_per_update": round(sec * 1000, 1), "clips_per_s": round(batch / sec, 1),
+            "achieved_gflops": round(flops / sec / 1e9, 1), "matmul_peak_gflops": round(peak, 1),
+            "fraction_of_peak": round(flops / sec / 1e9 / peak, 2)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Learning curves of T_theta (prompt following against updates).")
     p.add_argument("--run", help="a train.py run with the text, vae and latents stages done")
@@ -239,12 +291,20 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=12, help="combinations per split (seen, held-out)")
     p.add_argument("--seeds", type=int, default=2, help="noise draws per combination")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the preset's)")
+    p.add_argument("--eval-chunks", type=int, default=1, help="chunks per scored video (1 = 9 frames: every recipe "
+                   "is scored on the same first chunk, where the prompt alone sets the direction)")
+    p.add_argument("--euler-steps", type=int, default=20, help="Euler steps of the scored samples")
     p.add_argument("--text", default=None, help="another text encoder checkpoint (default: the run's text.pt)")
     p.add_argument("--out", default=None, help="folder of the curve files (default: <run>/curves)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--report", default=None, help="write the table and plot of every curve in this folder and exit")
     p.add_argument("--svg", default="assets/curves.svg", help="where --report writes the plot")
+    p.add_argument("--bench", action="store_true", help="print the training step's GFLOP/s against the matmul peak and exit")
     args = p.parse_args(argv)
+    if args.bench:
+        for chunks, batch in ((3, 6), (1, 18)):
+            print(json.dumps(bench("small", batch=batch, chunks=chunks, threads=args.threads)))
+        return
     if args.report:
         logs = load_curves(args.report)
         print(table(logs))
@@ -257,7 +317,8 @@ def main(argv=None):
     if args.recipe not in RECIPES:
         p.error(f"unknown recipe {args.recipe!r}; recipes: {', '.join(RECIPES)}")
     run_curve(args.run, args.recipe, args.updates, args.every, args.out or os.path.join(args.run, "curves"),
-              args.prompts, args.seeds, args.cfg_scale, text_path=args.text, threads=args.threads)
+              args.prompts, args.seeds, args.cfg_scale, args.euler_steps, text_path=args.text, threads=args.threads,
+              eval_chunks=args.eval_chunks)
 
 
 if __name__ == "__main__":

@@ -403,3 +403,40 @@ def test_ode_init_teaches_the_student_the_real_scores_ode():
 def test_get_config_unknown_preset():
     with pytest.raises(ValueError, match="tiny"):
         distill.get_config("huge")
+
+
+# ---------------------------------------------------------------------------------------- resumable flow matching
+def test_train_fm_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """A long flow-matching stage saves itself (model, optimizer, EMA, noise generator, step) and resumes
+    where it stopped: killed after 3 of 6 updates and run again, it gives the same weights, bit for bit."""
+    def fit(ckpt=None, kill_at=None, init_seed=1):
+        model = tiny_s2dit(seed=init_seed)
+        batch_fn = lambda step: toy_inputs(step)                                 # noqa: E731
+
+        def hook(step, _):
+            if step == kill_at:
+                raise KeyboardInterrupt                                          # as if the process died here
+        return distill.train_fm(model, batch_fn, 6, 1e-3, seed=3, ema_decay=0.9, progress=False, warmup=2,
+                                decay="cosine", ckpt=ckpt, ckpt_every_s=0.0, hook=hook, hook_every=1)[0]
+
+    def toy_inputs(step):
+        g = torch.Generator().manual_seed(step)
+        text, mask = text_inputs()
+        return (torch.randn(1, 4, 3, 4, 4, generator=g), text, mask, torch.zeros_like(text), mask)
+
+    reference = fit()
+    ckpt = str(tmp_path / "fm.ckpt.pt")
+    with pytest.raises(KeyboardInterrupt):
+        fit(ckpt, kill_at=4)                       # the checkpoint of update 3 is on disk
+    assert os.path.exists(ckpt)
+    resumed = fit(ckpt, init_seed=2)               # other initial weights: only the checkpoint can make it equal
+    assert not os.path.exists(ckpt)                # removed once the loop has finished
+    for (k, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_lr_factor_warmup_then_cosine():
+    assert distill.lr_factor(0, 4, 100, "none") == 0.25 and distill.lr_factor(50, 4, 100, "none") == 1.0
+    assert distill.lr_factor(4, 4, 100, "cosine") == pytest.approx(1.0)
+    assert distill.lr_factor(100, 4, 100, "cosine") == pytest.approx(0.1)
+    assert 0.1 < distill.lr_factor(52, 4, 100, "cosine") < 1.0
