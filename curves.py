@@ -137,6 +137,8 @@ def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, sca
         with open(path) as f:
             log["points"] = json.load(f)["points"]
     done = {p["update"] for p in log["points"]}
+    if updates in done:                                              # a finished curve: nothing to train
+        return log
     # training seconds only (the scoring is not training); a resumed curve continues its count
     clock = {"train": log["points"][-1]["seconds"] if log["points"] else 0, "mark": time.time()}
 
@@ -282,6 +284,21 @@ def bench(preset="small", batch=6, chunks=3, threads=2, reps=5, dit_overrides=No
             "fraction_of_peak": round(flops / sec / 1e9 / peak, 2)}
 
 
+BEGIN, END = "<!-- curves.py --report: begin -->", "<!-- curves.py --report: end -->"
+
+
+def write_block(path, body):
+    """Replace the block between BEGIN and END in `path` (appended when absent); the rest of the
+    file (reproduce.py's tables) is left as it is, and reproduce.py keeps this block in turn."""
+    old = open(path).read() if os.path.exists(path) else ""
+    block = f"{BEGIN}\n{body}\n{END}"
+    new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):] if BEGIN in old and END in old \
+        else old.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path + ".tmp", "w") as f:
+        f.write(new)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Learning curves of T_theta (prompt following against updates).")
     p.add_argument("--run", help="a train.py run with the text, vae and latents stages done")
@@ -299,6 +316,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--report", default=None, help="write the table and plot of every curve in this folder and exit")
     p.add_argument("--svg", default="assets/curves.svg", help="where --report writes the plot")
+    p.add_argument("--results", default=None, help="with --report: also put the table and plot into this "
+                   "Markdown file (RESULTS.md), between its curves markers")
     p.add_argument("--bench", action="store_true", help="print the training step's GFLOP/s against the matmul peak and exit")
     args = p.parse_args(argv)
     if args.bench:
@@ -311,6 +330,10 @@ def main(argv=None):
         with open(args.svg, "w") as f:
             f.write(svg(logs))
         print(f"\nplot: {args.svg}")
+        if args.results:
+            rel = os.path.relpath(args.svg, os.path.dirname(os.path.abspath(args.results)))
+            write_block(args.results, f"Made by `python curves.py --report {args.report} --results {args.results}` "
+                        f"on {time.strftime('%Y-%m-%d')}.\n\n![learning curves]({rel})\n\n{table(logs)}")
         return
     if not args.run:
         p.error("--run DIR is required (or --report FOLDER)")

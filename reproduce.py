@@ -28,6 +28,7 @@ import time
 
 import torch
 
+import curves
 import data
 import distill
 import evaluate
@@ -302,6 +303,9 @@ def write_results(path, res, cmd, seconds):
         L += [f"## {title}", "", table, "", f"*Paper's ordering:* {check}", ""]
     L += ["## Pictures", "", f"![prompts x models]({os.path.relpath(res['grid'], os.path.dirname(os.path.abspath(path)))})", "",
           "Rows: held-out prompts; columns: the models of Tab. 1 (with the 2-step student before DMD, when the run kept it) and the AR students of Tab. A1 (1, 2, 4 steps).", ""]
+    old = open(path).read() if os.path.exists(path) else ""
+    if curves.BEGIN in old and curves.END in old:        # the learning curves (curves.py --report) stay
+        L += [old[old.index(curves.BEGIN):old.index(curves.END) + len(curves.END)], ""]
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(L))
     os.replace(path + ".tmp", path)

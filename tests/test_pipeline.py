@@ -108,3 +108,30 @@ def test_unknown_preset_and_stage_are_clear_errors(tmp_path):
         train.get_config("huge")
     with pytest.raises(SystemExit):
         train.main(["--stages", "vae,nope", "--out", str(tmp_path / "x")])
+
+
+def test_learning_curve_scores_resumes_and_reports(tiny_run, tmp_path):
+    """curves.py on the tiny run: a curve of 4 updates scored every 2 writes one point per score with
+    both splits, keeps its points when run again (nothing retrained), and --report writes the table,
+    the SVG and its block in a Markdown file without touching the rest of the file."""
+    import curves
+    run, _, _ = tiny_run
+    out = str(tmp_path / "curves")
+    log = curves.run_curve(run.dir, "first_chunk", 4, 2, out, n_prompts=1, seeds=2, steps=2, threads=1)
+    assert [p["update"] for p in log["points"]] == [2, 4]
+    p = log["points"][-1]
+    assert p["seen_n"] == p["heldout_n"] == 2 and p["clips"] == 4 * run.cfg.first_chunk_batch
+    assert all(0 <= p[f"{s}_{k}"] <= 1 for s in ("seen", "heldout") for k in ("color_acc", "shape_acc", "direction_acc"))
+    assert set(p["sensitivity"]) == {"colour", "shape", "motion"} and p["sensitivity"]["colour"] > 0
+    stamp = os.path.getmtime(os.path.join(out, "first_chunk.json"))
+    again = curves.run_curve(run.dir, "first_chunk", 4, 2, out, n_prompts=1, seeds=2, steps=2, threads=1)
+    assert again["points"] == log["points"] and os.path.getmtime(os.path.join(out, "first_chunk.json")) == stamp
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# tables\n\nkeep me\n")
+    svg = str(tmp_path / "c.svg")
+    for _ in range(2):                                  # twice: the block is replaced, not appended again
+        curves.main(["--report", out, "--svg", svg, "--results", str(md)])
+    text = md.read_text()
+    assert text.startswith("# tables\n\nkeep me\n") and text.count(curves.BEGIN) == 1
+    assert "| first_chunk | 4 |" in text and open(svg).read().startswith("<svg")
+    assert curves.wilson(0.5, 24) == pytest.approx((0.314, 0.686), abs=1e-3)
