@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import flow
 from dit import StreamState
+from resume import Checkpoint
 
 
 @dataclass
@@ -223,17 +224,17 @@ def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, steps, decay))
     ema = EMA(model, ema_decay) if ema_decay else None
-    losses, run, start = [], None, 0
-    if ckpt and os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    losses, run = [], None
+    saver = Checkpoint(ckpt, ckpt_every_s)
+    start, state = saver.load()
+    if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         g.set_state(state["generator"])
         if ema:
             ema.shadow = state["ema"]
-        losses, run, start = state["losses"], state["run"], state["step"]
-    last_save = time.time()
+        losses, run = state["losses"], state["run"]
     bar = tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps)
     for step in bar:
         loss = fm_loss(model, *batch_fn(step), p_uncond=p_uncond, generator=g, shift=shift, boundary=boundary)
@@ -244,18 +245,12 @@ def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=
         losses.append(loss.item())
         run = losses[-1] if run is None else 0.95 * run + 0.05 * losses[-1]
         bar.set_postfix(loss=f"{run:.4f}")
-        done = step + 1
-        if hook and hook_every and (done % hook_every == 0 or done == steps):
-            hook(done, _ema_result(model, ema))
-        if ckpt and (time.time() - last_save > ckpt_every_s) and done < steps:
-            state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                     "generator": g.get_state(), "ema": ema.shadow if ema else {}, "losses": losses,
-                     "run": run, "step": done}
-            torch.save(state, ckpt + ".tmp")
-            os.replace(ckpt + ".tmp", ckpt)
-            last_save = time.time()
-    if ckpt and os.path.exists(ckpt):
-        os.remove(ckpt)
+        if hook and hook_every and ((step + 1) % hook_every == 0 or step + 1 == steps):
+            hook(step + 1, _ema_result(model, ema))
+        saver.maybe_save(step + 1, lambda: {
+            "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            "generator": g.get_state(), "ema": ema.shadow if ema else {}, "losses": losses, "run": run})
+    saver.finish()
     return _ema_result(model, ema), {"loss_first": losses[0] if losses else None, "loss_last": run, "losses": losses}
 
 

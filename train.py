@@ -265,7 +265,7 @@ def stage_vae(run):
     model = vae_mod.VAE(vae_mod.get_config(cfg.preset))
     dcfg = data_cfg(cfg)
     m = vae_mod.fit_vae(model, lambda s: data.make_batch(dcfg, cfg.vae_batch, cfg.seed * 7919 + s)[0],
-                        cfg.vae_steps, cfg.vae_lr, cfg.seed)
+                        cfg.vae_steps, cfg.vae_lr, cfg.seed, ckpt=run.path("vae.ckpt.pt"))
     held_out = data.make_batch(dcfg, 16, seed=10_000_019, split="eval")[0]
     m["heldout_psnr"] = vae_mod.reconstruct_psnr(model, held_out)
     print(f"VAE held-out reconstruction PSNR: {m['heldout_psnr']:.2f} dB")

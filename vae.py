@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
+from resume import Checkpoint
+
 
 @dataclass
 class VAEConfig:
@@ -389,11 +391,12 @@ def lr_factor(step, steps, warmup=30, floor=0.05):
     return min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def fit_vae(vae, batch_fn, steps, lr=5e-4, seed=0, progress=True, stats_batches=4):
+def fit_vae(vae, batch_fn, steps, lr=5e-4, seed=0, progress=True, stats_batches=4, ckpt=None, ckpt_every_s=180.0):
     """Train with L1 + MSE (weighted towards moving pixels, motion_weights) + beta * KL (Adam, warm-up
     + cosine decay) on windows / crops of the clips (train_view); then set the latent statistics on
     whole clips.
-    batch_fn(step) -> video (B, 3, F, H, W) in [-1, 1]."""
+    batch_fn(step) -> video (B, 3, F, H, W) in [-1, 1]. ckpt: a file the loop saves itself to every
+    ckpt_every_s seconds and resumes from, bit-identically (resume.py)."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -402,7 +405,16 @@ def fit_vae(vae, batch_fn, steps, lr=5e-4, seed=0, progress=True, stats_batches=
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
     run_loss, run_psnr, t0, first_loss = None, None, time.time(), None
-    bar = tqdm(range(steps), desc="vae", disable=not progress, mininterval=2.0)
+    saver = Checkpoint(ckpt, ckpt_every_s)
+    start, state = saver.load()
+    if state:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])        # the posterior's samples draw from the global stream
+        run_loss, run_psnr, first_loss = state["run_loss"], state["run_psnr"], state["first_loss"]
+    bar = tqdm(range(start, steps), desc="vae", disable=not progress, mininterval=2.0, initial=start, total=steps)
     for step in bar:
         video = train_view(batch_fn(step), vae.cfg, gen)  # (B, 3, F', S, S)
         rec, kl = vae(video)  # (B, 3, F', S, S), scalar
@@ -420,6 +432,11 @@ def fit_vae(vae, batch_fn, steps, lr=5e-4, seed=0, progress=True, stats_batches=
         run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
         run_psnr = p if run_psnr is None else 0.95 * run_psnr + 0.05 * p
         bar.set_postfix(loss=f"{run_loss:.4f}", psnr=f"{run_psnr:.1f}", refresh=False)
+        saver.maybe_save(step + 1, lambda: {
+            "model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "run_loss": run_loss,
+            "run_psnr": run_psnr, "first_loss": first_loss})
+    saver.finish()
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode_raw(batch_fn(steps + i)) for i in range(stats_batches)])
