@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F_
 
 import vae as vae_mod
+from resume import Checkpoint
 from vae import CausalDecoder, load_model, psnr, save_checkpoint  # noqa: F401 (save_checkpoint re-exported)
 
 
@@ -135,10 +136,12 @@ class PatchDiscriminator(nn.Module):
         return self.net(vae_mod.to_frames(video))  # (B*F, 1, H/4, W/4) logits
 
 
-def fit_decoder(decoder, vae, batch_fn, steps, lr=2e-3, seed=0, gan_start=None, progress=True):
+def fit_decoder(decoder, vae, batch_fn, steps, lr=2e-3, seed=0, gan_start=None, progress=True, ckpt=None,
+                ckpt_every_s=180.0):
     """Train on frozen VAE-encoder latents: L1 + perc_weight * perceptual + gan_weight * hinge GAN
     (the GAN starts after `gan_start` steps: a warm-up so the discriminator never faces pure
-    noise; default: half of the steps). batch_fn(step) -> video (B, 3, F, H, W) in [-1, 1]."""
+    noise; default: half of the steps). batch_fn(step) -> video (B, 3, F, H, W) in [-1, 1].
+    ckpt: saved every ckpt_every_s seconds and resumed from, bit-identically (resume.py)."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -152,7 +155,17 @@ def fit_decoder(decoder, vae, batch_fn, steps, lr=2e-3, seed=0, gan_start=None, 
         opt_g, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     decoder.train()
     run, t0, first_loss = {}, time.time(), None
-    bar = tqdm(range(steps), desc="decoder", disable=not progress, mininterval=2.0)
+    saver = Checkpoint(ckpt, ckpt_every_s)
+    start, state = saver.load()
+    if state:
+        decoder.load_state_dict(state["decoder"])
+        disc.load_state_dict(state["disc"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["torch_rng"])
+        run, first_loss = state["run"], state["first_loss"]
+    bar = tqdm(range(start, steps), desc="decoder", disable=not progress, mininterval=2.0, initial=start, total=steps)
     for step in bar:
         video = batch_fn(step)  # (B, 3, F, H, W)
         with torch.no_grad():
@@ -180,6 +193,11 @@ def fit_decoder(decoder, vae, batch_fn, steps, lr=2e-3, seed=0, gan_start=None, 
                      ("psnr", psnr(rec.detach(), video))):
             run[k] = v if k not in run else 0.95 * run[k] + 0.05 * v
         bar.set_postfix(loss=f"{run['loss']:.4f}", psnr=f"{run['psnr']:.1f}", d=f"{run['d']:.2f}", refresh=False)
+        saver.maybe_save(step + 1, lambda: {
+            "decoder": decoder.state_dict(), "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
+            "opt_d": opt_d.state_dict(), "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+            "run": run, "first_loss": first_loss})
+    saver.finish()
     decoder.eval()
     return {"steps": steps, "gan_start": gan_start, "first_loss": first_loss, **run, "seconds": time.time() - t0}
 

@@ -407,20 +407,31 @@ def kd_loss(student, batch, w_l=0.5, w_h=0.5):
     return w_l * F.mse_loss(V_l, batch["v_l"]) + w_h * F.mse_loss(V_h, batch["v_h"])
 
 
-def train_kd(student, cache, cfg: DMDConfig, progress=True):
-    """Offline KD loop on a CachedKD: the teacher is not needed. Returns (EMA student, metrics)."""
+def train_kd(student, cache, cfg: DMDConfig, progress=True, ckpt=None, ckpt_every_s=180.0):
+    """Offline KD loop on a CachedKD: the teacher is not needed. Returns (EMA student, metrics).
+    ckpt: saved every ckpt_every_s seconds and resumed from, bit-identically (resume.py)."""
     g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.kd_lr, weight_decay=cfg.weight_decay)
     ema = EMA(student, cfg.ema)
     losses, run = [], None
-    bar = tqdm(range(cfg.kd_steps), desc="kd", disable=not progress)
-    for _ in bar:
+    saver = Checkpoint(ckpt, ckpt_every_s)
+    start, state = saver.load()
+    if state:
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["generator"])
+        ema.shadow, losses, run = state["ema"], state["losses"], state["run"]
+    bar = tqdm(range(start, cfg.kd_steps), desc="kd", disable=not progress, initial=start, total=cfg.kd_steps)
+    for step in bar:
         loss = kd_loss(student, cache.collate(torch.randint(len(cache), (cfg.kd_batch,), generator=g)), cfg.w_l, cfg.w_h)
         _step(opt, loss, list(student.parameters()), cfg.clip)
         ema.update(student)
         losses.append(loss.item())
         run = losses[-1] if run is None else 0.95 * run + 0.05 * losses[-1]
         bar.set_postfix(loss=f"{run:.4f}")
+        saver.maybe_save(step + 1, lambda: {"model": student.state_dict(), "opt": opt.state_dict(),
+                                            "generator": g.get_state(), "ema": ema.shadow, "losses": losses, "run": run})
+    saver.finish()
     return _ema_result(student, ema), {"kd_loss_first": losses[0] if losses else None, "kd_loss_last": run,
                                        "kd_losses": losses, "cache_bytes": cache.nbytes}
 

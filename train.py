@@ -402,7 +402,7 @@ def stage_kd(run):
     student = copy.deepcopy(run.model("pretrain")).requires_grad_(True)
     cache = distill.CachedKD(run.path("cache"))
     dcfg = distill.get_config(cfg.preset, seed=cfg.seed, kd_steps=cfg.kd_steps)
-    trained, m = distill.train_kd(student, cache, dcfg)
+    trained, m = distill.train_kd(student, cache, dcfg, ckpt=run.path("kd.ckpt.pt"))
     m.pop("kd_losses", None)
     # Sec. C.1's point, measured in one run: cached KD vs KD with the teacher in the loop.
     fcfg = flow.get_config(cfg.preset)
@@ -460,7 +460,7 @@ def stage_decoder(run):
     vae = run.vae()
     short = replace(dcfg, frames=17)                                 # 17-frame clips: 2x cheaper steps
     m = dec_mod.fit_decoder(dec, vae, lambda s: data.make_batch(short, cfg.vae_batch, cfg.seed * 6007 + s)[0],
-                            cfg.decoder_steps, seed=cfg.seed)
+                            cfg.decoder_steps, seed=cfg.seed, ckpt=run.path("decoder.ckpt.pt"))
     held_out = data.make_batch(dcfg, 8, seed=10_000_019, split="eval")[0]
     m["table_a2"] = dec_mod.compare_decoders(vae, dec, held_out)
     save_checkpoint(run.path("decoder.pt"), dec, dec.cfg, m)

@@ -128,3 +128,29 @@ def test_checkpoint_round_trip_and_errors(dec, tmp_path):
     V.save_checkpoint(vae_path, tiny_vae, tiny_vae.cfg)
     with pytest.raises(RuntimeError, match="re-run the `decoder` stage"):
         D.load_decoder(vae_path)  # a VAE checkpoint is not a decoder checkpoint
+
+
+def test_fit_decoder_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """Decoder stage: saved every update here, killed inside the GAN phase, resumed: the same weights."""
+    torch.manual_seed(0)
+    vae = V.VAE(V.get_config("tiny")).eval()
+    clip = V.blob_video(2, 5, 16, seed=2)
+
+    def fit(ckpt=None, kill_at=None, init_seed=0):
+        torch.manual_seed(init_seed)
+        d = D.EfficientDecoder(D.get_config("tiny"))
+
+        def batch_fn(s):
+            if s == kill_at:
+                raise KeyboardInterrupt
+            return clip + 0.01 * s
+        D.fit_decoder(d, vae, batch_fn, steps=6, lr=3e-3, seed=0, gan_start=2, progress=False, ckpt=ckpt, ckpt_every_s=0.0)
+        return d
+
+    whole = fit()
+    ckpt = str(tmp_path / "decoder.ckpt.pt")
+    with pytest.raises(KeyboardInterrupt):
+        fit(ckpt, kill_at=4)
+    resumed = fit(ckpt, init_seed=1)
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k

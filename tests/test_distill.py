@@ -440,3 +440,35 @@ def test_lr_factor_warmup_then_cosine():
     assert distill.lr_factor(4, 4, 100, "cosine") == pytest.approx(1.0)
     assert distill.lr_factor(100, 4, 100, "cosine") == pytest.approx(0.1)
     assert 0.1 < distill.lr_factor(52, 4, 100, "cosine") < 1.0
+
+
+def test_train_kd_killed_and_resumed_equals_uninterrupted(tmp_path):
+    build(tmp_path / "cache")
+    cache = distill.CachedKD(str(tmp_path / "cache"))
+    cfg = distill.get_config("tiny", kd_steps=5, kd_batch=2)
+
+    def fit(ckpt=None, kill_at=None, a=0.5):
+        student = Toy(a=a)
+        if kill_at is not None:                                                 # die before update kill_at
+            orig = distill.kd_loss
+            calls = []
+
+            def dying(*args):
+                calls.append(1)
+                if len(calls) > kill_at:
+                    raise KeyboardInterrupt
+                return orig(*args)
+            distill.kd_loss = dying
+        try:
+            return distill.train_kd(student, cache, cfg, progress=False, ckpt=ckpt, ckpt_every_s=0.0)[0]
+        finally:
+            if kill_at is not None:
+                distill.kd_loss = orig
+
+    whole = fit()
+    ckpt = str(tmp_path / "kd.ckpt.pt")
+    with pytest.raises(KeyboardInterrupt):
+        fit(ckpt, kill_at=3)
+    resumed = fit(ckpt, a=0.9)                                                   # other start: only the checkpoint can make it equal
+    for (k, x), y in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(x, y), k
