@@ -284,15 +284,80 @@ def bench(preset="small", batch=6, chunks=3, threads=2, reps=5, dit_overrides=No
             "fraction_of_peak": round(flops / sec / 1e9 / peak, 2)}
 
 
-BEGIN, END = "<!-- curves.py --report: begin -->", "<!-- curves.py --report: end -->"
+# ----------------------------------------------------------------------------------------------
+# The chain: where is prompt following gained and lost? Every stage scored on the same prompts
+# ----------------------------------------------------------------------------------------------
+CHAIN = (("T_theta (all attention)", "base"), ("teacher (2 experts)", "teacher"), ("S2DiT-Pretrained", "pretrain"),
+         ("S2DiT-KD", "kd"), ("S2DiT-AR before DMD (ODE init)", "dmd_ode"), ("S2DiT-AR", "dmd"))
 
 
-def write_block(path, body):
-    """Replace the block between BEGIN and END in `path` (appended when absent); the rest of the
-    file (reproduce.py's tables) is left as it is, and reproduce.py keeps this block in turn."""
+@torch.no_grad()
+def score_chain(run_dir, n_prompts=21, seeds=2, chunks=3, steps=30, ar_steps=None):
+    """Each stage of the run's chain that exists, scored by evaluate.py on the same SEEN and HELD-OUT
+    combinations (n_prompts each, `seeds` noise draws): the flow-matching models whole-clip (Euler +
+    CFG, `steps` steps, VAE decoder), the few-step students streamed chunk by chunk through the
+    efficient decoder at their own step count, as a user sees them."""
+    import stream
+    run = train.open_run(run_dir)
+    fcfg = flow.get_config(run.cfg.preset)
+    rows = {}
+    for label, stage in CHAIN:
+        streaming = stage.startswith("dmd")
+        if not os.path.exists(run.path(f"{stage}.pt")) or (not streaming and not os.path.exists(run.path("vae.pt"))):
+            continue
+        row = {}
+        for split, combos in prompt_sets(n_prompts).items():
+            if streaming:
+                models = train.load_streaming(run.dir, "dmd")
+                if stage != "dmd":
+                    models = {**models, "model": run.model(stage).eval()}
+                k = ar_steps or models["steps"][-1]
+                prompts = [data.canonical_prompt(*c) for c in combos for _ in range(seeds)]
+                videos = torch.stack([torch.cat([ch.frames for ch in stream.stream(models, p, chunks, k, seed=i)], 1)
+                                      for i, p in enumerate(prompts)])
+                row["setting"] = f"streamed, {k} steps"
+            else:
+                videos, prompts = sample_videos(run.model(stage).eval(), run, combos, chunks, seeds, fcfg.cfg_scale,
+                                                steps, fcfg.shift)
+                row["setting"] = f"Euler {steps} steps + CFG {fcfg.cfg_scale}"
+            s = evaluate.score_videos(videos, prompts)
+            for key, _, _ in ATTRS:
+                row[f"{split}_{key}"] = s[key]
+            row[f"{split}_n"] = s["n"]
+        rows[label] = row
+        print(f"{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.endswith("_acc")), flush=True)
+    return rows
+
+
+def chain_table(rows):
+    """Markdown: accuracy [95% interval] per attribute and split, sample counts in the header."""
+    if not rows:
+        return "(no stage to score)"
+    any_row = next(iter(rows.values()))
+    head = (f"| model | setting | seen colour | seen shape | seen direction | held-out colour | held-out shape | "
+            f"held-out direction |\n|---|---|---|---|---|---|---|---|")
+    out = [head]
+    for label, r in rows.items():
+        cells = []
+        for split in ("seen", "heldout"):
+            for key, _, _ in ATTRS:
+                lo, hi = wilson(r[f"{split}_{key}"], r[f"{split}_n"])
+                cells.append(f"{r[f'{split}_{key}']:.2f} [{lo:.2f}, {hi:.2f}]")
+        out.append(f"| {label} | {r['setting']} | " + " | ".join(cells) + " |")
+    out.append(f"\n{any_row['seen_n']} videos per split (each combination with several noise draws); "
+               f"[95% Wilson interval]; chance 0.14 / 0.25 / 0.17.")
+    return "\n".join(out)
+
+
+
+
+def write_block(path, body, name="curves"):
+    """Replace the block `name` (between its begin / end markers) in `path`, appended when absent;
+    the rest of the file (reproduce.py's tables) is left as it is, and reproduce.py keeps it in turn."""
+    begin, end = f"<!-- curves.py {name}: begin -->", f"<!-- curves.py {name}: end -->"
     old = open(path).read() if os.path.exists(path) else ""
-    block = f"{BEGIN}\n{body}\n{END}"
-    new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):] if BEGIN in old and END in old \
+    block = f"{begin}\n{body}\n{end}"
+    new = old[:old.index(begin)] + block + old[old.index(end) + len(end):] if begin in old and end in old \
         else old.rstrip("\n") + "\n\n" + block + "\n"
     with open(path + ".tmp", "w") as f:
         f.write(new)
@@ -318,11 +383,22 @@ def main(argv=None):
     p.add_argument("--svg", default="assets/curves.svg", help="where --report writes the plot")
     p.add_argument("--results", default=None, help="with --report: also put the table and plot into this "
                    "Markdown file (RESULTS.md), between its curves markers")
+    p.add_argument("--chain", default=None, help="score every stage of this run's chain (T_theta ... S2DiT-AR) "
+                   "on the same seen and held-out prompts and exit")
     p.add_argument("--bench", action="store_true", help="print the training step's GFLOP/s against the matmul peak and exit")
     args = p.parse_args(argv)
     if args.bench:
         for chunks, batch in ((3, 6), (1, 18)):
             print(json.dumps(bench("small", batch=batch, chunks=chunks, threads=args.threads)))
+        return
+    if args.chain:
+        torch.set_num_threads(args.threads)
+        n = args.prompts if args.prompts != 12 else 21
+        rows = score_chain(args.chain, n, max(args.seeds, 2))
+        body = (f"Made by `python curves.py --chain {args.chain}` on {time.strftime('%Y-%m-%d')}.\n\n" + chain_table(rows))
+        print(body)
+        if args.results:
+            write_block(args.results, body, "chain")
         return
     if args.report:
         logs = load_curves(args.report)

@@ -304,8 +304,10 @@ def write_results(path, res, cmd, seconds):
     L += ["## Pictures", "", f"![prompts x models]({os.path.relpath(res['grid'], os.path.dirname(os.path.abspath(path)))})", "",
           "Rows: held-out prompts; columns: the models of Tab. 1 (with the 2-step student before DMD, when the run kept it) and the AR students of Tab. A1 (1, 2, 4 steps).", ""]
     old = open(path).read() if os.path.exists(path) else ""
-    if curves.BEGIN in old and curves.END in old:        # the learning curves (curves.py --report) stay
-        L += [old[old.index(curves.BEGIN):old.index(curves.END) + len(curves.END)], ""]
+    for name in ("curves", "chain"):                     # curves.py's blocks (learning curves, the chain) stay
+        begin, end = f"<!-- curves.py {name}: begin -->", f"<!-- curves.py {name}: end -->"
+        if begin in old and end in old:
+            L += [old[old.index(begin):old.index(end) + len(end)], ""]
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(L))
     os.replace(path + ".tmp", path)

@@ -132,6 +132,6 @@ def test_learning_curve_scores_resumes_and_reports(tiny_run, tmp_path):
     for _ in range(2):                                  # twice: the block is replaced, not appended again
         curves.main(["--report", out, "--svg", svg, "--results", str(md)])
     text = md.read_text()
-    assert text.startswith("# tables\n\nkeep me\n") and text.count(curves.BEGIN) == 1
+    assert text.startswith("# tables\n\nkeep me\n") and text.count("<!-- curves.py curves: begin -->") == 1
     assert "| first_chunk | 4 |" in text and open(svg).read().startswith("<svg")
     assert curves.wilson(0.5, 24) == pytest.approx((0.314, 0.686), abs=1e-3)
