@@ -489,6 +489,31 @@ def save_grid_gif(path, videos, labels, fps=16, ncol=4):
     save_video(path, grid, fps)
 
 
+def save_strip(path, videos, labels, every=4, scale=2):
+    """A still picture of videos: one row per video (its label above it), every `every`-th frame
+    side by side, each frame `scale`x larger. videos (B, 3, F, H, W) in [-1, 1] -> PNG at `path`.
+    For pages that show what a video does without playing it (README, RESULTS.md)."""
+    from PIL import Image, ImageDraw  # pillow ships with imageio
+    if videos.dim() != 5 or videos.shape[1] != 3 or len(labels) != videos.shape[0]:
+        raise ValueError(f"expected videos (B, 3, F, H, W) and B labels, got "
+                         f"{tuple(videos.shape)} and {len(labels)} labels")
+    B, _, F, H, W = videos.shape
+    idx = list(range(0, F, every))
+    h, w, th, gap = H * scale, W * scale, 14, 2
+    img = Image.new("RGB", (len(idx) * (w + gap) - gap, B * (h + th)), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for b in range(B):
+        frames = _to_uint8(videos[b])                                  # (F, H, W, 3)
+        y = b * (h + th)
+        draw.text((2, y + 1), labels[b], fill=(0, 0, 0))
+        for j, f in enumerate(idx):
+            tile = Image.fromarray(frames[f]).resize((w, h), Image.NEAREST)
+            img.paste(tile, (j * (w + gap), y + th))
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
 def _bench(size=64, frames=21, batch=16, reps=5):
     cfg = DataConfig(size=size, frames=frames)
     make_batch(cfg, batch, 0)                                          # warm-up
