@@ -52,6 +52,15 @@ class SearchConfig:
 
 PRESETS = {"tiny": SearchConfig(steps=40, batch=2), "small": SearchConfig(steps=300, batch=4)}
 
+# The latency table the search uses, stored per preset (ms; one torch thread, this repository's CPU, median
+# of 15 calls of `latency_table` at the preset's DiT width and latent size). Stored, not timed during the
+# run: a live timing moves with the machine's load, and with it the budget, k and the layout, so the
+# same seed would give different models. Re-measure: `python search.py --measure tiny`.
+LATENCY_MS = {
+    "tiny": {"lcha_group_ms": 5.856, "ssa_group_ms": 2.678, "switch_ms": 0.139, "tokens_high": 48, "tokens_low": 12},
+    "small": {"lcha_group_ms": 18.345, "ssa_group_ms": 5.813, "switch_ms": 0.557, "tokens_high": 192, "tokens_low": 48},
+}
+
 
 def get_config(name):
     if name not in PRESETS:
@@ -372,7 +381,14 @@ def main():
     p.add_argument("--run", default=None, help="a run directory with base.pt and search.pt (train.py --stages base,search)")
     p.add_argument("--budget-ms", type=float, default=None, help="latency budget per chunk step on this CPU (ms)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--measure", default=None, help="time the latency table of a preset on this CPU (for LATENCY_MS)")
     args = p.parse_args()
+    if args.measure:
+        import train
+        torch.set_num_threads(1)
+        cfg = train.get_config(args.measure)
+        print(json.dumps(latency_table(train.dit_cfg(cfg), train.data_cfg(cfg).size // 4, repeats=15)))
+        return
     if args.run is None:
         return demo()
     import train
