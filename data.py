@@ -350,8 +350,9 @@ def read_video(path, fps=16):
         if path.lower().endswith(".gif"):
             meta = [imageio.v3.immeta(path, index=i) for i in range(len(frames))]
             reps = [max(1, round(m.get("duration", 0) * fps / 1000)) for m in meta]
-    except Exception as e:  # noqa: BLE001 - any decoder error becomes one clear message
-        raise ValueError(f"cannot read video {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any decoder error becomes one clear message (ffmpeg's dump: its first line)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"cannot read video {path} (empty, truncated or not a video?): {first}") from e
     if not frames:
         raise ValueError(f"video {path} has no frames")
     frames = [f[..., None].repeat(3, -1) if f.ndim == 2 else f[..., :3] for f in frames]
@@ -389,6 +390,10 @@ class ClipFolder:
                     file, text = d["file"], d["caption"]
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{index} line {n}: expected {{'file', 'caption'}}: {e}")
+                if not isinstance(text, str) or not re.search(r"\w", text):
+                    raise ValueError(f"{index} line {n}: the caption must be a non-empty text, got {text!r}")
+                if not isinstance(file, str) or not file:
+                    raise ValueError(f"{index} line {n}: 'file' must be a file name, got {file!r}")
                 full = os.path.join(path, file)
                 if not os.path.isfile(full):
                     raise FileNotFoundError(f"{index} line {n}: clip file not found: {full}")
@@ -423,18 +428,17 @@ def _to_uint8(video):
 
 
 def save_video(path, video, fps=16):
-    """Write a .gif or .mp4 atomically (to 'x.tmp.gif', then os.replace)."""
+    """Write a .gif or .mp4 atomically (a unique temporary file next to it, then a rename: safeio.atomic_path)."""
+    import safeio
     frames = _to_uint8(video)
-    root, ext = os.path.splitext(path)
+    ext = os.path.splitext(path)[1]
     if ext.lower() not in (".gif", ".mp4"):
         raise ValueError(f"expected a .gif or .mp4 path, got {path}")
-    tmp = root + ".tmp" + ext  # imageio picks the format from the extension, so keep it last
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if ext.lower() == ".gif":
-        imageio.mimsave(tmp, list(frames), duration=1000 / fps, loop=0)
-    else:  # macro_block_size=1: keep the exact size (libx264 still needs even H, W)
-        imageio.mimsave(tmp, list(frames), fps=fps, codec="libx264", macro_block_size=1)
-    os.replace(tmp, path)
+    with safeio.atomic_path(path) as tmp:     # the temporary name keeps the extension: imageio picks the format by it
+        if ext.lower() == ".gif":
+            imageio.mimsave(tmp, list(frames), duration=1000 / fps, loop=0)
+        else:  # macro_block_size=1: keep the exact size (libx264 still needs even H, W)
+            imageio.mimsave(tmp, list(frames), fps=fps, codec="libx264", macro_block_size=1)
 
 
 def save_grid_gif(path, videos, labels, fps=16, ncol=4):

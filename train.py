@@ -24,7 +24,6 @@ same result as an uninterrupted run).
     python train.py --preset tiny --out runs/tiny        # minutes: what the tests run
     python train.py --stages base,search     # only some stages (earlier ones must exist)
 """
-import argparse
 import copy
 import json
 import os
