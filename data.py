@@ -17,7 +17,6 @@ Run:  python data.py                      demo: captions + speed figure
       python data.py --bench              clips/s and ms per batch (16 clips x 21 frames x 64^2)
       python data.py --preview out.gif    labelled grid of clips (--preset small --n 8)
 """
-import argparse
 import contextlib
 import json
 import os
@@ -477,16 +476,28 @@ def _bench(size=64, frames=21, batch=16, reps=5):
     return ms
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    import safeio
+    ap = safeio.Parser(prog="data.py", description=__doc__.split("\n")[0])
     ap.add_argument("--bench", action="store_true", help="print clips/s and ms per batch")
     ap.add_argument("--preview", default=None, help="write a labelled grid GIF of clips here")
     ap.add_argument("--preset", default="tiny", help=f"size preset, one of {sorted(PRESETS)}")
     ap.add_argument("--n", type=int, default=8, help="number of clips in the preview")
     ap.add_argument("--split", default="train", help="train or eval (held-out combinations)")
     ap.add_argument("--seed", type=int, default=0, help="random seed")
-    args = ap.parse_args()
-    cfg = get_config(args.preset)
+    args = ap.parse_args(argv)
+    try:
+        cfg = get_config(args.preset)
+        if args.split not in ("train", "eval"):
+            raise ValueError(f"--split must be train or eval, got {args.split!r}")
+        if args.n < 1:
+            raise ValueError(f"--n must be >= 1, got {args.n}")
+        if args.preview:
+            if not args.preview.lower().endswith(".gif"):
+                raise ValueError(f"--preview writes a GIF: give a path ending in .gif, got {args.preview}")
+            safeio.check_writable_file(args.preview, "--preview")
+    except ValueError as e:
+        ap.error(str(e))
     if args.bench:
         _bench()
     elif args.preview:
@@ -502,3 +513,7 @@ if __name__ == "__main__":
         assert all(parse_prompt(c)[:3] == tuple(g["objects"][0][k] for k in ("color", "shape",
                    "motion")) for c, g in zip(caps, gt))
         _bench()
+
+
+if __name__ == "__main__":
+    main()

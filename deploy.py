@@ -440,7 +440,7 @@ def run_bundle(bundle, prompt, chunks=4, seed=0, out=None):
 
 
 def main(argv=None):
-    p = safeio.Parser(description="Build / check / run the S2DiT Core ML bundle (paper Sec. D.2).")
+    p = safeio.Parser(prog="deploy.py", description="Build / check / run the S2DiT Core ML bundle (paper Sec. D.2).")
     p.add_argument("--run", help="train.py run directory to export (with --out)")
     p.add_argument("--out", help="bundle directory to write, e.g. runs/tiny/S2DiTResources")
     p.add_argument("--check", help="bundle directory to validate offline")

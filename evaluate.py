@@ -380,7 +380,7 @@ def _print(res, as_json):
 
 def main(argv=None):
     """The CLI; prints the metrics (with --json, the last line is one JSON object)."""
-    ap = safeio.Parser(description="VBench-lite metrics on pixels")
+    ap = safeio.Parser(prog="evaluate.py", description="VBench-lite metrics on pixels")
     ap.add_argument("--real", type=int, default=None, help="score N ground-truth held-out clips")
     ap.add_argument("--videos", default=None, help="score DIR/prompts.jsonl videos")
     ap.add_argument("--preset", default="tiny", help=f"frame size preset: {sorted(data.PRESETS)}")

@@ -72,9 +72,9 @@ def unknown_words(tokenizer, prompt, what="prompt"):
     words = prompt_words(prompt, what)
     unknown = [w for w in words if w not in tokenizer.stoi]
     if len(unknown) == len(words):
-        known = ", ".join(tokenizer.itos[2:14])
-        raise ValueError(f"the model knows none of the words of {what} {prompt!r}; it was trained on words such "
-                         f"as: {known}, ...")
+        words = tokenizer.itos[2:]
+        raise ValueError(f"the model knows none of the words of {what} {prompt!r}; it knows {len(words)} words "
+                         f"({', '.join(words[:8])}, ...: the run's vocab.json lists them all)")
     return unknown
 
 
@@ -240,7 +240,7 @@ def parse_then(items):
 
 
 def main(argv=None):
-    p = safeio.Parser(description="Stream a text-to-video from a trained S2DiT run, chunk by chunk.")
+    p = safeio.Parser(prog="stream.py", description="Stream a text-to-video from a trained S2DiT run, chunk by chunk.")
     p.add_argument("--run", required=True, help="run directory written by train.py (e.g. runs/small)")
     p.add_argument("--prompt", required=True, help="what to generate, e.g. \"a red circle moves right\"")
     p.add_argument("--chunks", type=int, default=8, help="chunks of 3 latent frames (12 video frames) to stream")

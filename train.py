@@ -522,9 +522,9 @@ def load_streaming(run_dir, stage=None):
         raise FileNotFoundError(f"{run_dir} has no trained S2DiT (stages {candidates}); {how}")
     name = found[0]
     blob_steps = None
-    model = run.model(name)
     if name.startswith("dmd"):   # the schedule it was distilled on (older files also listed 1, 2, 4 in "steps")
         blob_steps = [run.metrics(name)["config"]["n_steps"]]
+    model = run.model(name)
     encoder, tokenizer = run.text()
     if run.done("decoder"):
         import decoder as dec_mod
@@ -638,7 +638,7 @@ def run_pipeline(out, cfg: PipelineConfig, stages=None, force=()):
 
 
 def main(argv=None):
-    p = safeio.Parser(description="Train the toy S2DiT pipeline end to end (resumable).")
+    p = safeio.Parser(prog="train.py", description="Train the toy S2DiT pipeline end to end (resumable).")
     p.add_argument("--preset", default="small", help="tiny (minutes) or small (the workshop run, about an hour)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
