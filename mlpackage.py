@@ -300,7 +300,7 @@ def _blob_refs(spec):
     for fn in spec.mlProgram.functions.values():
         for block in fn.block_specializations.values():
             for op in _walk_ops(block):
-                vals = [a.value for a in op.attributes.values()]
+                vals = list(op.attributes.values())
                 vals += [a.value for arg in op.inputs.values() for a in arg.arguments if a.HasField("value")]
                 for v in vals:
                     if v.HasField("blobFileValue"):
@@ -346,8 +346,10 @@ def check_package_files(path):
     size, problems = os.path.getsize(weights), []
     with open(weights, "rb") as f:
         head = f.read(64)
-        if len(head) < 64 or struct.unpack_from("<I", head, 4)[0] != 2:
-            return [f"{name}: weights/weight.bin has no valid header ({size} bytes)"]
+        count, version = struct.unpack_from("<II", head) if len(head) == 64 else (0, 0)
+        if version != 2 or count < len({offset for offset, _, _ in refs}):
+            return [f"{name}: weights/weight.bin has no valid header ({size} bytes, {count} blobs for "
+                    f"{len(refs)} references)"]
         for offset, need, value in refs:
             if offset + 64 > size:
                 problems.append(f"{name}: weight {value} at offset {offset} lies past the end of weight.bin ({size} bytes)")
@@ -356,9 +358,11 @@ def check_package_files(path):
             sentinel, _, nbytes, data_at = struct.unpack("<IIQQ", f.read(24))
             if sentinel != BLOB_SENTINEL:
                 problems.append(f"{name}: weight {value} at offset {offset}: no blob header in weight.bin")
-            elif data_at + nbytes > size or nbytes < need:
-                problems.append(f"{name}: weight {value}: {nbytes} bytes at {data_at} (needs {need}) do not fit "
-                                f"in weight.bin ({size} bytes)")
+            elif data_at + nbytes > size:
+                problems.append(f"{name}: weight {value}: its {nbytes} bytes at offset {data_at} run past the end "
+                                f"of weight.bin ({size} bytes)")
+            elif nbytes != need:
+                problems.append(f"{name}: weight {value}: the blob holds {nbytes} bytes, its type needs {need}")
     if len(problems) > 5:                                    # one truncation breaks many: say it, count the rest
         problems = problems[:3] + [f"{name}: ... and {len(problems) - 3} more weights outside weight.bin"]
     return problems
