@@ -241,11 +241,11 @@ def teacher_tuples(teacher, x0, text, mask, null_text, null_mask, boundary, cfg_
 
 
 def _atomic_bytes(path, data: bytes):
-    with open(path + ".tmp", "wb") as f:
+    import safeio
+    with safeio.atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
 
 
 def _sha256(data: bytes):

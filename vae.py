@@ -432,13 +432,12 @@ def fit_vae(vae, batch_fn, steps, lr=5e-4, seed=0, progress=True, stats_batches=
 def save_checkpoint(path, model, cfg, metrics=None):
     """Atomic torch.save({"config", "state_dict", "metrics"}) plus a JSON of config + metrics."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    import safeio                                   # unique temporary names, renamed into place
     blob = {"config": asdict(cfg), "state_dict": model.state_dict(), "metrics": dict(metrics or {})}
-    torch.save(blob, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    js = os.path.splitext(path)[0] + ".json"
-    with open(js + ".tmp", "w") as f:
-        json.dump({"config": asdict(cfg), "metrics": dict(metrics or {})}, f, indent=2, default=str)
-    os.replace(js + ".tmp", js)
+    with safeio.atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+    safeio.write_json(os.path.splitext(path)[0] + ".json", {"config": asdict(cfg), "metrics": dict(metrics or {})},
+                      indent=2, default=str)
 
 
 def load_model(path, cfg_cls, model_cls, stage):

@@ -378,3 +378,16 @@ def test_stream_sigterm_leaves_no_temporary_file(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert proc.returncode != 0 and os.listdir(tmp_path) == []   # no half video, no temporary file
+
+
+# ----------------------------------------------------------------------------------------------
+# reproduce.py
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, needles", [
+    (["--run", SHIPPED, "--tables", "tab1,tab99"], ["unknown table 'tab99'"]),
+    (["--run", SHIPPED, "--prompts", "0"], ["--prompts must be >= 1"]),
+    (["--run", "/nonexistent/run"], ["pipeline.json not found", "train.py"]),
+])
+def test_reproduce_refuses_before_any_table(argv, needles, tmp_path, capsys):
+    refuses(__import__("reproduce").main, argv + ["--out", str(tmp_path / "R.md")], capsys, *needles, keep=[SHIPPED])
+    assert os.listdir(tmp_path) == []
