@@ -2,6 +2,8 @@
 
     UsageError / Parser     bad input -> "stream.py: error: <what is wrong>; <how to fix it>" on stderr,
                             exit code 2, no traceback (argparse's own errors included, on one line)
+    run_cli(prog, main)     the same for the errors a tool's main() raises (UsageError, missing file,
+                            BadFileError: a checkpoint that is truncated or of another model)
     read_json(path)         a JSON file, or a UsageError naming the file and what is wrong with it
     atomic_path(target)     a unique temporary name next to `target` (same folder, same extension),
                             renamed into place on success, removed on an exception, Ctrl-C or SIGTERM
@@ -27,6 +29,10 @@ class UsageError(ValueError):
     """Bad input. The message names the problem and how to fix it, in one line."""
 
 
+class BadFileError(RuntimeError):
+    """A file that exists but cannot be used (truncated checkpoint, wrong model): the message names it."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (argparse prints the whole usage first) and exit 2."""
 
@@ -38,6 +44,15 @@ def fail(prog, message):
     """Print the one-line error and exit 2: for bad input found outside argparse."""
     print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def run_cli(prog, main, *args):
+    """main(*args) of a tool; the bad input it reports (UsageError, a missing or unusable file) becomes
+    one line and exit code 2. Other exceptions are bugs and keep their traceback."""
+    try:
+        return main(*args)
+    except (UsageError, FileNotFoundError, BadFileError) as e:
+        fail(prog, (str(e).strip().splitlines() or [type(e).__name__])[0])
 
 
 def read_json(path, what="file"):

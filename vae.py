@@ -19,7 +19,6 @@ upsample_nearest3d, no tensor of rank > 5.
 Demo (a few seconds on CPU): `python vae.py` trains the tiny VAE for a few steps on synthetic
 moving blobs, prints the PSNR and checks chunked decoding against full decoding.
 """
-import argparse
 import json
 import math
 import os
@@ -29,6 +28,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F_
+
+from safeio import BadFileError, Parser, read_json, run_cli
 
 
 @dataclass
@@ -449,16 +450,16 @@ def load_model(path, cfg_cls, model_cls, stage):
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated / not a torch file
         why = str(e).split("\n")[0][:200]
-        raise RuntimeError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {why}); {hint}") from e
+        raise BadFileError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {why}); {hint}") from e
     if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
-        raise RuntimeError(f"checkpoint {path} lacks 'config'/'state_dict'; {hint}")
+        raise BadFileError(f"checkpoint {path} lacks 'config'/'state_dict'; {hint}")
     try:
         cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in blob["config"].items()})
         model = model_cls(cfg)
         model.load_state_dict(blob["state_dict"])
     except (TypeError, RuntimeError) as e:  # keep the first lines of torch's long report
         why = " ".join(str(e).split("\n")[:3])[:300]
-        raise RuntimeError(f"checkpoint {path} does not match {model_cls.__name__} ({why} ...); {hint}") from e
+        raise BadFileError(f"checkpoint {path} does not match {model_cls.__name__} ({why} ...); {hint}") from e
     return model.eval()
 
 
@@ -507,19 +508,20 @@ def judge_reconstructions(vae_path, preset, n=24, seed=5):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description="Causal 3D video VAE demo (tiny preset), or judge a trained VAE")
+def main(argv=None):
+    ap = Parser(prog="vae.py", description="Causal 3D video VAE demo (tiny preset), or judge a trained VAE")
     ap.add_argument("--preset", default="tiny", help="VAE preset: tiny or small")
     ap.add_argument("--steps", type=int, default=40, help="training steps")
     ap.add_argument("--data", action="store_true", help="train on data.py clips instead of blobs")
     ap.add_argument("--run", default=None, help="a train.py run: PSNR and VBench-lite of its VAE's reconstructions")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.run:
         spec = os.path.join(args.run, "pipeline.json")
         if not os.path.exists(spec):
             ap.error(f"{spec} not found: {args.run} is not a train.py run")
-        with open(spec) as f:
-            preset = json.load(f)["preset"]
+        preset = read_json(spec, "run configuration").get("preset")
+        if preset not in PRESETS:
+            ap.error(f"{spec}: unknown preset {preset!r}; known presets: {sorted(PRESETS)}")
         print(json.dumps(judge_reconstructions(os.path.join(args.run, "vae.pt"), preset)))
         return
     torch.manual_seed(0)
@@ -552,4 +554,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("vae.py", main)

@@ -391,3 +391,23 @@ def test_stream_sigterm_leaves_no_temporary_file(tmp_path):
 def test_reproduce_refuses_before_any_table(argv, needles, tmp_path, capsys):
     refuses(__import__("reproduce").main, argv + ["--out", str(tmp_path / "R.md")], capsys, *needles, keep=[SHIPPED])
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# The concept files' own CLIs (--run)
+# ----------------------------------------------------------------------------------------------
+def test_concept_clis_name_a_missing_or_broken_run(tmp_path, run_copy, capsys):
+    import decoder
+    import sandwich
+    import search
+    import vae
+    run_cli = lambda prog, main: lambda argv: safeio.run_cli(prog, main, argv)
+    refuses(run_cli("vae.py", vae.main), ["--run", str(tmp_path / "nope")], capsys, "pipeline.json not found")
+    refuses(run_cli("decoder.py", decoder.main), ["--run", str(tmp_path / "nope")], capsys, "vae.pt not found")
+    refuses(run_cli("search.py", search.main), ["--run", run_copy], capsys, "search.done.json not found")
+    refuses(run_cli("search.py", search.main), ["--run", run_copy, "--budget-ms", "-1"], capsys, "--budget-ms must be > 0")
+    open(os.path.join(run_copy, "layout.json"), "w").write("{")
+    refuses(run_cli("sandwich.py", sandwich.main), ["--run", run_copy], capsys, "layout.json", "not valid JSON")
+    open(os.path.join(run_copy, "decoder.pt"), "wb").write(b"truncated")
+    open(os.path.join(run_copy, "vae.pt"), "wb").write(b"truncated")
+    refuses(run_cli("decoder.py", decoder.main), ["--run", run_copy], capsys, "vae.pt is corrupt or unreadable")
