@@ -265,6 +265,8 @@ def export_decoder(models, out_dir, tmp=None):
 # An output directory holding this file was written by deploy.py, which may replace it; any other
 # non-empty directory is refused (safeio.atomic_dir): --out never deletes what the user put there.
 BUNDLE_MARKER = ".s2dit_bundle"
+UNMARKED_BUNDLE = ("TextEncoder.mlpackage", "DiT.mlpackage", "DiTStateless.mlpackage", "Decoder.mlpackage",
+                   "vocab.json", "s2dit_config.json", "README.md")      # a complete bundle from before the marker
 
 
 README = """# S2DiTResources: streaming text-to-video on the iPhone (Core ML, iOS 18)
@@ -319,7 +321,7 @@ def build_bundle(models, out_dir, calib_prompts=None, progress=True, cfg=None):
     steps = (models.get("steps") or [4])[-1]
     prompts = list(calib_prompts or DEFAULT_PROMPTS[:cfg.calib_prompts])
     try:   # atomic_dir refuses a non-empty directory deploy.py did not write, before any work
-        with safeio.atomic_dir(out_dir, BUNDLE_MARKER, "deploy.py") as tmp:
+        with safeio.atomic_dir(out_dir, BUNDLE_MARKER, "deploy.py", UNMARKED_BUNDLE) as tmp:
             say(f"[deploy] capturing calibration inputs: {len(prompts)} prompts x {cfg.calib_chunks} chunks x {steps} steps")
             calib = _stage("DiT", lambda: capture_calibration(models, prompts, cfg.calib_chunks, steps))
             scales = calibrate(ChunkStep(models["model"], models["latent_hw"]).eval(), calib)
@@ -474,7 +476,7 @@ def main(argv=None):
         p.error("give --run RUN --out BUNDLE, --check BUNDLE, or --run-bundle BUNDLE --prompt TEXT")
     import train
     try:                                                 # the output directory and the run, before any work
-        safeio.check_dir_target(os.path.abspath(a.out), BUNDLE_MARKER, "deploy.py")
+        safeio.check_dir_target(os.path.abspath(a.out), BUNDLE_MARKER, "deploy.py", UNMARKED_BUNDLE)
         models = train.load_streaming(a.run)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         p.error(str(e))

@@ -145,22 +145,24 @@ def write_json(path, obj, **kw):
     write_text(path, json.dumps(obj, **kw))
 
 
-def check_dir_target(target, marker, tool):
-    """`target` may be written as a directory by `tool`: missing, empty, or marked as its own."""
+def check_dir_target(target, marker, tool, unmarked=()):
+    """`target` may be written as a directory by `tool`: missing, empty, or marked as its own. `unmarked`:
+    the exact entries of an output the tool wrote before it marked its outputs (also its own)."""
     if os.path.exists(target) and not os.path.isdir(target):
         raise UsageError(f"{target} is a file; give a directory path for {tool}'s output")
-    if os.path.isdir(target) and os.listdir(target) and not os.path.exists(os.path.join(target, marker)):
+    entries = set(os.listdir(target)) if os.path.isdir(target) else set()
+    if entries and marker not in entries and not (unmarked and entries == set(unmarked)):
         raise UsageError(f"{target} is a non-empty directory that {tool} did not write (no {marker} in it); "
                          f"it is left untouched: give a new or empty directory")
 
 
 @contextlib.contextmanager
-def atomic_dir(target, marker, tool):
+def atomic_dir(target, marker, tool, unmarked=()):
     """with atomic_dir("runs/x/Bundle", ".bundle", "deploy.py") as tmp: fill the directory tmp -> it
     replaces target. An existing target is replaced only if empty or holding `marker` (written here
-    into tmp); any other directory raises UsageError and stays as it is."""
+    into tmp) or exactly the entries `unmarked`; any other directory raises UsageError and stays as it is."""
     target = os.path.abspath(target.rstrip("/"))
-    check_dir_target(target, marker, tool)
+    check_dir_target(target, marker, tool, unmarked)
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     with _sigterm_raises():
@@ -170,7 +172,7 @@ def atomic_dir(target, marker, tool):
             with open(os.path.join(tmp, marker), "w") as f:
                 f.write(f"written by {tool}; {tool} may replace this directory\n")
             os.chmod(tmp, 0o777 & ~_umask())
-            check_dir_target(target, marker, tool)     # again: someone may have filled it meanwhile
+            check_dir_target(target, marker, tool, unmarked)   # again: someone may have filled it meanwhile
             old = None
             if os.path.isdir(target):                  # ours (marked) or empty: swap, then delete the old one
                 old = tempfile.mkdtemp(prefix=f".{name}.old.", dir=parent)

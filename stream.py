@@ -95,10 +95,7 @@ def check_args(prompt, chunks, steps=None, seed=0, out=None, then=()):
         ext = os.path.splitext(out)[1].lower()
         if ext not in (".gif", ".mp4"):
             raise ValueError(f"--out must end in .gif or .mp4, got {out}")
-        try:
-            safeio.check_writable_file(out)
-        except safeio.UsageError as e:
-            raise ValueError(str(e)) from None
+        safeio.check_writable_file(out)                  # a folder of that name, an unwritable folder
 
 
 def check_request(models, prompt, chunks, steps, out=None, then=(), seed=0):

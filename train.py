@@ -608,7 +608,7 @@ def check_out(out, cfg: PipelineConfig):
 
 
 def stage_seed(cfg: PipelineConfig, stage):
-    return cfg.seed * 1_000 + STAGES.index(stage) if stage in STAGES else cfg.seed
+    return cfg.seed * 1_000 + STAGES.index(stage)
 
 
 def run_pipeline(out, cfg: PipelineConfig, stages=None, force=()):

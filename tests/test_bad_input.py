@@ -411,3 +411,21 @@ def test_concept_clis_name_a_missing_or_broken_run(tmp_path, run_copy, capsys):
     open(os.path.join(run_copy, "decoder.pt"), "wb").write(b"truncated")
     open(os.path.join(run_copy, "vae.pt"), "wb").write(b"truncated")
     refuses(run_cli("decoder.py", decoder.main), ["--run", run_copy], capsys, "vae.pt is corrupt or unreadable")
+
+
+def test_atomic_dir_also_replaces_its_unmarked_older_output(tmp_path):
+    """A bundle written before deploy.py marked its bundles is still its own: exactly its files."""
+    out = tmp_path / "bundle"
+    out.mkdir()
+    for name in deploy.UNMARKED_BUNDLE:
+        (out / name).write_text("old")
+    with safeio.atomic_dir(str(out), deploy.BUNDLE_MARKER, "deploy.py", deploy.UNMARKED_BUNDLE) as d:
+        open(os.path.join(d, "new"), "w").write("new")
+    assert sorted(os.listdir(out)) == sorted(["new", deploy.BUNDLE_MARKER])
+    (tmp_path / "other").mkdir()
+    for name in deploy.UNMARKED_BUNDLE + ("my_notes.txt",):    # one file more: not only ours, refused
+        (tmp_path / "other" / name).write_text("old")
+    with pytest.raises(safeio.UsageError, match="did not write"):
+        with safeio.atomic_dir(str(tmp_path / "other"), deploy.BUNDLE_MARKER, "deploy.py", deploy.UNMARKED_BUNDLE):
+            pass
+    assert len(os.listdir(tmp_path / "other")) == len(deploy.UNMARKED_BUNDLE) + 1
