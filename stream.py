@@ -268,7 +268,11 @@ def main(argv=None):
         unknown = unknown_words(models["tokenizer"], q)
         if unknown:
             print(f"warning: the model does not know the words {unknown} of {q!r}; they are ignored", file=sys.stderr)
-    res = run(models, args.prompt, args.chunks, args.steps, args.seed, args.out, then, progress=not args.json)
+    try:
+        res = run(models, args.prompt, args.chunks, args.steps, args.seed, args.out, then, progress=not args.json)
+    except KeyboardInterrupt:                            # Ctrl-C: the temporary video is already removed
+        print(f"\nstream.py: interrupted; {args.out or 'nothing'} not written", file=sys.stderr)
+        raise SystemExit(130) from None
     if not args.json:
         print(f"{res['frames']} frames in {res['chunks']} chunks: {res['fps']:.1f} FPS "
               f"({res['chunk_ms']:.1f} ms per chunk; playback needs {res['playback_fps']} FPS)"

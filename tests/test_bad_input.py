@@ -363,21 +363,31 @@ def test_atomic_dir_replaces_only_its_own_directory(tmp_path, user_files):
     assert snapshot(user_files) == before
 
 
-def test_stream_sigterm_leaves_no_temporary_file(tmp_path):
+def test_stream_warns_about_the_unknown_words_it_ignores(capsys):
+    stream.main(["--run", SHIPPED, "--prompt", "a red zebra moves right", "--chunks", "1", "--json"])
+    err = capsys.readouterr().err
+    assert "warning" in err and "['zebra']" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stream_killed_leaves_no_temporary_file(sig, tmp_path):
     out = tmp_path / "v.mp4"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "stream.py"), "--run", SHIPPED, "--prompt",
                              "a red circle moves right", "--chunks", "200", "--out", str(out), "--json"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # not ignored, as in a shell
     deadline = time.time() + 120
     while time.time() < deadline and not [f for f in os.listdir(tmp_path) if f.startswith(".v.mp4.")]:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.2)
     assert [f for f in os.listdir(tmp_path) if f.startswith(".v.mp4.")], "the temporary video never appeared"
     time.sleep(1.0)                                            # a few chunks into the file
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     proc.wait(timeout=60)
-    assert proc.returncode != 0 and os.listdir(tmp_path) == []   # no half video, no temporary file
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err[-2000:]
+    assert os.listdir(tmp_path) == []                          # no half video, no temporary file
 
 
 # ----------------------------------------------------------------------------------------------
