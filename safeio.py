@@ -37,12 +37,16 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (argparse prints the whole usage first) and exit 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
+def one_line(message):
+    return " ".join(str(message).split()) or "bad input"
 
 
 def fail(prog, message):
     """Print the one-line error and exit 2: for bad input found outside argparse."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -52,7 +56,7 @@ def run_cli(prog, main, *args):
     try:
         return main(*args)
     except (UsageError, FileNotFoundError, BadFileError) as e:
-        fail(prog, (str(e).strip().splitlines() or [type(e).__name__])[0])
+        fail(prog, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
 def read_json(path, what="file"):
