@@ -17,7 +17,6 @@ Run:  python data.py                      demo: captions + speed figure
       python data.py --bench              clips/s and ms per batch (16 clips x 21 frames x 64^2)
       python data.py --preview out.gif    labelled grid of clips (--preset small --n 8)
 """
-import argparse
 import contextlib
 import json
 import os
@@ -378,8 +377,9 @@ def read_video(path, fps=16):
         if path.lower().endswith(".gif"):
             meta = [imageio.v3.immeta(path, index=i) for i in range(len(frames))]
             reps = [max(1, round(m.get("duration", 0) * fps / 1000)) for m in meta]
-    except Exception as e:  # noqa: BLE001 - any decoder error becomes one clear message
-        raise ValueError(f"cannot read video {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any decoder error becomes one clear message (ffmpeg's dump: its first line)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"cannot read video {path} (empty, truncated or not a video?): {first}") from e
     if not frames:
         raise ValueError(f"video {path} has no frames")
     frames = [f[..., None].repeat(3, -1) if f.ndim == 2 else f[..., :3] for f in frames]
@@ -417,6 +417,10 @@ class ClipFolder:
                     file, text = d["file"], d["caption"]
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{index} line {n}: expected {{'file', 'caption'}}: {e}")
+                if not isinstance(text, str) or not re.search(r"\w", text):
+                    raise ValueError(f"{index} line {n}: the caption must be a non-empty text, got {text!r}")
+                if not isinstance(file, str) or not file:
+                    raise ValueError(f"{index} line {n}: 'file' must be a file name, got {file!r}")
                 full = os.path.join(path, file)
                 if not os.path.isfile(full):
                     raise FileNotFoundError(f"{index} line {n}: clip file not found: {full}")
@@ -451,18 +455,17 @@ def _to_uint8(video):
 
 
 def save_video(path, video, fps=16):
-    """Write a .gif or .mp4 atomically (to 'x.tmp.gif', then os.replace)."""
+    """Write a .gif or .mp4 atomically (a unique temporary file next to it, then a rename: safeio.atomic_path)."""
+    import safeio
     frames = _to_uint8(video)
-    root, ext = os.path.splitext(path)
+    ext = os.path.splitext(path)[1]
     if ext.lower() not in (".gif", ".mp4"):
         raise ValueError(f"expected a .gif or .mp4 path, got {path}")
-    tmp = root + ".tmp" + ext  # imageio picks the format from the extension, so keep it last
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if ext.lower() == ".gif":
-        imageio.mimsave(tmp, list(frames), duration=1000 / fps, loop=0)
-    else:  # macro_block_size=1: keep the exact size (libx264 still needs even H, W)
-        imageio.mimsave(tmp, list(frames), fps=fps, codec="libx264", macro_block_size=1)
-    os.replace(tmp, path)
+    with safeio.atomic_path(path) as tmp:     # the temporary name keeps the extension: imageio picks the format by it
+        if ext.lower() == ".gif":
+            imageio.mimsave(tmp, list(frames), duration=1000 / fps, loop=0)
+        else:  # macro_block_size=1: keep the exact size (libx264 still needs even H, W)
+            imageio.mimsave(tmp, list(frames), fps=fps, codec="libx264", macro_block_size=1)
 
 
 def save_grid_gif(path, videos, labels, fps=16, ncol=4):
@@ -526,16 +529,28 @@ def _bench(size=64, frames=21, batch=16, reps=5):
     return ms
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    import safeio
+    ap = safeio.Parser(prog="data.py", description=__doc__.split("\n")[0])
     ap.add_argument("--bench", action="store_true", help="print clips/s and ms per batch")
     ap.add_argument("--preview", default=None, help="write a labelled grid GIF of clips here")
     ap.add_argument("--preset", default="tiny", help=f"size preset, one of {sorted(PRESETS)}")
     ap.add_argument("--n", type=int, default=8, help="number of clips in the preview")
     ap.add_argument("--split", default="train", help="train or eval (held-out combinations)")
     ap.add_argument("--seed", type=int, default=0, help="random seed")
-    args = ap.parse_args()
-    cfg = get_config(args.preset)
+    args = ap.parse_args(argv)
+    try:
+        cfg = get_config(args.preset)
+        if args.split not in ("train", "eval"):
+            raise ValueError(f"--split must be train or eval, got {args.split!r}")
+        if args.n < 1:
+            raise ValueError(f"--n must be >= 1, got {args.n}")
+        if args.preview:
+            if not args.preview.lower().endswith(".gif"):
+                raise ValueError(f"--preview writes a GIF: give a path ending in .gif, got {args.preview}")
+            safeio.check_writable_file(args.preview, "--preview")
+    except ValueError as e:
+        ap.error(str(e))
     if args.bench:
         _bench()
     elif args.preview:
@@ -551,3 +566,7 @@ if __name__ == "__main__":
         assert all(parse_prompt(c)[:3] == tuple(g["objects"][0][k] for k in ("color", "shape",
                    "motion")) for c, g in zip(caps, gt))
         _bench()
+
+
+if __name__ == "__main__":
+    main()

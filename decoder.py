@@ -14,7 +14,6 @@ Demo (seconds, CPU): `python decoder.py` builds both tiny decoders, prints their
 and checks that streaming decoding equals whole-clip decoding.
 Table for a trained run: `python decoder.py --run runs/tiny --json`.
 """
-import argparse
 import json
 import math
 import statistics
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
+import safeio
 import vae as vae_mod
 from resume import Checkpoint
 from vae import CausalDecoder, load_model, psnr, save_checkpoint  # noqa: F401 (save_checkpoint re-exported)
@@ -281,13 +281,13 @@ def streaming_max_diff(dec, z):
     return (torch.cat(parts, 2) - full).abs().max().item()
 
 
-def main():
-    ap = argparse.ArgumentParser(description="Efficient decoder (Sec. D.1, Tab. A2)")
+def main(argv=None):
+    ap = safeio.Parser(prog="decoder.py", description="Efficient decoder (Sec. D.1, Tab. A2)")
     ap.add_argument("--run", default=None, help="run dir with vae.pt and decoder.pt: print Tab. A2")
     ap.add_argument("--json", action="store_true", help="print the table as JSON")
     ap.add_argument("--preset", default=None, help="data preset for held-out clips (default: from vae.pt)")
     ap.add_argument("--clips", type=int, default=8, help="held-out clips to evaluate")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.run:
         import os
@@ -296,7 +296,7 @@ def main():
         dec = load_decoder(os.path.join(args.run, "decoder.pt"))
         preset = args.preset or next((n for n, c in vae_mod.PRESETS.items() if asdict(c) == asdict(vae.cfg)), None)
         if preset is None:
-            raise ValueError("vae.pt matches no VAE preset; pass --preset tiny|small")
+            raise safeio.UsageError("vae.pt matches no VAE preset; pass --preset tiny|small")
         import data  # lazy: only the CLI needs the toy world
 
         videos = data.make_batch(data.get_config(preset), args.clips, seed=0, split="eval")[0]
@@ -319,4 +319,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    safeio.run_cli("decoder.py", main)

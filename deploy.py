@@ -30,7 +30,6 @@ CLI:  python deploy.py --run runs/tiny --out runs/tiny/S2DiTResources      build
       python deploy.py --check runs/tiny/S2DiTResources --json             offline check, JSON last line
       python deploy.py --run-bundle BUNDLE --prompt "a red circle moves right"   macOS only
 """
-import argparse
 import json
 import math
 import os
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 
 import flow
+import safeio
 from chunk_step import ChunkStep, DecoderExport, StatefulDiT, StatelessDiT, TextExport, decoder_cache_layout
 from mlpackage import check_bundle, compact_names, dir_bytes, package_sizes
 from quantize import (DEFAULT_PROMPTS, QuantConfig, calibrate, capture_calibration, emulate_quantized, make_plan,
@@ -262,10 +262,11 @@ def export_decoder(models, out_dir, tmp=None):
 # ----------------------------------------------------------------------------------------------
 # The bundle
 # ----------------------------------------------------------------------------------------------
-def _atomic_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+# An output directory holding this file was written by deploy.py, which may replace it; any other
+# non-empty directory is refused (safeio.atomic_dir): --out never deletes what the user put there.
+BUNDLE_MARKER = ".s2dit_bundle"
+UNMARKED_BUNDLE = ("TextEncoder.mlpackage", "DiT.mlpackage", "DiTStateless.mlpackage", "Decoder.mlpackage",
+                   "vocab.json", "s2dit_config.json", "README.md")      # a complete bundle from before the marker
 
 
 README = """# S2DiTResources: streaming text-to-video on the iPhone (Core ML, iOS 18)
@@ -319,74 +320,66 @@ def build_bundle(models, out_dir, calib_prompts=None, progress=True, cfg=None):
     cfg = cfg or get_config(models.get("preset") if models.get("preset") in PRESETS else "small")
     steps = (models.get("steps") or [4])[-1]
     prompts = list(calib_prompts or DEFAULT_PROMPTS[:cfg.calib_prompts])
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        say(f"[deploy] capturing calibration inputs: {len(prompts)} prompts x {cfg.calib_chunks} chunks x {steps} steps")
-        calib = _stage("DiT", lambda: capture_calibration(models, prompts, cfg.calib_chunks, steps))
-        scales = calibrate(ChunkStep(models["model"], models["latent_hw"]).eval(), calib)
-        say(f"[deploy] per-layer sensitivity (W4 of one layer at a time, {cfg.sens_samples} calls)")
-        table = sensitivity(models, calib, cfg)
-        plan = make_plan(models, table, cfg)
-        if progress:
-            print_plan(plan)
-        qstep = emulate_quantized(models["model"], plan, scales, models["latent_hw"], cfg.block_size)
-        per_chunk = quality_report(models, qstep, prompts[:2], cfg.eval_chunks, steps)
-        say("[deploy] emulated W4/W8 + A8 vs float, PSNR of denoised latents per chunk: "
-            + ", ".join(f"{p:.1f}" for p in per_chunk) + " dB")
-        vb = None
-        if models.get("run"):
-            try:
-                vb = vbench_drop(models, qstep, n_prompts=4, steps=steps)
-            except Exception as e:              # evaluate.py absent or its API differs: report, don't fail
-                vb = {"skipped": f"{type(e).__name__}: {e}"}
-        say("[deploy] TextEncoder")
-        export_text(models, tmp)
-        say("[deploy] DiT (stateful denoise + commit, stateless fallback; W4/W8 + A8)")
-        ref = os.path.join(tmp, ".fp16")
-        os.makedirs(ref)
-        dit_paths = export_dit(models, tmp, plan, scales, cfg.block_size, fp16_dir=ref)
-        sizes_fp16 = {n: package_sizes(dit_paths[n + "_fp16"]) for n in ("DiT", "DiTStateless")}
-        shutil.rmtree(ref)
-        say("[deploy] Decoder (decode_first + decode)")
-        _, dkeys, dshapes = export_decoder(models, tmp)
-        mcfg, L = models["model"].cfg, models["tokenizer"].max_len
-        step = ChunkStep(models["model"], models["latent_hw"])
-        roles = {"TextEncoder": "text token ids -> text embedding", "DiT": "one denoising step / commit of one chunk",
-                 "DiTStateless": "one chunk step, caches as inputs/outputs", "Decoder": "latent chunk -> RGB frames"}
-        for role, desc in roles.items():
-            set_metadata(os.path.join(tmp, role + ".mlpackage"), role, desc, cfg.version,
-                         {"model": str(models.get("name", "S2DiT")), "quantization":
-                          "W4/W8 mixed + A8" if role.startswith("DiT") else "fp16"})
-        models["tokenizer"].save_vocab(os.path.join(tmp, "vocab.json"))
-        config = {
-            "version": cfg.version, "model": str(models.get("name", "S2DiT")), "chunk_latent_frames": mcfg.chunk,
-            "window_chunks": mcfg.window, "steps": steps, "shift": models["shift"],
-            "schedule": flow.few_step_schedule(steps, models["shift"]), "t_ctx": float(models["t_ctx"]),
-            "fps": models.get("fps", 16), "frames_per_chunk": {"first": 4 * mcfg.chunk - 3, "next": 4 * mcfg.chunk},
-            "latent": [1, mcfg.in_channels, mcfg.chunk, models["latent_hw"], models["latent_hw"]],
-            "text": {"max_len": L, "dim": mcfg.text_dim},
-            "compute_units": COMPUTE_UNITS,
-            "tensors": {"TextEncoder": {"inputs": ["ids", "mask"], "outputs": ["tokens"]},
-                        "DiT": {"functions": ["denoise", "commit"], "inputs": ["x", "t", "text", "text_mask"],
-                                "outputs": ["x0"], "states": {k: list(v) for k, v in step.cache_shapes().items() if math.prod(v)},
-                                "denoise_output": "x0 = x - t * v"},
-                        "DiTStateless": {"extra_outputs": "<cache>_out: the caches rolled with this chunk"},
-                        "Decoder": {"functions": ["decode_first", "decode"], "inputs": ["z"] + [f"cache_{i}" for i in range(len(dkeys))],
-                                    "outputs": ["frames"] + [f"cache_{i}_out" for i in range(len(dkeys))],
-                                    "cache_shapes": [list(s) for s in dshapes]}},
-            "rope": "relative window slots: no frame offset input (see deploy.py docstring)",
-            "quantization": {"weights": {k: v["bits"] for k, v in plan.items()}, "activations": "int8 symmetric per tensor",
-                             "psnr_threshold_db": cfg.psnr_threshold}}
-        _atomic_json(os.path.join(tmp, "s2dit_config.json"), config)
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(README)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    try:   # atomic_dir refuses a non-empty directory deploy.py did not write, before any work
+        with safeio.atomic_dir(out_dir, BUNDLE_MARKER, "deploy.py", UNMARKED_BUNDLE) as tmp:
+            say(f"[deploy] capturing calibration inputs: {len(prompts)} prompts x {cfg.calib_chunks} chunks x {steps} steps")
+            calib = _stage("DiT", lambda: capture_calibration(models, prompts, cfg.calib_chunks, steps))
+            scales = calibrate(ChunkStep(models["model"], models["latent_hw"]).eval(), calib)
+            say(f"[deploy] per-layer sensitivity (W4 of one layer at a time, {cfg.sens_samples} calls)")
+            table = sensitivity(models, calib, cfg)
+            plan = make_plan(models, table, cfg)
+            if progress:
+                print_plan(plan)
+            qstep = emulate_quantized(models["model"], plan, scales, models["latent_hw"], cfg.block_size)
+            per_chunk = quality_report(models, qstep, prompts[:2], cfg.eval_chunks, steps)
+            say("[deploy] emulated W4/W8 + A8 vs float, PSNR of denoised latents per chunk: "
+                + ", ".join(f"{p:.1f}" for p in per_chunk) + " dB")
+            vb = None
+            if models.get("run"):
+                try:
+                    vb = vbench_drop(models, qstep, n_prompts=4, steps=steps)
+                except Exception as e:              # evaluate.py absent or its API differs: report, don't fail
+                    vb = {"skipped": f"{type(e).__name__}: {e}"}
+            say("[deploy] TextEncoder")
+            export_text(models, tmp)
+            say("[deploy] DiT (stateful denoise + commit, stateless fallback; W4/W8 + A8)")
+            ref = os.path.join(tmp, ".fp16")
+            os.makedirs(ref)
+            dit_paths = export_dit(models, tmp, plan, scales, cfg.block_size, fp16_dir=ref)
+            sizes_fp16 = {n: package_sizes(dit_paths[n + "_fp16"]) for n in ("DiT", "DiTStateless")}
+            shutil.rmtree(ref)
+            say("[deploy] Decoder (decode_first + decode)")
+            _, dkeys, dshapes = export_decoder(models, tmp)
+            mcfg, L = models["model"].cfg, models["tokenizer"].max_len
+            step = ChunkStep(models["model"], models["latent_hw"])
+            roles = {"TextEncoder": "text token ids -> text embedding", "DiT": "one denoising step / commit of one chunk",
+                     "DiTStateless": "one chunk step, caches as inputs/outputs", "Decoder": "latent chunk -> RGB frames"}
+            for role, desc in roles.items():
+                set_metadata(os.path.join(tmp, role + ".mlpackage"), role, desc, cfg.version,
+                             {"model": str(models.get("name", "S2DiT")), "quantization":
+                              "W4/W8 mixed + A8" if role.startswith("DiT") else "fp16"})
+            models["tokenizer"].save_vocab(os.path.join(tmp, "vocab.json"))
+            config = {
+                "version": cfg.version, "model": str(models.get("name", "S2DiT")), "chunk_latent_frames": mcfg.chunk,
+                "window_chunks": mcfg.window, "steps": steps, "shift": models["shift"],
+                "schedule": flow.few_step_schedule(steps, models["shift"]), "t_ctx": float(models["t_ctx"]),
+                "fps": models.get("fps", 16), "frames_per_chunk": {"first": 4 * mcfg.chunk - 3, "next": 4 * mcfg.chunk},
+                "latent": [1, mcfg.in_channels, mcfg.chunk, models["latent_hw"], models["latent_hw"]],
+                "text": {"max_len": L, "dim": mcfg.text_dim},
+                "compute_units": COMPUTE_UNITS,
+                "tensors": {"TextEncoder": {"inputs": ["ids", "mask"], "outputs": ["tokens"]},
+                            "DiT": {"functions": ["denoise", "commit"], "inputs": ["x", "t", "text", "text_mask"],
+                                    "outputs": ["x0"], "states": {k: list(v) for k, v in step.cache_shapes().items() if math.prod(v)},
+                                    "denoise_output": "x0 = x - t * v"},
+                            "DiTStateless": {"extra_outputs": "<cache>_out: the caches rolled with this chunk"},
+                            "Decoder": {"functions": ["decode_first", "decode"], "inputs": ["z"] + [f"cache_{i}" for i in range(len(dkeys))],
+                                        "outputs": ["frames"] + [f"cache_{i}_out" for i in range(len(dkeys))],
+                                        "cache_shapes": [list(s) for s in dshapes]}},
+                "rope": "relative window slots: no frame offset input (see deploy.py docstring)",
+                "quantization": {"weights": {k: v["bits"] for k, v in plan.items()}, "activations": "int8 symmetric per tensor",
+                                 "psnr_threshold_db": cfg.psnr_threshold}}
+            safeio.write_json(os.path.join(tmp, "s2dit_config.json"), config, indent=1)
+            safeio.write_text(os.path.join(tmp, "README.md"), README)
     finally:
         torch.set_num_threads(threads)
     sizes = {n: dir_bytes(os.path.join(out_dir, n + ".mlpackage")) for n in roles}
@@ -449,7 +442,7 @@ def run_bundle(bundle, prompt, chunks=4, seed=0, out=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Build / check / run the S2DiT Core ML bundle (paper Sec. D.2).")
+    p = safeio.Parser(prog="deploy.py", description="Build / check / run the S2DiT Core ML bundle (paper Sec. D.2).")
     p.add_argument("--run", help="train.py run directory to export (with --out)")
     p.add_argument("--out", help="bundle directory to write, e.g. runs/tiny/S2DiTResources")
     p.add_argument("--check", help="bundle directory to validate offline")
@@ -466,6 +459,9 @@ def main(argv=None):
                 print(f"{name:13s} {m['size_bytes']:>10,} B  functions {sorted(m['functions'])}  weights {m['weight_dtypes']}")
             print("OK" if res["ok"] else "PROBLEMS: " + "; ".join(res["problems"]))
         print(json.dumps(res) if a.json else "")
+        if not os.path.isdir(a.check):                   # no bundle at all: bad input, not a broken bundle
+            print(f"deploy.py: error: {res['problems'][0]}", file=sys.stderr)
+            return 2
         return 0 if res["ok"] else 1
     if a.run_bundle:
         if sys.platform != "darwin":
@@ -479,7 +475,12 @@ def main(argv=None):
     if not (a.run and a.out):
         p.error("give --run RUN --out BUNDLE, --check BUNDLE, or --run-bundle BUNDLE --prompt TEXT")
     import train
-    build_bundle(train.load_streaming(a.run), a.out, progress=True)
+    try:                                                 # the output directory and the run, before any work
+        safeio.check_dir_target(os.path.abspath(a.out), BUNDLE_MARKER, "deploy.py", UNMARKED_BUNDLE)
+        models = train.load_streaming(a.run)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        p.error(str(e))
+    build_bundle(models, a.out, progress=True)
     return 0
 
 

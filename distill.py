@@ -277,11 +277,11 @@ def teacher_tuples(teacher, x0, text, mask, null_text, null_mask, boundary, cfg_
 
 
 def _atomic_bytes(path, data: bytes):
-    with open(path + ".tmp", "wb") as f:
+    import safeio
+    with safeio.atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
 
 
 def _sha256(data: bytes):
@@ -765,7 +765,11 @@ def train_dmd(student, real_score, critic, batch_fn_text, cfg: DMDConfig, progre
     shape = (student.cfg.in_channels, *cfg.latent_hw)                          # (C, h, w)
     ts = flow.few_step_schedule(cfg.n_steps, cfg.shift)                         # T steps (fake for the GAN)
     ts_real = flow.few_step_schedule(cfg.gan_real_steps, cfg.shift)             # T' steps (real for the GAN)
-    head = DiscHead(critic.cfg.dim)
+    # The head's initial weights come from cfg.seed, not from the global RNG: whatever ran earlier in the
+    # process (other stages, or none after a resume), the same seed gives the same student.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        head = DiscHead(critic.cfg.dim)
     opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
     c_params = list(critic.parameters()) + list(head.parameters())
     opt_c = torch.optim.AdamW(c_params, lr=cfg.lr_c, betas=cfg.betas, weight_decay=cfg.weight_decay)

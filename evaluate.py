@@ -35,7 +35,6 @@ Run:  python evaluate.py                       demo: ground truth vs shuffled pr
       python evaluate.py --real 64 --json      score 64 held-out ground-truth clips
       python evaluate.py --videos DIR --json   score DIR/prompts.jsonl ({"file", "prompt"} lines)
 """
-import argparse
 import json
 import math
 import os
@@ -47,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as Fnn
 
 import data
+import safeio
 
 
 # ASSUMPTION: every threshold below was set on shapes-world clips (data.py): objects are
@@ -337,13 +337,14 @@ def score_videos(videos, prompts, reference=None, seed=0, cfg=None):
 
 def read_prompt_dir(path, size, frames=None):
     """DIR/prompts.jsonl ({"file", "prompt"} per line) -> videos (B, 3, F, size, size), prompts.
-    Clips are resized to size x size and cut to the shortest clip's length (or to `frames`)."""
+    Clips are resized to size x size and cut to the shortest clip's length (or to `frames`). Every line
+    is checked (JSON, file present, prompt parses) before any video is decoded."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"video folder not found: {path}")
     index = os.path.join(path, "prompts.jsonl")
     if not os.path.isfile(index):
         raise FileNotFoundError(f"prompts file not found: {index}")
-    clips, prompts = [], []
+    items = []
     with open(index) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
@@ -352,33 +353,49 @@ def read_prompt_dir(path, size, frames=None):
                     file, prompt = d["file"], d["prompt"]
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{index} line {n}: expected {{'file', 'prompt'}}: {e}")
-                clips.append(data.to_tensor(data.read_video(os.path.join(path, file)), size))
-                prompts.append(prompt)
-    if not clips:
-        raise ValueError(f"{index} lists no videos")
+                if not isinstance(file, str) or not os.path.isfile(os.path.join(path, file)):
+                    raise FileNotFoundError(f"{index} line {n}: video file not found: {os.path.join(path, str(file))}")
+                if not isinstance(prompt, str):
+                    raise ValueError(f"{index} line {n}: the prompt must be a text, got {prompt!r}")
+                try:
+                    data.parse_prompt(prompt)
+                except ValueError as e:
+                    raise ValueError(f"{index} line {n}: {e}; VBench-lite scores prompts that name a colour, "
+                                     f"a shape and a motion, e.g. \"a red circle moves left\"") from None
+                items.append((os.path.join(path, file), prompt))
+    if not items:
+        raise ValueError(f"{index} lists no videos; add lines such as {{\"file\": \"a.mp4\", \"prompt\": \"a red circle moves left\"}}")
+    clips = [data.to_tensor(data.read_video(file), size) for file, _ in items]
     F = frames or min(c.shape[1] for c in clips)
-    return torch.stack([c[:, torch.arange(F) % c.shape[1]] for c in clips]), prompts
+    return torch.stack([c[:, torch.arange(F) % c.shape[1]] for c in clips]), [p for _, p in items]
 
 
 def _print(res, as_json):
     for k, v in res.items():
         print(f"{k:24s} {v:.4f}" if isinstance(v, float) else f"{k:24s} {v}")
-    if as_json:
-        print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in res.items()}))
+    if as_json:   # NaN / inf (FVD of a single video) are not JSON: null
+        print(json.dumps({k: (round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v
+                          for k, v in res.items()}))
 
 
 def main(argv=None):
     """The CLI; prints the metrics (with --json, the last line is one JSON object)."""
-    ap = argparse.ArgumentParser(description="VBench-lite metrics on pixels")
+    ap = safeio.Parser(prog="evaluate.py", description="VBench-lite metrics on pixels")
     ap.add_argument("--real", type=int, default=None, help="score N ground-truth held-out clips")
     ap.add_argument("--videos", default=None, help="score DIR/prompts.jsonl videos")
     ap.add_argument("--preset", default="tiny", help=f"frame size preset: {sorted(data.PRESETS)}")
     ap.add_argument("--seed", type=int, default=0, help="seed of the FVD-lite reference clips")
     ap.add_argument("--json", action="store_true", help="print the metrics as JSON (last line)")
     args = ap.parse_args(argv)
-    dcfg, ecfg = data.get_config(args.preset), get_config(args.preset)
+    try:
+        dcfg, ecfg = data.get_config(args.preset), get_config(args.preset)
+        if args.real is not None and args.real < 1:
+            raise ValueError(f"--real must be >= 1, got {args.real}")
+        if args.videos:
+            v, p = read_prompt_dir(args.videos, dcfg.size)
+    except (ValueError, FileNotFoundError) as e:
+        ap.error(str(e))
     if args.videos:
-        v, p = read_prompt_dir(args.videos, dcfg.size)
         _print(score_videos(v, p, seed=args.seed, cfg=ecfg), args.json)
     elif args.real:
         v, p, _ = data.make_batch(dcfg, args.real, seed=1000 + args.seed, split="eval")

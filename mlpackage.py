@@ -105,9 +105,9 @@ def compact_names(path):
                         [op.outputs[0].name if op.outputs else fresh()]
             for b in blocks(top):
                 b.outputs[:] = [rename(n) for n in b.outputs]
-    with open(file + ".tmp", "wb") as f:
+    import safeio
+    with safeio.atomic_path(file) as tmp, open(tmp, "wb") as f:
         f.write(spec.SerializeToString())
-    os.replace(file + ".tmp", file)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,23 +221,190 @@ def inspect_package(path):
     return out
 
 
+# What the app reads from s2dit_config.json: key -> JSON type. Checked by check_config.
+CONFIG_SCHEMA = {"version": str, "model": str, "chunk_latent_frames": int, "window_chunks": int, "steps": int,
+                 "shift": (int, float), "schedule": list, "t_ctx": (int, float), "fps": int, "frames_per_chunk": dict,
+                 "latent": list, "text": dict, "compute_units": dict, "tensors": dict, "quantization": dict}
+PACKAGES = {"TextEncoder": ["main"], "DiT": ["denoise", "commit"], "DiTStateless": ["main"],
+            "Decoder": ["decode_first", "decode"]}
+COMPUTE_UNIT_NAMES = {"ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"}
+BLOB_SENTINEL = 0xDEADBEEF      # coremltools' weight file (MIL blob storage v2): a 64-byte file header
+                                # {u32 count, u32 version = 2, 7 x u64 reserved}, and before every blob a
+                                # 64-byte header {u32 sentinel, u32 dtype, u64 size, u64 data offset, ...}
+
+
+def check_config(cfg):
+    """s2dit_config.json against CONFIG_SCHEMA and its own consistency -> list of problems."""
+    if not isinstance(cfg, dict):
+        return ["s2dit_config.json: not a JSON object"]
+    problems = []
+    for k, typ in CONFIG_SCHEMA.items():
+        if k not in cfg:
+            problems.append(f"s2dit_config.json: missing {k!r}")
+        elif not isinstance(cfg[k], typ) or isinstance(cfg[k], bool):
+            problems.append(f"s2dit_config.json: {k!r} is a {type(cfg[k]).__name__}, expected "
+                            f"{getattr(typ, '__name__', 'a number')}")
+    if problems:
+        return problems
+    pos_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+    for k in ("chunk_latent_frames", "window_chunks", "steps", "fps"):
+        if not pos_int(cfg[k]):
+            problems.append(f"s2dit_config.json: {k!r} must be a positive integer, got {cfg[k]!r}")
+    sched = cfg["schedule"]
+    if len(sched) != cfg["steps"] or not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in sched):
+        problems.append(f"s2dit_config.json: 'schedule' must hold 'steps' = {cfg['steps']} times in (0, 1], got {sched!r}")
+    if not 0 <= cfg["t_ctx"] < 1:
+        problems.append(f"s2dit_config.json: 't_ctx' must be in [0, 1), got {cfg['t_ctx']!r}")
+    if len(cfg["latent"]) != 5 or not all(pos_int(v) for v in cfg["latent"]):
+        problems.append(f"s2dit_config.json: 'latent' must be 5 positive integers (1, C, T, h, w), got {cfg['latent']!r}")
+    for k in ("max_len", "dim"):
+        if not pos_int(cfg["text"].get(k)):
+            problems.append(f"s2dit_config.json: 'text.{k}' must be a positive integer")
+    if not all(pos_int(cfg["frames_per_chunk"].get(k)) for k in ("first", "next")):
+        problems.append("s2dit_config.json: 'frames_per_chunk' needs positive integers 'first' and 'next'")
+    cu = cfg["compute_units"]
+    if set(cu) != set(PACKAGES) or not set(cu.values()) <= COMPUTE_UNIT_NAMES:
+        problems.append(f"s2dit_config.json: 'compute_units' must map {sorted(PACKAGES)} to one of "
+                        f"{sorted(COMPUTE_UNIT_NAMES)}, got {cu!r}")
+    if not set(PACKAGES) <= set(cfg["tensors"]):
+        problems.append(f"s2dit_config.json: 'tensors' must describe {sorted(PACKAGES)}")
+    return problems
+
+
+def check_vocab(path, max_len=None):
+    """vocab.json as the app tokenizes with it: tokens (unique strings, <pad> = 0, <unk> = 1), max_len."""
+    try:
+        with open(path) as f:
+            v = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        return [f"vocab.json: not valid JSON ({str(e)[:80]})"]
+    if not isinstance(v, dict) or not isinstance(v.get("tokens"), list):
+        return ["vocab.json: expected an object with a 'tokens' list"]
+    tokens, problems = v["tokens"], []
+    if tokens[:2] != ["<pad>", "<unk>"] or len(tokens) < 3:
+        problems.append("vocab.json: 'tokens' must start with <pad>, <unk> and hold words")
+    if not all(isinstance(t, str) and t for t in tokens) or len(set(tokens)) != len(tokens):
+        problems.append("vocab.json: 'tokens' must be distinct non-empty strings")
+    if v.get("pad_id") != 0 or v.get("unk_id") != 1:
+        problems.append("vocab.json: 'pad_id' must be 0 and 'unk_id' 1")
+    if not isinstance(v.get("max_len"), int) or v["max_len"] < 1 or (max_len is not None and v["max_len"] != max_len):
+        problems.append(f"vocab.json: 'max_len' {v.get('max_len')!r} must equal s2dit_config.json's text.max_len {max_len}")
+    return problems
+
+
+def _blob_refs(spec):
+    """Every weight-file reference of a program: (offset, expected bytes, value name)."""
+    from coremltools.proto import MIL_pb2
+    bits = {"FLOAT16": 16, "FLOAT32": 32, "INT8": 8, "UINT8": 8, "INT4": 4, "UINT4": 4, "INT32": 32, "BFLOAT16": 16}
+    refs = []
+    for fn in spec.mlProgram.functions.values():
+        for block in fn.block_specializations.values():
+            for op in _walk_ops(block):
+                vals = list(op.attributes.values())
+                vals += [a.value for arg in op.inputs.values() for a in arg.arguments if a.HasField("value")]
+                for v in vals:
+                    if v.HasField("blobFileValue"):
+                        tt = v.type.tensorType
+                        n = math.prod(d.constant.size for d in tt.dimensions)
+                        nbytes = (n * bits.get(MIL_pb2.DataType.Name(tt.dataType), 32) + 7) // 8
+                        refs.append((v.blobFileValue.offset, nbytes, op.outputs[0].name if op.outputs else op.type))
+    return refs
+
+
+def check_package_files(path):
+    """The files of one .mlpackage as Core ML reads them, without loading it: the manifest, the program
+    (a protobuf that parses, an ML program with functions) and the weight file, every blob the program
+    references inside it with a valid header and at least the bytes its tensor type needs."""
+    import struct
+    from coremltools.proto import Model_pb2
+    name = os.path.basename(path.rstrip("/"))
+    try:
+        with open(os.path.join(path, "Manifest.json")) as f:
+            man = json.load(f)
+        root = man["itemInfoEntries"][man["rootModelIdentifier"]]["path"]
+    except FileNotFoundError:
+        return [f"{name}: Manifest.json missing"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return [f"{name}: Manifest.json is corrupt ({type(e).__name__}: {str(e)[:80]})"]
+    model_file = os.path.join(path, "Data", root)
+    if not os.path.isfile(model_file):
+        return [f"{name}: the manifest's model file Data/{root} is missing"]
+    spec = Model_pb2.Model()
+    try:
+        with open(model_file, "rb") as f:
+            spec.ParseFromString(f.read())
+    except Exception as e:                                   # protobuf's DecodeError and friends
+        return [f"{name}: {root} is not a Core ML model ({type(e).__name__}: {str(e)[:80]})"]
+    if spec.WhichOneof("Type") != "mlProgram" or not spec.mlProgram.functions:
+        return [f"{name}: {root} holds no ML program (corrupt or not written by coremltools)"]
+    refs = _blob_refs(spec)
+    weights = os.path.join(os.path.dirname(model_file), "weights", "weight.bin")
+    if not refs:
+        return []
+    if not os.path.isfile(weights):
+        return [f"{name}: weights/weight.bin missing ({len(refs)} weights reference it)"]
+    size, problems = os.path.getsize(weights), []
+    with open(weights, "rb") as f:
+        head = f.read(64)
+        count, version = struct.unpack_from("<II", head) if len(head) == 64 else (0, 0)
+        if version != 2 or count < len({offset for offset, _, _ in refs}):
+            return [f"{name}: weights/weight.bin has no valid header ({size} bytes, {count} blobs for "
+                    f"{len(refs)} references)"]
+        for offset, need, value in refs:
+            if offset + 64 > size:
+                problems.append(f"{name}: weight {value} at offset {offset} lies past the end of weight.bin ({size} bytes)")
+                continue
+            f.seek(offset)
+            sentinel, _, nbytes, data_at = struct.unpack("<IIQQ", f.read(24))
+            if sentinel != BLOB_SENTINEL:
+                problems.append(f"{name}: weight {value} at offset {offset}: no blob header in weight.bin")
+            elif data_at + nbytes > size:
+                problems.append(f"{name}: weight {value}: its {nbytes} bytes at offset {data_at} run past the end "
+                                f"of weight.bin ({size} bytes)")
+            elif nbytes != need:
+                problems.append(f"{name}: weight {value}: the blob holds {nbytes} bytes, its type needs {need}")
+    if len(problems) > 5:                                    # one truncation breaks many: say it, count the rest
+        problems = problems[:3] + [f"{name}: ... and {len(problems) - 3} more weights outside weight.bin"]
+    return problems
+
+
 def check_bundle(path):
-    """Validate a bundle offline (no prediction): every file, every model's I/O, states, functions, ops,
-    weight dtypes, metadata. -> {"ok", "problems", "models": {...}, "config": ...}."""
+    """Validate a bundle offline (no prediction): every file the app reads (config against its schema,
+    vocabulary, each package's manifest, program and weight file), then every model's I/O, states,
+    functions, ops, weight dtypes, metadata. Never raises on a broken bundle.
+    -> {"ok", "problems", "models": {...}, "config": ...}."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"bundle directory {path} not found; build one with `python deploy.py --run RUN --out {path}`")
-    problems, models = [], {}
+        what = "is a file, not a bundle directory" if os.path.exists(path) else "not found"
+        return {"bundle": path, "ok": False, "models": {}, "config": None,
+                "problems": [f"bundle directory {path} {what}; build one with `python deploy.py --run RUN --out {path}`"]}
+    problems, models, config = [], {}, None
     for f in ("vocab.json", "s2dit_config.json", "README.md"):
-        if not os.path.exists(os.path.join(path, f)):
+        if not os.path.isfile(os.path.join(path, f)):
             problems.append(f"missing {f}")
-    expect = {"TextEncoder": ["main"], "DiT": ["denoise", "commit"], "DiTStateless": ["main"],
-              "Decoder": ["decode_first", "decode"]}
-    for name, fns in expect.items():
+    if os.path.isfile(os.path.join(path, "s2dit_config.json")):
+        try:
+            with open(os.path.join(path, "s2dit_config.json")) as f:
+                config = json.load(f)
+            problems += check_config(config)
+        except (ValueError, UnicodeDecodeError) as e:
+            problems.append(f"s2dit_config.json: not valid JSON ({str(e)[:80]})")
+    if os.path.isfile(os.path.join(path, "vocab.json")):
+        max_len = config.get("text", {}).get("max_len") if isinstance(config, dict) and isinstance(config.get("text"), dict) else None
+        problems += check_vocab(os.path.join(path, "vocab.json"), max_len)
+    for name, fns in PACKAGES.items():
         p = os.path.join(path, name + ".mlpackage")
         if not os.path.isdir(p):
             problems.append(f"missing {name}.mlpackage")
             continue
-        info = inspect_package(p)
+        broken = check_package_files(p)
+        problems += broken
+        if broken:
+            continue
+        try:
+            info = inspect_package(p)
+        except Exception as e:                               # anything else coremltools cannot read
+            problems.append(f"{name}: unreadable ({type(e).__name__}: {str(e)[:120]})")
+            continue
         models[name] = info
         if sorted(info["functions"]) != sorted(fns):
             problems.append(f"{name}: functions {sorted(info['functions'])}, expected {fns}")
@@ -245,10 +412,6 @@ def check_bundle(path):
             problems.append("DiT: functions without states")
         if not info["metadata"].get("role") or not info["metadata"].get("intended_compute_units"):
             problems.append(f"{name}: metadata role / intended_compute_units missing")
-    config = None
-    if os.path.exists(os.path.join(path, "s2dit_config.json")):
-        with open(os.path.join(path, "s2dit_config.json")) as f:
-            config = json.load(f)
     return {"bundle": path, "ok": not problems, "problems": problems, "models": models, "config": config}
 
 

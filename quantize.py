@@ -262,8 +262,8 @@ def _demo():
 
 
 if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="Quantization of the DiT: a random tiny demo, or the error budget of a run.")
+    import safeio
+    ap = safeio.Parser(prog="quantize.py", description="Quantization of the DiT: a random tiny demo, or the error budget of a run.")
     ap.add_argument("--run", default=None, help="a train.py run directory: per-chunk PSNR of the plan and its variants")
     ap.add_argument("--json", action="store_true", help="also print {variant: [dB per chunk]} as the last line")
     args = ap.parse_args()
@@ -273,7 +273,7 @@ if __name__ == "__main__":
         import json
         import train
         torch.set_num_threads(2)
-        models = train.load_streaming(args.run)
+        models = safeio.run_cli("quantize.py", train.load_streaming, args.run)   # a bad run: one line, exit 2
         print(f"{args.run}: PSNR of the denoised latents per streamed chunk, emulation vs float")
         budget = error_budget(models, get_config(models["preset"] if models["preset"] in PRESETS else "small"))
         if args.json:

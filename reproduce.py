@@ -19,7 +19,6 @@ Extra training (Tab. 3 / A5 ablations, Tab. A1's 1- and 4-step students, Tab. A7
 written into the run as stages `ablate_*`, `dmd_1step`, `dmd_4step` and `dmd_noteacher` and reused by
 later invocations; the 2-step student is the pipeline's own `dmd` stage.
 """
-import argparse
 import copy
 import json
 import os
@@ -33,6 +32,7 @@ import data
 import distill
 import evaluate
 import flow
+import safeio
 import sandwich
 import stream
 import train
@@ -176,8 +176,8 @@ def ablate(run, stage, make, steps, seed):
     trained, m = train.fm_stage(run, model, steps, "base", ema=False)   # short runs: the raw weights
     out = {"params": count_params(trained), "train_loss_last": m["loss_last"],
            "eval_loss": heldout_fm_loss(run, trained, seed), "chunk_ms": chunk_ms(trained, run)}
-    torch.save(trained.state_dict(), run.path(f"{stage}.pt.tmp"))
-    os.replace(run.path(f"{stage}.pt.tmp"), run.path(f"{stage}.pt"))
+    with safeio.atomic_path(run.path(f"{stage}.pt")) as tmp:
+        torch.save(trained.state_dict(), tmp)
     run.finish(stage, out, time.time() - t0)
     return out
 
@@ -308,9 +308,7 @@ def write_results(path, res, cmd, seconds):
         begin, end = f"<!-- curves.py {name}: begin -->", f"<!-- curves.py {name}: end -->"
         if begin in old and end in old:
             L += [old[old.index(begin):old.index(end) + len(end)], ""]
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(L))
-    os.replace(path + ".tmp", path)
+    safeio.write_text(path, "\n".join(L))
 
 
 def holds(cond, yes, no):
@@ -384,7 +382,7 @@ def checks(res):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Reproduce the paper's tables at toy scale into RESULTS.md")
+    p = safeio.Parser(prog="reproduce.py", description="Reproduce the paper's tables at toy scale into RESULTS.md")
     p.add_argument("--run", default="runs/small", help="a completed train.py run")
     p.add_argument("--tables", default=",".join(TABLES), help=f"subset of {','.join(TABLES)} (others reused)")
     p.add_argument("--prompts", type=int, default=12, help="held-out prompts per VBench-lite score")
@@ -394,10 +392,22 @@ def main(argv=None):
     p.add_argument("--out", default="RESULTS.md", help="where to write the tables")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = p.parse_args(argv)
-    run = train.open_run(args.run)
-    torch.set_num_threads(args.threads or run.cfg.threads)
     store = os.path.join(args.run, "reproduce.json")                    # tables computed so far (resumable)
-    res = json.load(open(store)) if os.path.exists(store) else {}
+    try:                                                                # every table name and file before any work
+        unknown = [t for t in args.tables.split(",") if t not in TABLES]
+        if unknown or not args.tables:
+            raise ValueError(f"unknown table {(unknown or [''])[0]!r}; tables: {','.join(TABLES)}")
+        for flag in ("prompts", "ablate_steps", "a6_chunks"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        safeio.check_writable_file(args.out)
+        run = train.open_run(args.run)
+        res = safeio.read_json(store, "table store") if os.path.exists(store) else {}
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    torch.set_num_threads(args.threads or run.cfg.threads)
     if res and not res.get("separate_students"):    # stored when one 4-step student served 1, 2 and 4 steps
         stale = [t for t in AR_TABLES if t in res]
         for t in stale:
@@ -408,15 +418,11 @@ def main(argv=None):
     res.update({"seed": args.seed, "preset": run.cfg.preset, "n_prompts": args.prompts, "separate_students": True})
     res.setdefault("seconds", {})
     for name in args.tables.split(","):
-        if name not in TABLES:
-            p.error(f"unknown table {name!r}; tables: {','.join(TABLES)}")
         print(f"{name} ...", flush=True)
         t0 = time.time()
         res.update(compute(name, run, args, os.path.dirname(os.path.abspath(args.out))))
         res["seconds"][name] = time.time() - t0
-        with open(store + ".tmp", "w") as f:
-            json.dump(res, f, indent=1, default=str)
-        os.replace(store + ".tmp", store)
+        safeio.write_json(store, res, indent=1, default=str)
     missing = [t for t in TABLES if t not in res]
     if missing:
         print(f"tables still to compute: {missing}; RESULTS.md is written once all exist")

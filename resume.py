@@ -45,8 +45,9 @@ class Checkpoint:
         """Save {"step": step, **make_state()} if every_s seconds have passed since the last save."""
         if not self.path or not (force or time.time() - self.last >= self.every_s):
             return False
-        torch.save({"step": step, **make_state()}, self.path + ".tmp")
-        os.replace(self.path + ".tmp", self.path)
+        tmp = f"{self.path}.{os.getpid()}.tmp"             # unique: two processes never share a temp file
+        torch.save({"step": step, **make_state()}, tmp)
+        os.replace(tmp, self.path)
         self.last = time.time()
         return True
 

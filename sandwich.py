@@ -32,7 +32,6 @@ Run `python sandwich.py` to draw the layouts with the token count of each group 
 `paper` preset's parameters and FLOPs on the meta device; `python sandwich.py --bench --json`
 times all-attention DiT vs S2DiT vs a SANA-style linear DiT at three token counts.
 """
-import argparse
 import json
 import math
 import os
@@ -42,6 +41,7 @@ import torch
 import torch.nn as nn
 
 import dit
+import safeio
 from dit import Attention, Backbone, Block, DiTConfig, rope_tables
 from lcha import make_attention, make_ffn
 from ssa import PatchMerge, PixelShuffleUp, low_res_grid
@@ -240,14 +240,14 @@ def bench(preset="small", sizes=(64, 128, 256), repeats=5):
             "threads": torch.get_num_threads()}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    p = safeio.Parser(prog="sandwich.py", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small", help="tiny | small (paper is counted on the meta device)")
     p.add_argument("--layout", default=None, help="e.g. 1,0,0,1 (default: the preset's default layout)")
     p.add_argument("--run", default=None, help="draw the layout search.py found for a train.py run (its layout.json)")
     p.add_argument("--bench", action="store_true", help="time attention DiT vs S2DiT vs SANA-style DiT")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.bench:
         res = bench(args.preset)
         if not args.json:
@@ -261,7 +261,7 @@ def main():
         path = os.path.join(args.run, "layout.json")
         if not os.path.exists(path):
             p.error(f"{path} not found: run the `search` stage (python train.py --out {args.run})")
-        layout = tuple(json.load(open(path))["layout"])
+        layout = tuple(safeio.read_json(path, "layout file").get("layout", ()))
     model = S2DiT(cfg, layout)
     grid = (cfg.chunk, (64 if args.preset == "small" else 32) // 8, (64 if args.preset == "small" else 32) // 8)
     print(f"S2DiT-{args.preset}: {dit.count_params(model):,} params, layout")
@@ -281,4 +281,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    safeio.run_cli("sandwich.py", main)

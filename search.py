@@ -3,7 +3,8 @@
 How the paper found its layout, in four steps:
 
 1. A latency table: one LCHA group at high resolution, one SSA group at low resolution and one branch
-   switch (down_n + up_n), measured on this CPU at the preset's shapes (one chunk of 3 latent frames);
+   switch (down_n + up_n), measured on this CPU at the preset's shapes (one chunk of 3 latent frames)
+   once and stored (LATENCY_MS: a timing during the run would let machine load pick the layout);
    plus an estimate for the paper's iPhone from FLOPs and bytes moved (`iphone_estimate`).
 2. The search space shrinks (Sec. A): 2^(2n) (each of 2n blocks picks LCHA or SSA) -> 2^n (the two
    blocks of a group share their choice) -> 2^(n-2) (m_1 = m_M = 1) -> C(n-2, k) (the budget fixes k,
@@ -20,7 +21,6 @@ How the paper found its layout, in four steps:
 loss beside the alternatives at the same budget (hourglass, all-LCHA, all-SSA, random): the toy Tab. 3.
 `python search.py` alone runs a seconds-long planted-problem demo.
 """
-import argparse
 import itertools
 import json
 import math
@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dit
+import safeio
 from dit import Attention, Backbone, Block, DiTConfig, rope_tables
 from lcha import make_attention, make_ffn
 from sandwich import S2DiT, STRIDE, PAPER_CFG, check_layout, inherit_from, switches
@@ -51,6 +52,15 @@ class SearchConfig:
 
 
 PRESETS = {"tiny": SearchConfig(steps=40, batch=2), "small": SearchConfig(steps=300, batch=4)}
+
+# The latency table the search uses, stored per preset (ms; one torch thread, this repository's CPU, median
+# of 15 calls of `latency_table` at the preset's DiT width and latent size). Stored, not timed during the
+# run: a live timing moves with the machine's load, and with it the budget, k and the layout, so the
+# same seed would give different models. Re-measure: `python search.py --measure tiny`.
+LATENCY_MS = {
+    "tiny": {"lcha_group_ms": 5.856, "ssa_group_ms": 2.678, "switch_ms": 0.139, "tokens_high": 48, "tokens_low": 12},
+    "small": {"lcha_group_ms": 18.345, "ssa_group_ms": 5.813, "switch_ms": 0.557, "tokens_high": 192, "tokens_low": 48},
+}
 
 
 def get_config(name):
@@ -367,16 +377,30 @@ def alternatives(M, k, table, budget_ms, seed=0):
                    "fits": layout_latency(lay, table) <= budget_ms} for name, lay in rows.items()}
 
 
-def main():
-    p = argparse.ArgumentParser(description="Budget-aware sandwich search (Alg. 1, Eq. 10)")
+def main(argv=None):
+    p = safeio.Parser(prog="search.py", description="Budget-aware sandwich search (Alg. 1, Eq. 10)")
     p.add_argument("--run", default=None, help="a run directory with base.pt and search.pt (train.py --stages base,search)")
     p.add_argument("--budget-ms", type=float, default=None, help="latency budget per chunk step on this CPU (ms)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    args = p.parse_args()
+    p.add_argument("--measure", default=None, help="time the latency table of a preset on this CPU (for LATENCY_MS)")
+    args = p.parse_args(argv)
+    if args.measure:
+        import train
+        if args.measure not in train.PRESETS:
+            p.error(f"--measure: unknown preset {args.measure!r}; known presets: {sorted(train.PRESETS)}")
+        torch.set_num_threads(1)
+        cfg = train.get_config(args.measure)
+        print(json.dumps(latency_table(train.dit_cfg(cfg), train.data_cfg(cfg).size // 4, repeats=15)))
+        return
     if args.run is None:
         return demo()
     import train
-    res = train.search_report(args.run, args.budget_ms)
+    if args.budget_ms is not None and not args.budget_ms > 0:
+        p.error(f"--budget-ms must be > 0, got {args.budget_ms}")
+    try:
+        res = train.search_report(args.run, args.budget_ms)
+    except ValueError as e:                      # the budget no layout meets, a broken run file: one line
+        p.error(str(e))
     if not args.json:
         for name, row in res["rows"].items():
             print(f"{name:10s} {''.join('L' if m else 'S' for m in row['layout'])}  {row['latency_ms']:7.2f} ms  "
@@ -408,4 +432,4 @@ def demo():
 
 
 if __name__ == "__main__":
-    main()
+    safeio.run_cli("search.py", main)

@@ -17,7 +17,7 @@ A DMD student streams at the one step count it was distilled for (the pipeline's
 default of --steps); `--stage dmd_1step` / `dmd_4step` stream the students reproduce.py distils.
 Python / notebook: `for chunk in stream(load_models("runs/small"), "a red circle moves right", 8): ...`
 """
-import argparse
+import contextlib
 import json
 import os
 import resource
@@ -29,7 +29,10 @@ import torch
 
 import dit
 import flow
+import safeio
 from distill import commit_chunk, denoise_chunk
+
+MAX_SEED = 2 ** 63 - 1                   # torch.Generator.manual_seed takes a 64-bit integer
 
 
 @dataclass
@@ -53,13 +56,53 @@ def load_models(run, stage=None):
     return train.load_streaming(run, stage)
 
 
-def check_request(models, prompt, chunks, steps, out=None, then=()):
-    """Every user error is raised here, before any work starts."""
-    for p in [prompt] + [p for _, p in then]:
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError("empty prompt: give a text such as \"a red circle moves right\"")
+def prompt_words(prompt, what="prompt"):
+    """The words the tokenizer will see (text.normalize); none -> ValueError (emoji or punctuation only)."""
+    import text as text_mod
+    words = text_mod.normalize(prompt) if isinstance(prompt, str) else []
+    if not words:
+        raise ValueError(f"empty {what} {prompt!r}: it has no words once punctuation and symbols are dropped; "
+                         f"give a text such as \"a red circle moves right\"")
+    return words
+
+
+def unknown_words(tokenizer, prompt, what="prompt"):
+    """Words of the prompt the model never saw in training (they all become <unk>). All unknown ->
+    ValueError (the video would ignore the prompt); some -> the list, for a warning."""
+    words = prompt_words(prompt, what)
+    unknown = [w for w in words if w not in tokenizer.stoi]
+    if len(unknown) == len(words):
+        words = tokenizer.itos[2:]
+        raise ValueError(f"the model knows none of the words of {what} {prompt!r}; it knows {len(words)} words "
+                         f"({', '.join(words[:8])}, ...: the run's vocab.json lists them all)")
+    return unknown
+
+
+def check_args(prompt, chunks, steps=None, seed=0, out=None, then=()):
+    """The checks that need no model: prompts have words, numbers in range, --out writable."""
+    for i, p in enumerate([prompt] + [p for _, p in then]):
+        prompt_words(p, "prompt" if i == 0 else "--then prompt")
     if chunks < 1:
         raise ValueError(f"--chunks must be >= 1, got {chunks}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps} (leave it out for the student's own count)")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be in 0..{MAX_SEED} (a 64-bit seed), got {seed}")
+    for c, _ in then:
+        if not 0 < c < chunks:
+            raise ValueError(f"--then switches at chunk {c}, outside 1..{chunks - 1}")
+    if out is not None:
+        ext = os.path.splitext(out)[1].lower()
+        if ext not in (".gif", ".mp4"):
+            raise ValueError(f"--out must end in .gif or .mp4, got {out}")
+        safeio.check_writable_file(out)                  # a folder of that name, an unwritable folder
+
+
+def check_request(models, prompt, chunks, steps, out=None, then=(), seed=0):
+    """Every user error is raised here, before any work starts."""
+    check_args(prompt, chunks, steps, seed, out, then)
+    for i, p in enumerate([prompt] + [p for _, p in then]):
+        unknown_words(models["tokenizer"], p, "prompt" if i == 0 else "--then prompt")
     if models["steps"] is not None and steps not in models["steps"]:
         # A DMD student learns to denoise from the times of ITS schedule only (Tab. A1 distils one
         # student per step count): off that schedule it is a model never trained for the task.
@@ -69,20 +112,11 @@ def check_request(models, prompt, chunks, steps, out=None, then=()):
                          f"train.py's `dmd` stage distils for 2 steps; `python reproduce.py --run RUN --tables tab1` "
                          f"adds dmd_1step and dmd_4step to a train.py run RUN (e.g. runs/small), streamed with "
                          f"--stage dmd_1step / dmd_4step")
-    for c, _ in then:
-        if not 0 < c < chunks:
-            raise ValueError(f"--then switches at chunk {c}, outside 1..{chunks - 1}")
-    if out is not None:
-        ext = os.path.splitext(out)[1].lower()
-        if ext not in (".gif", ".mp4"):
-            raise ValueError(f"--out must end in .gif or .mp4, got {out}")
-        d = os.path.dirname(os.path.abspath(out))
-        try:
-            os.makedirs(d, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"cannot write {out}: {e}") from e
-        if not os.access(d, os.W_OK):
-            raise ValueError(f"cannot write {out}: directory {d} is not writable")
+
+
+def default_steps(models, steps):
+    """None -> the count the student was distilled for (4 for the flow-matching stages); 0 stays 0 (an error)."""
+    return (models["steps"] or [4])[-1] if steps is None else steps
 
 
 def encode_prompt(models, prompt):
@@ -93,8 +127,8 @@ def encode_prompt(models, prompt):
 
 def stream(models, prompt, chunks, steps=None, seed=0, then=(), window=None, t_ctx=None):
     """Yield `Chunk`s as soon as each is decoded. `then`: [(chunk_index, prompt), ...] switches."""
-    steps = steps or (models["steps"] or [4])[-1]
-    check_request(models, prompt, chunks, steps, then=then)
+    steps = default_steps(models, steps)
+    check_request(models, prompt, chunks, steps, then=then, seed=seed)
     model, decoder, cfg = models["model"], models["decoder"], models["model"].cfg
     ts = flow.few_step_schedule(steps, models["shift"])
     t_ctx = models["t_ctx"] if t_ctx is None else t_ctx
@@ -146,28 +180,22 @@ def reference_generation(model, text, mask, n_chunks, ts, latent_hw, seed=0):
     return torch.cat(done, dim=2)                                       # (1, C, 3 n_chunks, h, w)
 
 
-class ProgressiveWriter:
-    """Append frames to an .mp4/.gif as they arrive; the file appears (atomically) only when closed."""
-
-    def __init__(self, path, fps=16):
-        import imageio
-        root, ext = os.path.splitext(path)
-        self.path, self.tmp = path, root + ".tmp" + ext
-        kw = {"fps": fps, "codec": "libx264", "macro_block_size": 1} if ext.lower() == ".mp4" else \
-            {"duration": 1000 / fps, "loop": 0}
-        self.writer = imageio.get_writer(self.tmp, **kw)
-
-    def append(self, frames):
-        from data import _to_uint8
-        for f in _to_uint8(frames):
-            self.writer.append_data(f)
-
-    def close(self, ok=True):
-        self.writer.close()
-        if ok:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
+@contextlib.contextmanager
+def progressive_writer(path, fps=16):
+    """with progressive_writer("a.mp4") as append: append(frames) as they arrive. They go to a unique
+    temporary file next to `path` (safeio.atomic_path), renamed to `path` when the block ends: the file
+    appears complete or not at all; two streams writing the same path never share a temporary file;
+    an exception, Ctrl-C or SIGTERM removes it."""
+    import imageio
+    from data import _to_uint8
+    kw = {"fps": fps, "codec": "libx264", "macro_block_size": 1} if path.lower().endswith(".mp4") else \
+        {"duration": 1000 / fps, "loop": 0}
+    with safeio.atomic_path(path) as tmp:
+        writer = imageio.get_writer(tmp, **kw)
+        try:
+            yield lambda frames: [writer.append_data(f) for f in _to_uint8(frames)]
+        finally:
+            writer.close()
 
 
 def peak_rss_mb():
@@ -177,22 +205,17 @@ def peak_rss_mb():
 def run(models, prompt, chunks, steps, seed=0, out=None, then=(), progress=True):
     """Stream to a file (optional) and return the JSON summary."""
     from tqdm import tqdm
-    steps = steps or (models["steps"] or [4])[-1]
-    check_request(models, prompt, chunks, steps, out, then)
-    writer = ProgressiveWriter(out, models["fps"]) if out else None
+    steps = default_steps(models, steps)
+    check_request(models, prompt, chunks, steps, out, then, seed)
     per_chunk, frames = [], 0
-    ok = False
-    try:
+    with contextlib.ExitStack() as files:
+        append = files.enter_context(progressive_writer(out, models["fps"])) if out else None
         for c in tqdm(stream(models, prompt, chunks, steps, seed, then), total=chunks, desc="stream",
                       disable=not progress, file=sys.stderr):
             frames += c.frames.shape[1]
             per_chunk.append(c.ms)
-            if writer:
-                writer.append(c.frames)
-        ok = True
-    finally:
-        if writer:
-            writer.close(ok)
+            if append:
+                append(c.frames)
     mean = lambda k: sum(m[k] for m in per_chunk) / len(per_chunk)
     total_s = sum(m["total"] for m in per_chunk) / 1e3
     return {"run_model": models["name"], "prompt": prompt, "then": list(then), "chunks": chunks, "frames": frames,
@@ -214,7 +237,7 @@ def parse_then(items):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Stream a text-to-video from a trained S2DiT run, chunk by chunk.")
+    p = safeio.Parser(prog="stream.py", description="Stream a text-to-video from a trained S2DiT run, chunk by chunk.")
     p.add_argument("--run", required=True, help="run directory written by train.py (e.g. runs/small)")
     p.add_argument("--prompt", required=True, help="what to generate, e.g. \"a red circle moves right\"")
     p.add_argument("--chunks", type=int, default=8, help="chunks of 3 latent frames (12 video frames) to stream")
@@ -227,15 +250,29 @@ def main(argv=None):
     p.add_argument("--then", action="append", default=[], help="switch prompt at a chunk: 5:\"a blue square moves up\"")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line (last line)")
     args = p.parse_args(argv)
-    try:
+    try:   # everything that can be checked without the models first, then with them: no work is wasted
         then = parse_then(args.then)
-        if not args.prompt.strip():
-            raise ValueError("empty prompt: give a text such as \"a red circle moves right\"")
+        check_args(args.prompt, args.chunks, args.steps, args.seed, args.out, then)
+        import train
+        train.check_dit_stage(args.stage)
+        vocab = os.path.join(args.run, "vocab.json")
+        if os.path.isfile(vocab):                 # the unknown-word check before seconds of model loading
+            import text as text_mod
+            check_request({"tokenizer": text_mod.Tokenizer.from_json(vocab), "steps": None}, args.prompt,
+                          args.chunks, args.steps, args.out, then, args.seed)
         models = load_models(args.run, args.stage)
-        check_request(models, args.prompt, args.chunks, args.steps or (models["steps"] or [4])[-1], args.out, then)
+        check_request(models, args.prompt, args.chunks, default_steps(models, args.steps), args.out, then, args.seed)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         p.error(str(e))
-    res = run(models, args.prompt, args.chunks, args.steps, args.seed, args.out, then, progress=not args.json)
+    for q in [args.prompt] + [q for _, q in then]:       # known words drive the video; say which are ignored
+        unknown = unknown_words(models["tokenizer"], q)
+        if unknown:
+            print(f"warning: the model does not know the words {unknown} of {q!r}; they are ignored", file=sys.stderr)
+    try:
+        res = run(models, args.prompt, args.chunks, args.steps, args.seed, args.out, then, progress=not args.json)
+    except KeyboardInterrupt:                            # Ctrl-C: the temporary video is already removed
+        print(f"\nstream.py: interrupted; {args.out or 'nothing'} not written", file=sys.stderr)
+        raise SystemExit(130) from None
     if not args.json:
         print(f"{res['frames']} frames in {res['chunks']} chunks: {res['fps']:.1f} FPS "
               f"({res['chunk_ms']:.1f} ms per chunk; playback needs {res['playback_fps']} FPS)"

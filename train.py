@@ -24,7 +24,6 @@ same result as an uninterrupted run).
     python train.py --preset tiny --out runs/tiny        # minutes: what the tests run
     python train.py --stages base,search     # only some stages (earlier ones must exist)
 """
-import argparse
 import copy
 import json
 import os
@@ -37,6 +36,7 @@ import data
 import dit
 import distill
 import flow
+import safeio
 import search
 import text as text_mod
 import vae as vae_mod
@@ -151,17 +151,21 @@ class Run:
 
     def finish(self, stage, metrics, seconds):
         blob = {"stage": stage, "seconds": seconds, "config": asdict(self.cfg), "metrics": metrics}
-        tmp = self.path(f"{stage}.done.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(blob, f, indent=1, default=str)
-        os.replace(tmp, self.path(f"{stage}.done.json"))
+        safeio.write_json(self.path(f"{stage}.done.json"), blob, indent=1, default=str)
 
-    def metrics(self, stage):
+    def marker(self, stage):
+        """The stage's <stage>.done.json, checked: bad JSON or a missing field names the file."""
         p = self.path(f"{stage}.done.json")
         if not os.path.exists(p):
             raise FileNotFoundError(f"{p} not found; run the `{stage}` stage of train.py (--out {self.dir})")
-        with open(p) as f:
-            return json.load(f)["metrics"]
+        blob = safeio.read_json(p, "stage marker")
+        if not isinstance(blob, dict) or not {"metrics", "seconds"} <= set(blob):
+            raise safeio.UsageError(f"stage marker {p} lacks 'metrics' / 'seconds'; delete it and re-run the "
+                                    f"`{stage}` stage: python train.py --out {self.dir}")
+        return blob
+
+    def metrics(self, stage):
+        return self.marker(stage)["metrics"]
 
     def model(self, stage):
         if stage not in self._cache:
@@ -283,9 +287,8 @@ def stage_latents(run):
         zs.append(vae.encode(video).half())
         caps += captions
     z = torch.cat(zs)
-    tmp = run.path("latents.pt.tmp")
-    torch.save({"z": z, "captions": caps}, tmp)
-    os.replace(tmp, run.path("latents.pt"))
+    with safeio.atomic_path(run.path("latents.pt")) as tmp:
+        torch.save({"z": z, "captions": caps}, tmp)
     return {"clips": len(caps), "latent_shape": list(z.shape[1:]), "bytes": os.path.getsize(run.path("latents.pt"))}
 
 
@@ -314,8 +317,7 @@ def stage_search(run, budget_ms=None):
     cfg = run.cfg
     dcfg = dit_cfg(cfg)
     M = dcfg.depth // 2
-    hw = data_cfg(cfg).size // 4
-    table = search.latency_table(dcfg, hw)
+    table = dict(search.LATENCY_MS[cfg.preset])              # stored, never timed here: see search.LATENCY_MS
     scfg = search.get_config(cfg.preset)
     # ASSUMPTION: the default budget is the latency of the cheapest layout with half of the middle
     # groups at high resolution (the paper sets its budget from the iPhone's frame-rate target).
@@ -329,9 +331,7 @@ def stage_search(run, budget_ms=None):
     batch_fn = dit_batches(run, scfg.batch, cfg.seed + 77, with_null=False)
     layout, hist = search.run_search(sup, base, batch_fn, k, replace(scfg, steps=cfg.search_steps, seed=cfg.seed))
     save_checkpoint(run.path("search.pt"), sup, spec_of(sup, "supernet"), {"layout": layout, "k": k})
-    with open(run.path("layout.json.tmp"), "w") as f:
-        json.dump({"layout": layout, "k": k, "budget_ms": budget}, f)
-    os.replace(run.path("layout.json.tmp"), run.path("layout.json"))
+    safeio.write_json(run.path("layout.json"), {"layout": layout, "k": k, "budget_ms": budget})
     rep = search_rows(run, sup, base, layout, k, table, budget)
     return {"layout": layout, "k": k, "budget_ms": budget, "latency_table_ms": table,
             "iphone_estimate_ms": search.iphone_estimate(), "search_space": search.search_space(M, k),
@@ -499,13 +499,37 @@ def evaluate_model(models, n_prompts, steps, seed=0, chunks=3):
 # ----------------------------------------------------------------------------------------------
 # Loading a run for streaming (stream.py, deploy.py, reproduce.py)
 # ----------------------------------------------------------------------------------------------
+def read_pipeline(p):
+    """pipeline.json -> PipelineConfig; bad JSON, unknown or mistyped fields name the file."""
+    blob = safeio.read_json(p, "run configuration")
+    fields = PipelineConfig.__dataclass_fields__
+    extra = sorted(set(blob) - set(fields)) if isinstance(blob, dict) else None
+    if extra is None or extra:
+        what = f"unknown fields {extra}" if extra else "not a JSON object"
+        raise safeio.UsageError(f"run configuration {p} has {what}; it must hold exactly train.PipelineConfig's "
+                                f"fields (restore the file, or train a new run with another --out)")
+    wrong = [k for k, v in blob.items() if not isinstance(v, type(getattr(PipelineConfig, k)))
+             and not (isinstance(v, int) and isinstance(getattr(PipelineConfig, k), float))]
+    if wrong:
+        raise safeio.UsageError(f"run configuration {p}: fields {wrong} have the wrong type; restore the file")
+    return PipelineConfig(**blob)
+
+
 def open_run(run_dir):
     p = os.path.join(run_dir, "pipeline.json")
     if not os.path.exists(p):
         raise FileNotFoundError(f"{p} not found: {run_dir} is not a train.py run; train one with "
                                 f"`python train.py --out {run_dir}`")
-    with open(p) as f:
-        return Run(run_dir, PipelineConfig(**json.load(f)))
+    return Run(run_dir, read_pipeline(p))
+
+
+DIT_STAGES = ("dmd", "kd", "pretrain")          # what stream.py / deploy.py can stream (+ reproduce.py's dmd_*)
+
+
+def check_dit_stage(stage):
+    if stage is not None and stage not in DIT_STAGES and not stage.startswith("dmd_"):
+        raise safeio.UsageError(f"--stage {stage} is not a stage with a streaming DiT; choose one of "
+                                f"{', '.join(DIT_STAGES)} (or a reproduce.py student: dmd_1step, dmd_4step, dmd_noteacher)")
 
 
 def load_streaming(run_dir, stage=None):
@@ -513,8 +537,9 @@ def load_streaming(run_dir, stage=None):
     "shift", "t_ctx", "latent_hw", "fps", "preset"}. `stage` forces a DiT stage (dmd, kd, pretrain, or a
     student reproduce.py distilled: dmd_1step, dmd_4step, dmd_noteacher). "steps" is [n] for a DMD student
     distilled for n steps, None for the flow-matching stages (any step count)."""
+    check_dit_stage(stage)
     run = open_run(run_dir)
-    candidates = [stage] if stage else ["dmd", "kd", "pretrain"]
+    candidates = [stage] if stage else list(DIT_STAGES)
     found = [s for s in candidates if run.done(s)]
     if not found:
         how = (f"`python reproduce.py --run {run_dir} --tables tab1` distils dmd_1step and dmd_4step, "
@@ -523,9 +548,9 @@ def load_streaming(run_dir, stage=None):
         raise FileNotFoundError(f"{run_dir} has no trained S2DiT (stages {candidates}); {how}")
     name = found[0]
     blob_steps = None
-    model = run.model(name)
     if name.startswith("dmd"):   # the schedule it was distilled on (older files also listed 1, 2, 4 in "steps")
         blob_steps = [run.metrics(name)["config"]["n_steps"]]
+    model = run.model(name)
     encoder, tokenizer = run.text()
     if run.done("decoder"):
         import decoder as dec_mod
@@ -548,21 +573,30 @@ def ship_weights(run_dir, out_dir):
     by fp16 rounding only."""
     import shutil
     run = open_run(run_dir)
-    stage = next(s for s in ("dmd", "kd", "pretrain") if run.done(s))
+    stage = next((s for s in DIT_STAGES if run.done(s)), None)
+    if stage is None:
+        raise FileNotFoundError(f"{run_dir} has no trained S2DiT to ship (none of {DIT_STAGES} is done); "
+                                f"finish the run first: python train.py --out {run_dir}")
     files = ["pipeline.json", "text.pt", "vocab.json", f"{stage}.pt", f"{stage}.done.json", "decoder.pt",
              "decoder.done.json", "sample.done.json"]
-    os.makedirs(out_dir, exist_ok=True)
+    shippable = set(files) | {f"{s}.{x}" for s in DIT_STAGES for x in ("pt", "done.json")}
+    if os.path.abspath(out_dir) == os.path.abspath(run_dir):
+        raise safeio.UsageError(f"--ship {out_dir} is the run itself; give another directory")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise safeio.UsageError(f"--ship {out_dir} is a file; give a directory")
+    if os.path.isdir(out_dir) and not set(os.listdir(out_dir)) <= shippable:   # only an earlier ship is replaced
+        raise safeio.UsageError(f"--ship {out_dir} holds files a ship does not write "
+                                f"({sorted(set(os.listdir(out_dir)) - shippable)[:3]}...); give a new or empty directory")
     for f in files:
         if not os.path.exists(run.path(f)):
             continue
-        tmp = os.path.join(out_dir, f + ".tmp")
-        if f == f"{stage}.pt":    # the DiT in fp16: half the bytes in git, loads back into fp32 parameters
-            blob = torch.load(run.path(f), map_location="cpu", weights_only=True)
-            blob["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
-            torch.save(blob, tmp)
-        else:
-            shutil.copyfile(run.path(f), tmp)
-        os.replace(tmp, os.path.join(out_dir, f))
+        with safeio.atomic_path(os.path.join(out_dir, f)) as tmp:
+            if f == f"{stage}.pt":    # the DiT in fp16: half the bytes in git, loads back into fp32 parameters
+                blob = torch.load(run.path(f), map_location="cpu", weights_only=True)
+                blob["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+                torch.save(blob, tmp)
+            else:
+                shutil.copyfile(run.path(f), tmp)
     return sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
 
 
@@ -575,28 +609,53 @@ RUNNERS = {"text": stage_text, "vae": stage_vae, "latents": stage_latents, "base
            "sample": stage_sample}
 
 
+def check_out(out, cfg: PipelineConfig):
+    """Before any work: `out` is a new or empty directory, or a run of this very configuration, and
+    writable. A run of another seed or preset is never mixed with this one; other folders are not ours."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise safeio.UsageError(f"--out {out} is a file; give a run directory (e.g. runs/{cfg.preset})")
+    p = os.path.join(out, "pipeline.json")
+    if os.path.isdir(out):
+        if os.path.exists(p):
+            old = asdict(read_pipeline(p))
+            new = json.loads(json.dumps(asdict(cfg)))
+            diff = [f"{k} {old[k]!r} (asked for {new[k]!r})" for k in new if old[k] != new[k]]
+            if diff:
+                raise safeio.UsageError(f"{out} is a run with another configuration: {', '.join(diff[:4])}; "
+                                        f"use another --out, or the run's own --preset/--seed")
+        elif os.listdir(out):
+            raise safeio.UsageError(f"--out {out} is a non-empty directory that is not a train.py run "
+                                    f"(no pipeline.json); give a new or empty directory")
+    d = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise safeio.UsageError(f"cannot write the run directory {out}: {d} is not a writable folder")
+
+
+def stage_seed(cfg: PipelineConfig, stage):
+    return cfg.seed * 1_000 + STAGES.index(stage)
+
+
 def run_pipeline(out, cfg: PipelineConfig, stages=None, force=()):
+    check_out(out, cfg)
     torch.set_num_threads(cfg.threads)
     run = Run(out, cfg)
     p = run.path("pipeline.json")
-    if os.path.exists(p):
-        with open(p) as f:
-            old = json.load(f)
-        if old != json.loads(json.dumps(asdict(cfg))):
-            raise ValueError(f"{out} was trained with a different configuration ({p}); use another --out "
-                             f"or the same preset and flags")
-    else:
-        with open(p + ".tmp", "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
-        os.replace(p + ".tmp", p)
+    if not os.path.exists(p):
+        safeio.write_json(p, asdict(cfg), indent=1)
     times = {}
     for stage in stages or STAGES:
         if run.done(stage) and stage not in force:
-            times[stage] = json.load(open(run.path(f"{stage}.done.json")))["seconds"]
+            times[stage] = run.marker(stage)["seconds"]
             print(f"[{stage}] done already ({times[stage]:.0f} s), skipping")
             continue
         print(f"[{stage}] ...", flush=True)
         t0 = time.time()
+        # Anything a stage draws from the global RNG (fresh modules, sampling) starts from the stage's
+        # own seed: a stage gives the same result whichever stages ran before it in this process, so a
+        # resumed run equals an uninterrupted one.
+        torch.manual_seed(stage_seed(cfg, stage))
         metrics = RUNNERS[stage](run)
         times[stage] = time.time() - t0
         run.finish(stage, metrics, times[stage])
@@ -605,7 +664,7 @@ def run_pipeline(out, cfg: PipelineConfig, stages=None, force=()):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Train the toy S2DiT pipeline end to end (resumable).")
+    p = safeio.Parser(prog="train.py", description="Train the toy S2DiT pipeline end to end (resumable).")
     p.add_argument("--preset", default="small", help="tiny (minutes) or small (the workshop run, about an hour)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
@@ -613,20 +672,26 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="the run's seed")
     p.add_argument("--ship", default=None, help="copy the run's streaming weights to this directory and exit")
     args = p.parse_args(argv)
-    if args.ship:
-        size = ship_weights(args.out or os.path.join("runs", args.preset), args.ship)
-        print(f"shipped {size / 2 ** 20:.1f} MB to {args.ship}")
-        return
+    out = args.out or os.path.join("runs", args.preset)
     try:
+        if args.ship:
+            size = ship_weights(out, args.ship)
+            print(f"shipped {size / 2 ** 20:.1f} MB to {args.ship}")
+            return
         cfg = get_config(args.preset, seed=args.seed)
-        stages = args.stages.split(",") if args.stages else None
-        for s in (stages or []) + [f for f in args.force.split(",") if f]:
+        if not 0 <= args.seed < 2 ** 31:
+            raise ValueError(f"--seed must be in 0..{2 ** 31 - 1}, got {args.seed}")
+        if args.stages is not None and not [s for s in args.stages.split(",") if s.strip()]:
+            raise ValueError(f"--stages is empty; leave it out to run every stage, or name some of {','.join(STAGES)}")
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+        force = [f.strip() for f in args.force.split(",") if f.strip()]
+        for s in (stages or []) + force:
             if s not in STAGES:
                 raise ValueError(f"unknown stage {s!r}; stages: {','.join(STAGES)}")
-    except ValueError as e:
+        check_out(out, cfg)
+    except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    out = args.out or os.path.join("runs", args.preset)
-    run, times = run_pipeline(out, cfg, stages, force=[f for f in args.force.split(",") if f])
+    run, times = run_pipeline(out, cfg, stages, force=force)
     print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) +
           f"; total {sum(times.values()) / 60:.1f} min")
     if run.done("sample"):

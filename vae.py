@@ -19,7 +19,6 @@ upsample_nearest3d, no tensor of rank > 5.
 Demo (a few seconds on CPU): `python vae.py` trains the tiny VAE for a few steps on synthetic
 moving blobs, prints the PSNR and checks chunked decoding against full decoding.
 """
-import argparse
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F_
 
 from resume import Checkpoint
+from safeio import BadFileError, Parser, read_json, run_cli
 
 
 @dataclass
@@ -449,13 +449,12 @@ def fit_vae(vae, batch_fn, steps, lr=5e-4, seed=0, progress=True, stats_batches=
 def save_checkpoint(path, model, cfg, metrics=None):
     """Atomic torch.save({"config", "state_dict", "metrics"}) plus a JSON of config + metrics."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    import safeio                                   # unique temporary names, renamed into place
     blob = {"config": asdict(cfg), "state_dict": model.state_dict(), "metrics": dict(metrics or {})}
-    torch.save(blob, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    js = os.path.splitext(path)[0] + ".json"
-    with open(js + ".tmp", "w") as f:
-        json.dump({"config": asdict(cfg), "metrics": dict(metrics or {})}, f, indent=2, default=str)
-    os.replace(js + ".tmp", js)
+    with safeio.atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+    safeio.write_json(os.path.splitext(path)[0] + ".json", {"config": asdict(cfg), "metrics": dict(metrics or {})},
+                      indent=2, default=str)
 
 
 def load_model(path, cfg_cls, model_cls, stage):
@@ -467,16 +466,16 @@ def load_model(path, cfg_cls, model_cls, stage):
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated / not a torch file
         why = str(e).split("\n")[0][:200]
-        raise RuntimeError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {why}); {hint}") from e
+        raise BadFileError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {why}); {hint}") from e
     if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
-        raise RuntimeError(f"checkpoint {path} lacks 'config'/'state_dict'; {hint}")
+        raise BadFileError(f"checkpoint {path} lacks 'config'/'state_dict'; {hint}")
     try:
         cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in blob["config"].items()})
         model = model_cls(cfg)
         model.load_state_dict(blob["state_dict"])
     except (TypeError, RuntimeError) as e:  # keep the first lines of torch's long report
         why = " ".join(str(e).split("\n")[:3])[:300]
-        raise RuntimeError(f"checkpoint {path} does not match {model_cls.__name__} ({why} ...); {hint}") from e
+        raise BadFileError(f"checkpoint {path} does not match {model_cls.__name__} ({why} ...); {hint}") from e
     return model.eval()
 
 
@@ -525,19 +524,20 @@ def judge_reconstructions(vae_path, preset, n=24, seed=5):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description="Causal 3D video VAE demo (tiny preset), or judge a trained VAE")
+def main(argv=None):
+    ap = Parser(prog="vae.py", description="Causal 3D video VAE demo (tiny preset), or judge a trained VAE")
     ap.add_argument("--preset", default="tiny", help="VAE preset: tiny or small")
     ap.add_argument("--steps", type=int, default=40, help="training steps")
     ap.add_argument("--data", action="store_true", help="train on data.py clips instead of blobs")
     ap.add_argument("--run", default=None, help="a train.py run: PSNR and VBench-lite of its VAE's reconstructions")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.run:
         spec = os.path.join(args.run, "pipeline.json")
         if not os.path.exists(spec):
             ap.error(f"{spec} not found: {args.run} is not a train.py run")
-        with open(spec) as f:
-            preset = json.load(f)["preset"]
+        preset = read_json(spec, "run configuration").get("preset")
+        if preset not in PRESETS:
+            ap.error(f"{spec}: unknown preset {preset!r}; known presets: {sorted(PRESETS)}")
         print(json.dumps(judge_reconstructions(os.path.join(args.run, "vae.pt"), preset)))
         return
     torch.manual_seed(0)
@@ -570,4 +570,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("vae.py", main)

@@ -3,6 +3,7 @@ per session (conversion is slow); the tests inspect saved specs (prediction need
 static-shape export path against the PyTorch streaming path and the quantized emulation against float."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -353,3 +354,72 @@ def test_run_bundle_needs_macos(built):
     res = subprocess.run([sys.executable, os.path.join(HERE, "deploy.py"), "--run-bundle", out, "--prompt", "a red circle"],
                          capture_output=True, text=True, cwd=HERE, timeout=120)
     assert res.returncode == 2 and "macOS" in res.stderr
+
+
+def _break(bundle, what):
+    """Break a copy of a good bundle in one of the ways a disk, a sync or a hand edit does."""
+    data = lambda pkg, *p: os.path.join(bundle, pkg + ".mlpackage", "Data", "com.apple.CoreML", *p)
+    if what == "decoder weights deleted":
+        os.remove(data("Decoder", "weights", "weight.bin"))
+    elif what == "dit weights truncated":
+        with open(data("DiT", "weights", "weight.bin"), "r+b") as f:
+            f.truncate(1024)
+    elif what == "config empty":
+        open(os.path.join(bundle, "s2dit_config.json"), "w").write("{}")
+    elif what == "config truncated":
+        text = open(os.path.join(bundle, "s2dit_config.json")).read()
+        open(os.path.join(bundle, "s2dit_config.json"), "w").write(text[:len(text) // 2])
+    elif what == "vocab garbage":
+        open(os.path.join(bundle, "vocab.json"), "wb").write(b"\x89PNG\r\n garbage \xff\xfe")
+    elif what == "program garbage":
+        open(data("TextEncoder", "model.mlmodel"), "wb").write(os.urandom(4096))
+    elif what == "manifest corrupt":
+        open(os.path.join(bundle, "DiTStateless.mlpackage", "Manifest.json"), "w").write('{"itemInfoEntries": ')
+    elif what == "vocab without words":
+        open(os.path.join(bundle, "vocab.json"), "w").write('{"tokens": ["a", "a"], "max_len": 16}')
+    elif what == "config wrong type":
+        cfg = json.load(open(os.path.join(bundle, "s2dit_config.json")))
+        json.dump({**cfg, "steps": "two"}, open(os.path.join(bundle, "s2dit_config.json"), "w"))
+    elif what == "weights header zeroed":
+        with open(data("Decoder", "weights", "weight.bin"), "r+b") as f:
+            f.write(b"\0" * 64)
+
+
+BROKEN = {"decoder weights deleted": "Decoder.mlpackage: weights/weight.bin missing",
+          "dit weights truncated": "DiT.mlpackage: weight",              # "... lies past the end of weight.bin"
+          "config empty": "s2dit_config.json: missing 'version'",
+          "config truncated": "s2dit_config.json: not valid JSON",
+          "vocab garbage": "vocab.json: not valid JSON",
+          "program garbage": "TextEncoder.mlpackage: com.apple.CoreML/model.mlmodel",
+          "manifest corrupt": "DiTStateless.mlpackage: Manifest.json is corrupt",
+          "vocab without words": "vocab.json: 'tokens' must start with <pad>, <unk>",
+          "config wrong type": "s2dit_config.json: 'steps' is a str, expected int",
+          "weights header zeroed": "Decoder.mlpackage: weights/weight.bin has no valid header"}
+
+
+@pytest.mark.parametrize("what", sorted(BROKEN))
+def test_check_finds_each_broken_file(built, what, tmp_path, capsys):
+    """deploy.py --check reads every file the app reads: each breakage -> ok false, the reason, exit 1."""
+    bundle = str(tmp_path / "S2DiTResources")
+    shutil.copytree(built[1], bundle)
+    _break(bundle, what)
+    assert deploy.main(["--check", bundle, "--json"]) == 1
+    out, err = capsys.readouterr()
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["ok"] is False and any(p.startswith(BROKEN[what]) for p in res["problems"]), res["problems"]
+    assert "Traceback" not in err
+    if what == "dit weights truncated":
+        assert any("past the end of weight.bin (1024 bytes)" in p for p in res["problems"])
+    if what == "decoder weights deleted":                              # the rest of the bundle is still read
+        assert set(res["models"]) == {"TextEncoder", "DiT", "DiTStateless"}
+
+
+def test_out_replaces_its_own_bundle_only(built, tmp_path, capsys):
+    """The bundle carries deploy.py's marker; a folder without it is refused before any work."""
+    assert os.path.isfile(os.path.join(built[1], deploy.BUNDLE_MARKER))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="did not write"):
+        deploy.build_bundle(built[0], str(mine), progress=False)
+    assert os.listdir(mine) == ["keep.txt"] and (mine / "keep.txt").read_text() == "mine"

@@ -120,8 +120,10 @@ def test_cli_real_and_videos_dir(tmp_path, real, capsys):
     evaluate.main(["--videos", str(tmp_path), "--json"])               # same code, in-process
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["n"] == 6 and all(r[k] >= 0.95 for k in ACC), r
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(SystemExit) as e:                               # the CLI: one line naming the folder, exit 2
         evaluate.main(["--videos", str(tmp_path / "nope"), "--json"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
 
 
 def test_videos_dir_errors_name_the_file(tmp_path):

@@ -44,6 +44,33 @@ def test_resume_skips_done_stages_and_reruns_a_killed_one_identically(tiny_run):
     assert all(torch.equal(before[k], after[k]) for k in before)   # same seed, same result
 
 
+def test_resumed_dmd_stage_equals_the_uninterrupted_run(tiny_run):
+    """The dmd stage again (a resume after a kill, or `--stages dmd` on a finished run) in a process whose
+    global RNG is elsewhere than in the uninterrupted run: the same student, tensor for tensor. Every
+    module a stage creates (the discriminator head too) is seeded from the stage's seed."""
+    run, _, _ = tiny_run
+    before = torch.load(run.path("dmd.pt"), weights_only=True)["state_dict"]
+    os.remove(run.path("dmd.done.json"))                 # as if killed during the dmd stage
+    torch.manual_seed(12345)
+    torch.randn(1000)                                    # the global RNG is not where the first run left it
+    train.run_pipeline(run.dir, run.cfg, ["dmd"])
+    after = torch.load(run.path("dmd.pt"), weights_only=True)["state_dict"]
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_search_budget_comes_from_the_stored_latency_table(tiny_run):
+    """Machine load must not change the layout: the search stage uses search.LATENCY_MS, never a live timing."""
+    import search
+    run, _, _ = tiny_run
+    m = run.metrics("search")
+    assert m["latency_table_ms"] == search.LATENCY_MS["tiny"]
+    M = train.dit_cfg(run.cfg).depth // 2
+    t = search.LATENCY_MS["tiny"]
+    assert m["budget_ms"] == search.dp_cheapest(M, t["lcha_group_ms"], t["ssa_group_ms"], t["switch_ms"])[(M - 2) // 2][0]
+
+
 def test_corrupt_or_missing_checkpoint_names_the_stage(tiny_run, tmp_path):
     run, _, _ = tiny_run
     bad = tmp_path / "pretrain.pt"

@@ -53,17 +53,3 @@ def test_shipped_weights_follow_their_prompts_above_chance():
     assert s["semantic"] > chance, (s["semantic"], chance)
     assert s["color_acc"] > 2 / len(data.COLORS), s["color_acc"]   # colour, the easiest attribute: twice chance
 
-
-def test_shipped_text_encoder_keeps_every_word():
-    """A DiT can only follow words its frozen text features keep. A linear probe on the pooled features
-    recovers colour, shape and motion from every paraphrase of the 21 HELD-OUT combinations (captions
-    the encoder never saw), and prompts that differ in one word are far apart: every such pair of
-    canonical prompts below cosine 0.9 (with contrastive video-text training alone the motion words
-    sat at 0.999, i.e. merged)."""
-    import text
-    encoder, tokenizer = text.load_text(os.path.join(WEIGHTS, "text.pt"))
-    p = text.probe(encoder, tokenizer)
-    assert p["probe_test_captions"] == 21 * 108
-    for k in ("colour", "shape", "motion"):
-        assert p[f"probe_{k}"] >= 0.99, p
-        assert p[f"one_word_max_cos_{k}"] < 0.9, p
