@@ -1,4 +1,4 @@
-"""Shapes world: a procedural text-video toy dataset (DESIGN.md section 4), plus a loader for a
+"""Shapes world: a procedural text-video toy dataset (docs/design.md, the toy world), plus a loader for a
 folder of your own clips and GIF/MP4 writers.
 
 The paper trains on web-scale text-video data; we replace it with clips we can render in
@@ -186,7 +186,7 @@ class DataConfig:
     max_objects: int = 2         # one primary object, optionally a second one
     p_two_objects: float = 0.25  # chance to try a second object (~70 % fit without overlap)
     p_textured: float = 0.5      # probability of a textured (vs plain) background
-    fps: int = 16                # playback rate (DESIGN.md section 3)
+    fps: int = 16                # playback rate (docs/design.md, conventions)
     object_frac: float = 0.3     # primary object side as a fraction of the frame side
     second_scale: float = 0.65   # ASSUMPTION: second object smaller, so "primary = largest blob"
     horizon: int = 32            # frames the object travels before its first possible bounce

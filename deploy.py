@@ -384,7 +384,7 @@ def build_bundle(models, out_dir, calib_prompts=None, progress=True, cfg=None):
         torch.set_num_threads(threads)
     sizes = {n: dir_bytes(os.path.join(out_dir, n + ".mlpackage")) for n in roles}
     q = {n: package_sizes(os.path.join(out_dir, n + ".mlpackage")) for n in ("DiT", "DiTStateless")}
-    # the bar (<= 0.35x) is on DiT.mlpackage's "package" ratio; the stateless fallback is reported too
+    # the size bar (<= 0.35x) is on DiT.mlpackage's "package" ratio; the stateless fallback is reported too
     ratio = {n: {k: q[n][k] / max(sizes_fp16[n][k], 1) for k in ("package", "program", "weights")} for n in q}
     report = {"bundle": out_dir, "plan": plan, "sensitivity_psnr_w4": table, "act_scales": scales,
               "psnr_per_chunk_db": per_chunk, "vbench_lite": vb, "sizes_bytes": sizes,

@@ -54,7 +54,7 @@ class DMDConfig:
     steps: int = 200              # generator updates
     batch: int = 2                # clips per update (train.py's batch_fn_text draws this many prompts)
     n_chunks: int = 3             # chunks per rollout (3 x 3 = 9 latent frames = 33 pixel frames)
-    latent_hw: tuple = (8, 8)     # latent grid h, w (tiny 8x8, small 16x16; DESIGN section 3)
+    latent_hw: tuple = (8, 8)     # latent grid h, w (tiny 8x8, small 16x16; docs/design.md, conventions)
     n_steps: int = 4              # student steps T (Tab. A1: 1, 2, 4; Self-Forcing: 4)
     shift: float = 3.0            # shift of the few-step schedule and of the DMD t (flow.FlowConfig.shift)
     window: int = 2               # KV window in chunks (paper: 2)
@@ -100,7 +100,7 @@ class DMDConfig:
 PRESETS = {
     "tiny": DMDConfig(steps=20, batch=1, n_steps=2, critic_updates=1, gan_start=10, gan_real_steps=4,
                       kd_steps=40, kd_batch=2, ode_pairs=8, ode_steps=4, ode_updates=10, ode_batch=2),
-    # small: after the ODE initialisation DMD is a refinement (measured on session 3's 64-wide small run,
+    # small: after the ODE initialisation DMD is a refinement (measured on the width-64 run's (commit 0581615) 64-wide small run,
     # 12 held-out prompts, 2 steps: ODE init alone colour / shape / direction 0.42 / 0.25 / 0.25; + 150
     # DMD updates at lr_g 2e-4, lr_c 4e-5: 0.33 / 0.25 / 0.08; at lr 2e-4 both + 40 critic warm-up
     # updates: 0.42 / 0.25 / 0.08; at lr 2e-5 both + warm-up: 0.50 / 0.25 / 0.33).

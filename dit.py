@@ -118,7 +118,7 @@ def apply_rope(x, cos, sin):
 def block_causal_mask(T, tokens_per_frame, chunk, window=None, sink=0, device=None):
     """(N, N) bool, True = may attend. Query chunk i sees key chunk j iff i - window <= j <= i
     (or j < sink). Built explicitly: `is_causal=True` with fewer queries than keys would align
-    the mask to the top-left and hide the newest keys (DESIGN section 8)."""
+    the mask to the top-left and hide the newest keys (docs/design.md, pitfalls)."""
     c = torch.arange(T, device=device).repeat_interleave(tokens_per_frame) // chunk  # (N,) chunk id
     q, k = c[:, None], c[None, :]
     allowed = k <= q

@@ -48,7 +48,7 @@ PRESETS = {"tiny": QuantConfig(calib_prompts=2, calib_chunks=3), "small": QuantC
 # and out, text embedding, final layer". ASSUMPTION: projection in = patch_embed, out = head; text
 # embedding = text_proj and text_pool (the pooled prompt's projection); final layer = its AdaLN
 # modulation ada_out and head. Every other layer gets 8 bits only if its measured 4-bit PSNR is under
-# the threshold (session 3 also forced the timestep MLP and SSA's down/up switch; the small run measured
+# the threshold (the width-64 run (commit 0581615) also forced the timestep MLP and SSA's down/up switch; the small run measured
 # 58-70 dB for the timestep MLP, which stays 4-bit, and 41-45 dB for the switch, promoted by PSNR).
 SENSITIVE = ("patch_embed", "text_proj", "text_pool", "ada_out", "head")
 DEFAULT_PROMPTS = ["a red circle moves right", "a blue square moves up", "a green triangle moves left",

@@ -1,4 +1,4 @@
-"""The paper's tables at toy scale (DESIGN section 6), measured on this machine and written to RESULTS.md.
+"""The paper's tables at toy scale (docs/design.md, tables), measured on this machine and written to RESULTS.md.
 
     python reproduce.py --run runs/small            # after `python train.py`; reuses the run's stages
 

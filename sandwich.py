@@ -48,7 +48,7 @@ from ssa import PatchMerge, PixelShuffleUp, low_res_grid
 
 # Default layouts per preset, used until search.py writes `layout.json` for a run.
 DEFAULT_LAYOUT = {"tiny": (1, 0, 0, 1), "small": (1, 0, 0, 1), "paper": (1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1)}
-STRIDE = 2  # SSA stride (DESIGN section 5)
+STRIDE = 2  # SSA stride (docs/design.md, defaults)
 
 # The `paper` preset (meta device only): Wan2.1-1.3B widths (D 1536, 12 heads, FFN 8960), 28 blocks
 # (14 groups), a 768-wide text encoder (CLIP-ViT-L), the Wan2.1 VAE latent (16 ch, 8x8 spatial).

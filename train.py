@@ -20,7 +20,7 @@ it stopped (an interrupted stage restarts from its beginning with the same seeds
 same result as an uninterrupted run).
 
     python train.py                          # the `small` preset, everything (46.6 min measured on 2 idle CPU
-                                             # cores in session 4; session 2's cores ran ~1.7x slower)
+                                             # cores in the width-128 run (commit 8ea73bc); commit 2afb0a5's run's cores ran ~1.7x slower)
     python train.py --preset tiny --out runs/tiny        # minutes: what the tests run
     python train.py --stages base,search     # only some stages (earlier ones must exist)
 """
@@ -56,7 +56,7 @@ class PipelineConfig:
     text_batch: int = 32           # contrastive batch of the text stage
     text_steps: int = 600          # contrastive updates of the text stage (held-out linear probe 1.00 from 300)
     vae_steps: int = 3600          # VAE updates (on 17-frame windows, 32-px crops: vae.fit_vae); held-out
-                                   # PSNR 25.5 dB at 1800, 28.3 dB at 3600 (small, session 3)
+                                   # PSNR 25.5 dB at 1800, 28.3 dB at 3600 (small, the width-64 run (commit 0581615))
     vae_batch: int = 4
     vae_lr: float = 1e-3
     pool_clips: int = 2048         # clips encoded once for the DiT stages

@@ -12,7 +12,7 @@ is that VAE at toy scale:
     frames at a time (9 pixel frames for the first chunk, then 12) and gets exactly `decode(z)`.
 
 Letters: B batch, F pixel frames, T latent frames, C channels, H,W pixel size, h,w latent size.
-Core ML rules (DESIGN.md Sec. 8): GroupNorm runs on 4-D views (time folded into batch), the
+Core ML rules (docs/design.md, pitfalls): GroupNorm runs on 4-D views (time folded into batch), the
 up-sampling is a causal conv + reshape (time) and a conv + pixel_shuffle (space), no
 upsample_nearest3d, no tensor of rank > 5.
 
