@@ -306,12 +306,13 @@ def score_chain(run_dir, n_prompts=21, seeds=2, chunks=3, steps=30, ar_steps=Non
         if not os.path.exists(run.path(f"{stage}.pt")) or (not streaming and not os.path.exists(run.path("vae.pt"))):
             continue
         row = {}
+        if streaming:                                                # loaded once per stage, not per split
+            models = train.load_streaming(run.dir, "dmd")
+            if stage != "dmd":
+                models = {**models, "model": run.model(stage).eval()}
+            k = ar_steps or models["steps"][-1]
         for split, combos in prompt_sets(n_prompts).items():
             if streaming:
-                models = train.load_streaming(run.dir, "dmd")
-                if stage != "dmd":
-                    models = {**models, "model": run.model(stage).eval()}
-                k = ar_steps or models["steps"][-1]
                 prompts = [data.canonical_prompt(*c) for c in combos for _ in range(seeds)]
                 videos = torch.stack([torch.cat([ch.frames for ch in stream.stream(models, p, chunks, k, seed=i)], 1)
                                       for i, p in enumerate(prompts)])
@@ -370,7 +371,8 @@ def main(argv=None):
     p.add_argument("--recipe", default="current", help=f"one of: {', '.join(RECIPES)}")
     p.add_argument("--updates", type=int, default=1200, help="T_theta updates")
     p.add_argument("--every", type=int, default=200, help="score every N updates")
-    p.add_argument("--prompts", type=int, default=12, help="combinations per split (seen, held-out)")
+    p.add_argument("--prompts", type=int, default=None, help="combinations per split (seen, held-out); "
+                   "default 12 for a curve, 21 (every held-out one) for --chain")
     p.add_argument("--seeds", type=int, default=2, help="noise draws per combination")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the preset's)")
     p.add_argument("--eval-chunks", type=int, default=1, help="chunks per scored video (1 = 9 frames: every recipe "
@@ -393,8 +395,7 @@ def main(argv=None):
         return
     if args.chain:
         torch.set_num_threads(args.threads)
-        n = args.prompts if args.prompts != 12 else 21
-        rows = score_chain(args.chain, n, max(args.seeds, 2))
+        rows = score_chain(args.chain, args.prompts or 21, max(args.seeds, 2))
         body = (f"Made by `python curves.py --chain {args.chain}` on {time.strftime('%Y-%m-%d')}.\n\n" + chain_table(rows))
         print(body)
         if args.results:
@@ -416,7 +417,7 @@ def main(argv=None):
     if args.recipe not in RECIPES:
         p.error(f"unknown recipe {args.recipe!r}; recipes: {', '.join(RECIPES)}")
     run_curve(args.run, args.recipe, args.updates, args.every, args.out or os.path.join(args.run, "curves"),
-              args.prompts, args.seeds, args.cfg_scale, args.euler_steps, text_path=args.text, threads=args.threads,
+              args.prompts or 12, args.seeds, args.cfg_scale, args.euler_steps, text_path=args.text, threads=args.threads,
               eval_chunks=args.eval_chunks)
 
 
