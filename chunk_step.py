@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flow
-from dit import apply_rope, rope_tables, timestep_features
+from dit import apply_rope, rope_tables, spatial_position, timestep_features
 from lcha import LCHA
 from sandwich import switches
 
@@ -76,6 +76,8 @@ class ChunkStep(nn.Module):
                                  ("slot", slot_rotation(self.d, self.W, cfg.chunk, cfg.rope_theta))):
             self.register_buffer(f"cos_{name}", cos, persistent=False)
             self.register_buffer(f"sin_{name}", sin, persistent=False)
+        # the model's fixed (y, x) token positions (dit.spatial_position), zero for a model without
+        self.register_buffer("pos", spatial_position(self.grid, self.D) * float(cfg.abs_pos), persistent=False)
         self.nL = 2 * sum(model.layout)
         self.nS = 2 * len(model.layout) - self.nL
         self.names = {id(m): n for n, m in model.named_modules()}
@@ -164,7 +166,7 @@ class ChunkStep(nn.Module):
         (T, h, w), s, hw = self.grid, m.stride, self.hw
         # patchify (1, 2, 2): (1, C, T, hw, hw) -> (1, N, 4C), the order of dit.patchify
         p = x.reshape(1, C, T, h, 2, w, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(1, self.N, 4 * C)
-        tokens = self.lin(m.patch_embed, p)                                # (1, N, D)
+        tokens = self.lin(m.patch_embed, p) + self.pos                     # (1, N, D)
         txt = self.lin(m.text_proj[2], F.gelu(self.lin(m.text_proj[0], text), approximate="tanh"))  # (1, L, D)
         mf = (mask > 0).float()                                            # (1, L)
         pooled = (txt * mf[..., None]).sum(1) / mf.sum(1).clamp(min=1)     # (1, D)

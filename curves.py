@@ -42,6 +42,7 @@ RECIPES = {
     "current": {},                                                   # the small preset as it is
     "first_chunk": {"first_chunk_frac": 1.0},                        # every update on first chunks, 18 clips
     "first_chunk_cosine": {"first_chunk_frac": 1.0, "dit_decay": "cosine"},
+    "first_chunk_abspos": {"first_chunk_frac": 1.0, "dit": {"abs_pos": True}},  # + (y, x) position (dit.py)
 }
 
 

@@ -751,14 +751,17 @@ def _gan_pair(x_real, x_fake, t, generator):
 # ==============================================================================================
 # The DMD + RpGAN loop
 # ==============================================================================================
-def train_dmd(student, real_score, critic, batch_fn_text, cfg: DMDConfig, progress=True):
+def train_dmd(student, real_score, critic, batch_fn_text, cfg: DMDConfig, progress=True, ckpt=None, ckpt_every_s=180.0):
     """Self-Forcing DMD with progressive RpGAN. batch_fn_text(step) -> (text, mask, null_text, null_mask)
     (the null prompt is baked into real_score, see make_real_score). real_score(x_t, t, text, mask) ->
     guided velocity; critic: trainable copy of the student architecture (the fake score), initialised
     from the pretrained / KD student. Per generator update: `critic_updates` critic updates (flow
     matching on fresh samples, + L_D + R1 + R2 once the GAN is on), then one generator update
     (L_DMD + gan_weight L_G) and the EMA. Self-Forcing starts it from an ODE-initialised student: call
-    ode_init(student, real_score, ...) first (train.py's dmd stage does). Returns (EMA student, metrics)."""
+    ode_init(student, real_score, ...) first (train.py's dmd stage does). Returns (EMA student, metrics).
+    ckpt: a file saved every ckpt_every_s seconds (student, critic, head, both optimizers, EMA, the
+    generator, the logs) and resumed from, bit-identically (resume.py); one counter runs through the
+    critic warm-up and then the DMD updates."""
     if cfg.gan_real_steps <= cfg.n_steps and cfg.gan_weight > 0:
         raise ValueError(f"progressive GAN needs T' = gan_real_steps > n_steps, got {cfg.gan_real_steps} <= {cfg.n_steps}")
     g = torch.Generator().manual_seed(cfg.seed)
@@ -777,14 +780,28 @@ def train_dmd(student, real_score, critic, batch_fn_text, cfg: DMDConfig, progre
     sim = lambda text, mask, steps, **kw: rollout(student, text, mask, cfg.n_chunks, steps, shape, g,
                                                    t_ctx=cfg.t_ctx, window=cfg.window, **kw)
     log = {k: [] for k in ("dmd", "critic", "gan_d", "gan_g", "r1", "r2")}
-    for i in tqdm(range(cfg.critic_warmup), desc="critic warm-up", disable=not progress):
+    saver = Checkpoint(ckpt, ckpt_every_s)
+    start, state = saver.load()                                                # start counts warm-up + DMD updates
+    if state:
+        for module, key in ((student, "student"), (critic, "critic"), (head, "head"), (opt_g, "opt_g"), (opt_c, "opt_c")):
+            module.load_state_dict(state[key])
+        ema.shadow, log = state["ema"], state["log"]
+        g.set_state(state["generator"])
+
+    def save(k):
+        saver.maybe_save(k, lambda: {"student": student.state_dict(), "critic": critic.state_dict(),
+                                     "head": head.state_dict(), "opt_g": opt_g.state_dict(), "opt_c": opt_c.state_dict(),
+                                     "ema": ema.shadow, "log": log, "generator": g.get_state()})
+    for i in tqdm(range(min(start, cfg.critic_warmup), cfg.critic_warmup), desc="critic warm-up", disable=not progress):
         text, mask = batch_fn_text(20_000_000 + i)[:2]
         with torch.no_grad():
             x_fake = sim(text, mask, ts)                                        # (B, C, T, h, w)
         loss_c = critic_fm_loss(critic, x_fake, text, mask, g)
         _step(opt_c, loss_c, c_params, cfg.clip)
         log["critic"].append(loss_c.item())
-    bar = tqdm(range(cfg.steps), desc="dmd", disable=not progress)
+        save(i + 1)
+    first = max(0, start - cfg.critic_warmup)
+    bar = tqdm(range(first, cfg.steps), desc="dmd", disable=not progress, initial=first, total=cfg.steps)
     for step in bar:
         text, mask = batch_fn_text(step)[:2]
         B, T = text.shape[0], cfg.n_chunks * _chunk(student)
@@ -831,6 +848,8 @@ def train_dmd(student, real_score, critic, batch_fn_text, cfg: DMDConfig, progre
         head.requires_grad_(True)
         ema.update(student)
         bar.set_postfix(dmd=f"{log['dmd'][-1]:.4f}", critic=f"{log['critic'][-1]:.4f}", gan=int(gan_on))
+        save(cfg.critic_warmup + step + 1)
+    saver.finish()
     metrics = {f"{k}_last": (v[-1] if v else None) for k, v in log.items()}
     metrics.update({"curves": log, "config": asdict(cfg)})
     return _ema_result(student, ema), metrics

@@ -43,6 +43,7 @@ class DiTConfig:
     window: int = 2               # KV window in chunks (paper: 2)
     sink: int = 0                 # sink chunks kept forever in the KV cache (0 = none; ASSUMPTION: whole chunks)
     rope_theta: float = 10000.0   # RoPE base
+    abs_pos: bool = False         # add a fixed 2D sin-cos position of each token in the frame (below)
 
 
 PRESETS = {
@@ -104,6 +105,28 @@ def rope_tables(grid, head_dim, t0=0, stride=1, theta=10000.0, device=None):
                      a_w[None, None, :, :].expand(T, h, w, -1)], dim=-1)
     ang = ang.reshape(T * h * w, head_dim // 2)                     # (N, d/2)
     return ang.cos().float(), ang.sin().float()
+
+
+def spatial_position(grid, dim, device=None):
+    """Fixed 2D sin-cos embedding of each token's (y, x) place in the frame, the same in every
+    frame: (T' * h' * w', dim), time-major like the tokens. Half the channels encode y, half x.
+
+    Why (DEVIATION, measured in RESULTS.md): RoPE alone makes attention see only *relative*
+    positions, so a DiT of attention blocks cannot tell the left of a frame from its right. In the
+    toy world an object that "moves right" starts at the left edge; with RoPE alone the model put
+    objects anywhere and moved them in a random direction. Wan relies on RoPE at 720p; at 16 x 16
+    latent pixels the absolute place is the cheapest handle on a motion word. Spatial only, so a
+    stream of any length sees the same embedding in every chunk."""
+    T, h, w = grid
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64, device=device) / q)  # (q,)
+    ang_y = torch.arange(h, dtype=torch.float64, device=device)[:, None] * omega        # (h', q)
+    ang_x = torch.arange(w, dtype=torch.float64, device=device)[:, None] * omega        # (w', q)
+    ey = torch.cat([ang_y.sin(), ang_y.cos()], -1)[:, None].expand(h, w, 2 * q)        # (h', w', dim/2)
+    ex = torch.cat([ang_x.sin(), ang_x.cos()], -1)[None].expand(h, w, 2 * q)           # (h', w', dim/2)
+    e = torch.cat([ey, ex], -1).reshape(h * w, 4 * q)                                  # (h'w', dim)
+    e = F.pad(e, (0, dim - 4 * q))                                                     # dim % 4 != 0
+    return e.repeat(T, 1).float()                                                      # (N, dim)
 
 
 def apply_rope(x, cos, sin):
@@ -338,6 +361,8 @@ class Backbone(nn.Module):
         pt, ph, pw = cfg.patch
         grid = (T // pt, h // ph, w // pw)                          # token grid (T', h', w')
         tokens = self.patch_embed(patchify(x, cfg.patch))          # (B, N, D)
+        if cfg.abs_pos:
+            tokens = tokens + spatial_position(grid, cfg.dim, x.device)
         txt = self.text_proj(text)                                  # (B, L, D)
         m = text_mask.float()[..., None]                            # (B, L, 1)
         pooled = (txt * m).sum(1) / m.sum(1).clamp(min=1)           # (B, D)

@@ -439,11 +439,13 @@ def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
                    ode_steps=-(-dcfg.ode_steps // n_steps) * n_steps)  # the student's times on the ODE grid
     batch = dit_batches(run, dcfg.batch, cfg.seed + 11)
     text_fn = lambda s: batch(s)[1:]
-    ode = {}
-    if dcfg.ode_updates > 0:   # Self-Forcing's starting point; kept as <name>_ode.pt (Tab. 1: before DMD)
+    ode, ckpt, ode_path = {}, run.path(f"{name}.ckpt.pt"), run.path(f"{name}_ode.pt")
+    if dcfg.ode_updates > 0 and os.path.exists(ckpt) and os.path.exists(ode_path):
+        ode = torch.load(ode_path, weights_only=True)["metrics"]    # resumed: the checkpoint holds the student
+    elif dcfg.ode_updates > 0:   # Self-Forcing's starting point; kept as <name>_ode.pt (Tab. 1: before DMD)
         ode = distill.ode_init(student, real, text_fn, dcfg, torch.Generator().manual_seed(cfg.seed + 13))
-        save_checkpoint(run.path(f"{name}_ode.pt"), student, spec_of(student, "s2dit", layout=kd.layout, steps=(n_steps,)), ode)
-    trained, m = distill.train_dmd(student, real, critic, text_fn, dcfg)
+        save_checkpoint(ode_path, student, spec_of(student, "s2dit", layout=kd.layout, steps=(n_steps,)), ode)
+    trained, m = distill.train_dmd(student, real, critic, text_fn, dcfg, ckpt=ckpt)
     m.pop("curves", None)
     m.update(ode)
     m["steps"] = (n_steps,)                                           # the one count it streams at (stream.py checks)

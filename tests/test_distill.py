@@ -472,3 +472,32 @@ def test_train_kd_killed_and_resumed_equals_uninterrupted(tmp_path):
     resumed = fit(ckpt, a=0.9)                                                   # other start: only the checkpoint can make it equal
     for (k, x), y in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(x, y), k
+
+
+def test_train_dmd_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """Self-Forcing DMD saves itself (student, critic, discriminator head, both optimizers, EMA,
+    generator, logs) and resumes where it stopped, through the critic warm-up and the GAN phase."""
+    text, mask = text_inputs()
+    null, null_m = torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
+    cfg = distill.get_config("tiny", steps=4, gan_start=2, n_chunks=1, latent_hw=(4, 4), critic_warmup=2)
+
+    def fit(ckpt=None, kill_at=None, init_seed=0):
+        def batch(step):
+            if step == kill_at:
+                raise KeyboardInterrupt                                          # as if the process died here
+            return text, mask, null, null_m
+        student = tiny_s2dit(seed=init_seed)
+        real = distill.make_real_score(tiny_s2dit(seed=1), null, null_m, 2.0)
+        return distill.train_dmd(student, real, copy.deepcopy(student), batch, cfg, progress=False,
+                                 ckpt=ckpt, ckpt_every_s=0.0)
+
+    reference, m_ref = fit()
+    ckpt = str(tmp_path / "dmd.ckpt.pt")
+    with pytest.raises(KeyboardInterrupt):
+        fit(ckpt, kill_at=3)                       # warm-up and updates 0-2 are on disk, GAN already on
+    assert os.path.exists(ckpt)
+    resumed, m_res = fit(ckpt, init_seed=2)        # other initial weights: only the checkpoint can make it equal
+    assert not os.path.exists(ckpt)
+    assert m_res["curves"] == m_ref["curves"]
+    for (k, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
