@@ -78,8 +78,8 @@ def unknown_words(tokenizer, prompt, what="prompt"):
     return unknown
 
 
-def check_args(prompt, chunks, steps=None, seed=0, out=None, then=()):
-    """The checks that need no model: prompts have words, numbers in range, --out writable."""
+def check_args(prompt, chunks, steps=None, seed=0, out=None, then=(), strip=None):
+    """The checks that need no model: prompts have words, numbers in range, --out and --strip writable."""
     for i, p in enumerate([prompt] + [p for _, p in then]):
         prompt_words(p, "prompt" if i == 0 else "--then prompt")
     if chunks < 1:
@@ -96,6 +96,10 @@ def check_args(prompt, chunks, steps=None, seed=0, out=None, then=()):
         if ext not in (".gif", ".mp4"):
             raise ValueError(f"--out must end in .gif or .mp4, got {out}")
         safeio.check_writable_file(out)                  # a folder of that name, an unwritable folder
+    if strip is not None:
+        if not strip.lower().endswith(".png"):
+            raise ValueError(f"--strip must end in .png, got {strip}")
+        safeio.check_writable_file(strip)
 
 
 def check_request(models, prompt, chunks, steps, out=None, then=(), seed=0):
@@ -202,12 +206,13 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(models, prompt, chunks, steps, seed=0, out=None, then=(), progress=True):
-    """Stream to a file (optional) and return the JSON summary."""
+def run(models, prompt, chunks, steps, seed=0, out=None, then=(), progress=True, strip=None):
+    """Stream to a file (optional) and return the JSON summary. strip: also save a PNG of every
+    4th frame in one row (data.save_strip), the picture a page shows instead of the video."""
     from tqdm import tqdm
     steps = default_steps(models, steps)
     check_request(models, prompt, chunks, steps, out, then, seed)
-    per_chunk, frames = [], 0
+    per_chunk, frames, kept = [], 0, []
     with contextlib.ExitStack() as files:
         append = files.enter_context(progressive_writer(out, models["fps"])) if out else None
         for c in tqdm(stream(models, prompt, chunks, steps, seed, then), total=chunks, desc="stream",
@@ -216,6 +221,12 @@ def run(models, prompt, chunks, steps, seed=0, out=None, then=(), progress=True)
             per_chunk.append(c.ms)
             if append:
                 append(c.frames)
+            if strip:
+                kept.append(c.frames)
+    if strip:
+        import data
+        label = prompt + "".join(f"; from chunk {i}: {q}" for i, q in then)
+        data.save_strip(strip, torch.cat(kept, 1)[None], [label], every=4)
     mean = lambda k: sum(m[k] for m in per_chunk) / len(per_chunk)
     total_s = sum(m["total"] for m in per_chunk) / 1e3
     return {"run_model": models["name"], "prompt": prompt, "then": list(then), "chunks": chunks, "frames": frames,
@@ -223,7 +234,7 @@ def run(models, prompt, chunks, steps, seed=0, out=None, then=(), progress=True)
             "breakdown_ms": {"text_encoder": models["last_text_ms"], "dit_per_step": mean("dit_per_step"),
                              "dit_total": mean("dit_steps"), "commit": mean("commit"), "decoder": mean("decoder")},
             "chunk_ms_first_last": [per_chunk[0]["total"], per_chunk[-1]["total"]],
-            "playback_fps": models["fps"], "peak_rss_mb": peak_rss_mb(), "out": out}
+            "playback_fps": models["fps"], "peak_rss_mb": peak_rss_mb(), "out": out, "strip": strip}
 
 
 def parse_then(items):
@@ -248,11 +259,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same video")
     p.add_argument("--out", default=None, help="output .mp4 or .gif, written progressively")
     p.add_argument("--then", action="append", default=[], help="switch prompt at a chunk: 5:\"a blue square moves up\"")
+    p.add_argument("--strip", default=None, help="also save every 4th frame side by side as a .png picture")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line (last line)")
     args = p.parse_args(argv)
     try:   # everything that can be checked without the models first, then with them: no work is wasted
         then = parse_then(args.then)
-        check_args(args.prompt, args.chunks, args.steps, args.seed, args.out, then)
+        check_args(args.prompt, args.chunks, args.steps, args.seed, args.out, then, args.strip)
         import train
         train.check_dit_stage(args.stage)
         vocab = os.path.join(args.run, "vocab.json")
@@ -269,7 +281,8 @@ def main(argv=None):
         if unknown:
             print(f"warning: the model does not know the words {unknown} of {q!r}; they are ignored", file=sys.stderr)
     try:
-        res = run(models, args.prompt, args.chunks, args.steps, args.seed, args.out, then, progress=not args.json)
+        res = run(models, args.prompt, args.chunks, args.steps, args.seed, args.out, then, progress=not args.json,
+                  strip=args.strip)
     except KeyboardInterrupt:                            # Ctrl-C: the temporary video is already removed
         print(f"\nstream.py: interrupted; {args.out or 'nothing'} not written", file=sys.stderr)
         raise SystemExit(130) from None

@@ -92,6 +92,7 @@ def s_args(*extra, prompt="a red circle moves right", run=SHIPPED):
     (s_args("--chunks", "0"), ["--chunks must be >= 1"]),
     (s_args("--chunks", "many"), ["--chunks", "invalid int"]),                           # argparse's error, one line
     (s_args("--out", "/tmp/video.avi"), [".gif or .mp4"]),
+    (s_args("--strip", "/tmp/strip.jpg"), ["--strip must end in .png"]),
     (s_args("--stage", "vae"), ["--stage vae is not a stage with a streaming DiT", "dmd, kd, pretrain"]),
     (s_args("--stage", "dmd_4step"), ["no trained S2DiT", "reproduce.py"]),
     (s_args(prompt="zebra giraffe elephant"), ["knows none of the words", "vocab.json"]),

@@ -140,3 +140,17 @@ def test_run_writes_video_and_json_summary(models, tmp_path):
         assert k in res
     import imageio
     assert len(imageio.mimread(str(out))) == 21
+
+
+def test_strip_shows_every_fourth_frame_of_the_stream(models, tmp_path):
+    strip = tmp_path / "s.png"
+    res = stream.run(models, "a red circle moves left", 2, 2, seed=0, progress=False, strip=str(strip))
+    from PIL import Image
+    img = Image.open(strip)
+    frames = torch.cat([c.frames for c in stream.stream(models, "a red circle moves left", 2, 2, seed=0)], 1)
+    H, W = frames.shape[2:]
+    assert res["strip"] == str(strip)
+    assert img.size == (6 * (2 * W + 2) - 2, 2 * H + 14)             # frames 0, 4, ..., 20 of 21, 2x larger
+    tile = torch.tensor(list(img.crop((0, 14, 2 * W, 14 + 2 * H)).getdata()), dtype=torch.float32).view(2 * H, 2 * W, 3)
+    first = ((frames[:, 0].permute(1, 2, 0) + 1) * 127.5).round()       # (H, W, 3) the first frame
+    assert (tile[::2, ::2] - first).abs().max() <= 1
