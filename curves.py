@@ -36,13 +36,15 @@ import text as text_mod
 import train
 
 # Each recipe is a set of overrides on top of the run's preset: PipelineConfig fields (dit_batch,
-# dit_chunks, first_chunk_frac, dit_lr, dit_decay, ema, ...) and DiT fields under "dit". One change at a
+# dit_chunks, first_chunk_frac, dit_lr, dit_decay, ema, ...), DiT fields under "dit" and flow.FlowConfig
+# fields under "flow". One change at a
 # time against "current", so a curve says what its change is worth.
 RECIPES = {
     "current": {},                                                   # the small preset as it is
     "first_chunk": {"first_chunk_frac": 1.0},                        # every update on first chunks, 18 clips
     "first_chunk_cosine": {"first_chunk_frac": 1.0, "dit_decay": "cosine"},
     "first_chunk_abspos": {"first_chunk_frac": 1.0, "dit": {"abs_pos": True}},  # + (y, x) position (dit.py)
+    "first_chunk_shift3": {"first_chunk_frac": 1.0, "flow": {"train_shift": 3.0}},  # train t as the sampler's
 }
 
 
@@ -127,7 +129,7 @@ def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, sca
     pipe = {k: v for k, v in recipe.items() if k in asdict(run.cfg)}
     run.cfg = replace(run.cfg, **pipe)
     dcfg = dit.get_config(run.cfg.preset, **recipe.get("dit", {}))
-    fcfg = flow.get_config(run.cfg.preset)
+    fcfg = replace(flow.get_config(run.cfg.preset), **recipe.get("flow", {}))
     scale = fcfg.cfg_scale if scale is None else scale
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
