@@ -39,6 +39,10 @@ class DecoderConfig:
     groups: int = 8              # GroupNorm groups
     perc_weight: float = 0.5     # weight of the (random-feature) perceptual loss
     gan_weight: float = 0.05     # weight of the generator's hinge GAN loss
+    train_frames: int = 17       # training window (frames) of each clip
+    train_crop: int = 0          # square crop (px) the decoder trains on, as vae.fit_vae; 0 = whole frames.
+                                 # The decoder is convolutional: a 32-px crop of a 64-px clip costs 4x less
+    motion_crop: float = 0.5     # share of crops placed where the clip moves most (vae.train_view)
 
 
 PRESETS = {
@@ -168,6 +172,8 @@ def fit_decoder(decoder, vae, batch_fn, steps, lr=2e-3, seed=0, gan_start=None, 
     bar = tqdm(range(start, steps), desc="decoder", disable=not progress, mininterval=2.0, initial=start, total=steps)
     for step in bar:
         video = batch_fn(step)  # (B, 3, F, H, W)
+        if cfg.train_crop:      # the step's own generator: a resumed run cuts the same crops
+            video = vae_mod.train_view(video, cfg, torch.Generator().manual_seed(seed * 1_000_003 + step))
         with torch.no_grad():
             z = vae.encode(video)  # (B, C, T, h, w), frozen encoder, normalised
         rec = decoder.decode(z)  # (B, 3, F, H, W)

@@ -92,7 +92,9 @@ class PipelineConfig:
 
 
 PRESETS = {
-    "small": PipelineConfig(),
+    # Most flow-matching updates on first chunks (where the prompt alone sets colour, shape and
+    # direction), the last 10 % on the streaming window; T_theta gets 2000 updates (curves.py)
+    "small": PipelineConfig(first_chunk_frac=0.9, base_steps=2000),
     "tiny": PipelineConfig(preset="tiny", threads=1, text_batch=16, text_steps=20, vae_steps=150, vae_batch=4, pool_clips=64, dit_batch=4, base_steps=40,
                            search_steps=10, pretrain_steps=40, teacher_dim=32, teacher_depth=10, teacher_steps=40,
                            cache_samples=16, cache_shard=8, kd_steps=20, dmd_steps=6, decoder_steps=30, eval_prompts=4, sample_chunks=3,
