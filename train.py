@@ -28,7 +28,7 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -667,6 +667,26 @@ def run_pipeline(out, cfg: PipelineConfig, stages=None, force=()):
     return run, times
 
 
+def parse_sets(items):
+    """["base_steps=400", "dit_decay=cosine"] -> {"base_steps": 400, "dit_decay": "cosine"}, each value
+    converted to its PipelineConfig field's type; unknown fields and bad values raise ValueError."""
+    types = {f.name: f.type for f in fields(PipelineConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in types:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(types))}")
+        if key in ("preset", "seed"):
+            raise ValueError(f"--set {key}: use --{key}")
+        kind = {"int": int, "float": float, "str": str}[types[key] if isinstance(types[key], str) else types[key].__name__]
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {key} takes a {kind.__name__}") from None
+    return out
+
+
 def main(argv=None):
     p = safeio.Parser(prog="train.py", description="Train the toy S2DiT pipeline end to end (resumable).")
     p.add_argument("--preset", default="small", help="tiny (minutes) or small (the workshop run, about an hour)")
@@ -674,6 +694,9 @@ def main(argv=None):
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--force", default="", help="comma-separated stages to re-run even if done")
     p.add_argument("--seed", type=int, default=0, help="the run's seed")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one field of the preset (repeatable), e.g. --set base_steps=400; "
+                        "the run records it in pipeline.json")
     p.add_argument("--ship", default=None, help="copy the run's streaming weights to this directory and exit")
     args = p.parse_args(argv)
     out = args.out or os.path.join("runs", args.preset)
@@ -682,7 +705,7 @@ def main(argv=None):
             size = ship_weights(out, args.ship)
             print(f"shipped {size / 2 ** 20:.1f} MB to {args.ship}")
             return
-        cfg = get_config(args.preset, seed=args.seed)
+        cfg = get_config(args.preset, seed=args.seed, **parse_sets(args.set))
         if not 0 <= args.seed < 2 ** 31:
             raise ValueError(f"--seed must be in 0..{2 ** 31 - 1}, got {args.seed}")
         if args.stages is not None and not [s for s in args.stages.split(",") if s.strip()]:

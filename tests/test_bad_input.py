@@ -173,10 +173,23 @@ def fake_run(path, **overrides):
     (["--preset", "huge"], ["unknown pipeline preset 'huge'"]),
     (["--preset", "tiny", "--seed", "-3"], ["--seed must be in"]),
     (["--preset", "tiny", "--seed", "1.5"], ["--seed", "invalid int"]),
+    (["--preset", "tiny", "--set", "base_step=3"], ["--set 'base_step=3'", "FIELD=VALUE", "base_steps"]),
+    (["--preset", "tiny", "--set", "base_steps"], ["--set 'base_steps'", "FIELD=VALUE"]),
+    (["--preset", "tiny", "--set", "base_steps=many"], ["base_steps takes a int"]),
+    (["--preset", "tiny", "--set", "dit_lr=fast"], ["dit_lr takes a float"]),
+    (["--preset", "tiny", "--set", "seed=3"], ["--set seed: use --seed"]),
 ])
 def test_train_refuses_bad_flags(argv, needles, tmp_path, capsys):
     refuses(train.main, argv + ["--out", str(tmp_path / "run")], capsys, *needles)
     assert not os.path.exists(tmp_path / "run")                # nothing created either
+
+
+def test_train_set_overrides_the_preset_and_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "RUNNERS", {})                   # record the configuration, run nothing
+    monkeypatch.setattr(train, "STAGES", [])
+    train.main(["--preset", "tiny", "--set", "base_steps=7", "--set", "dit_lr=0.5", "--out", str(tmp_path / "run")])
+    cfg = json.load(open(tmp_path / "run" / "pipeline.json"))
+    assert (cfg["base_steps"], cfg["dit_lr"], cfg["text_steps"]) == (7, 0.5, train.get_config("tiny").text_steps)
 
 
 def test_train_out_is_a_file(user_files, capsys):
