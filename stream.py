@@ -129,8 +129,19 @@ def encode_prompt(models, prompt):
     return tokens, mask                                                 # (1, L, Dt), (1, L)
 
 
+def check_prompt(models, prompt, what="prompt"):
+    """A prompt the model can follow: it has words and knows at least one of them. Returns the unknown
+    words (ignored), for a warning; ValueError otherwise."""
+    return unknown_words(models["tokenizer"], prompt, what)
+
+
 def stream(models, prompt, chunks, steps=None, seed=0, then=(), window=None, t_ctx=None):
-    """Yield `Chunk`s as soon as each is decoded. `then`: [(chunk_index, prompt), ...] switches."""
+    """Yield `Chunk`s as soon as each is decoded.
+
+    Switching prompt: `gen.send("a blue square moves up")` makes the chunks after the current one
+    follow the new prompt (send returns the next chunk, the first one of the new prompt); `then`:
+    [(chunk_index, prompt), ...] does the same at fixed chunks (stream.py --then). Either way the
+    caches go on: the video continues, only the text the DiT cross-attends to changes."""
     steps = default_steps(models, steps)
     check_request(models, prompt, chunks, steps, then=then, seed=seed)
     model, decoder, cfg = models["model"], models["decoder"], models["model"].cfg
@@ -138,29 +149,33 @@ def stream(models, prompt, chunks, steps=None, seed=0, then=(), window=None, t_c
     t_ctx = models["t_ctx"] if t_ctx is None else t_ctx
     g = torch.Generator().manual_seed(seed)
     switches = dict(then)
-    t0 = time.perf_counter()
-    text, mask = encode_prompt(models, prompt)
-    models["last_text_ms"] = (time.perf_counter() - t0) * 1e3
     state = dit.StreamState(window=window or cfg.window, sink=cfg.sink)
     dec_cache = None
     C, h, w = cfg.in_channels, models["latent_hw"], models["latent_hw"]
+    pending = prompt                      # a prompt to encode before the next chunk: the first, a switch
     with torch.no_grad():
         for i in range(chunks):
-            if i in switches:                                           # new prompt, same caches
-                prompt = switches[i]
-                text, mask = encode_prompt(models, prompt)
+            pending = switches.get(i, pending)
+            s = time.perf_counter()
+            if pending is not None:                                     # new prompt, same caches
+                prompt, pending = pending, None
+                text, mask = encode_prompt(models, prompt)              # (1, L, Dt), (1, L)
                 state.text_kv.clear()                                   # cross-attention K/V of the new prompt
             noise = torch.randn(1, C, cfg.chunk, h, w, generator=g)    # (1, C, 3, h, w)
-            s = time.perf_counter()
+            s0 = time.perf_counter()
             x0 = denoise_chunk(model, state, noise, text, mask, ts, generator=g)  # (1, C, 3, h, w)
             s1 = time.perf_counter()
             commit_chunk(model, state, x0, text, mask, t_ctx=t_ctx, generator=g)
             s2 = time.perf_counter()
             frames, dec_cache = decoder.decode_chunk(x0, dec_cache)     # (1, 3, 9 or 12, H, W)
             s3 = time.perf_counter()
-            yield Chunk(i, frames[0].clamp(-1, 1), x0[0], prompt,
-                        {"dit_steps": (s1 - s) * 1e3, "dit_per_step": (s1 - s) * 1e3 / steps,
-                         "commit": (s2 - s1) * 1e3, "decoder": (s3 - s2) * 1e3, "total": (s3 - s) * 1e3})
+            sent = yield Chunk(i, frames[0].clamp(-1, 1), x0[0], prompt,
+                               {"text_encoder": (s0 - s) * 1e3, "dit_steps": (s1 - s0) * 1e3,
+                                "dit_per_step": (s1 - s0) * 1e3 / steps, "commit": (s2 - s1) * 1e3,
+                                "decoder": (s3 - s2) * 1e3, "total": (s3 - s) * 1e3})
+            if sent is not None:                                        # gen.send(new_prompt)
+                check_prompt(models, sent, "switched prompt")
+                pending = sent
 
 
 def reference_generation(model, text, mask, n_chunks, ts, latent_hw, seed=0):
@@ -231,7 +246,7 @@ def run(models, prompt, chunks, steps, seed=0, out=None, then=(), progress=True,
     total_s = sum(m["total"] for m in per_chunk) / 1e3
     return {"run_model": models["name"], "prompt": prompt, "then": list(then), "chunks": chunks, "frames": frames,
             "steps": steps, "seed": seed, "fps": frames / total_s, "chunk_ms": mean("total"),
-            "breakdown_ms": {"text_encoder": models["last_text_ms"], "dit_per_step": mean("dit_per_step"),
+            "breakdown_ms": {"text_encoder": per_chunk[0]["text_encoder"], "dit_per_step": mean("dit_per_step"),
                              "dit_total": mean("dit_steps"), "commit": mean("commit"), "decoder": mean("decoder")},
             "chunk_ms_first_last": [per_chunk[0]["total"], per_chunk[-1]["total"]],
             "playback_fps": models["fps"], "peak_rss_mb": peak_rss_mb(), "out": out, "strip": strip}
@@ -247,11 +262,53 @@ def parse_then(items):
     return out
 
 
+SHIPPED_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "small")
+
+# Flags of a stream to a file that the live page replaces with its own controls, and what to do instead.
+NOT_WITH_SERVE = {"chunks": "the page streams until Stop", "then": "switch prompt in the page",
+                  "out": "the page shows the video; run stream.py without --serve to save one",
+                  "strip": "run stream.py without --serve to save a strip", "json": "the page shows the timings live",
+                  "steps": "choose the steps in the page", "stage": "the page offers each student of the run by its steps"}
+
+
+def check_mode(args):
+    """--serve or a stream to the terminal / a file: each has flags the other does not take."""
+    given = lambda name: getattr(args, name) not in (None, [], False)
+    if args.serve:
+        for name, instead in NOT_WITH_SERVE.items():
+            if given(name):
+                raise ValueError(f"--{name} does not apply to --serve ({instead}); drop --{name}")
+        if args.port is not None and not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
+        return
+    for name in ("host", "port"):
+        if given(name):
+            raise ValueError(f"--{name} needs --serve (it is where the live page listens)")
+    for name in ("run", "prompt"):
+        if not given(name):
+            raise ValueError(f"--{name} is required (or --serve for the live page)")
+
+
+def serve(p, args):
+    """stream.py --serve: the live page of serve.py, until Ctrl-C. Bad input (a run that is missing,
+    a prompt without a known word, a port in use) is reported before the server starts."""
+    import serve as serve_mod
+    try:
+        server = serve_mod.make_server(args.run or SHIPPED_RUN, args.host or "127.0.0.1",
+                                       8000 if args.port is None else args.port, args.prompt, args.seed)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        p.error(str(e))
+    serve_mod.serve_until_interrupted(server)
+
+
 def main(argv=None):
     p = safeio.Parser(prog="stream.py", description="Stream a text-to-video from a trained S2DiT run, chunk by chunk.")
-    p.add_argument("--run", required=True, help="run directory written by train.py (e.g. runs/small)")
-    p.add_argument("--prompt", required=True, help="what to generate, e.g. \"a red circle moves right\"")
-    p.add_argument("--chunks", type=int, default=8, help="chunks of 3 latent frames (12 video frames) to stream")
+    p.add_argument("--run", default=None, help="run directory written by train.py (e.g. runs/small; "
+                   "with --serve the default is the shipped weights/small)")
+    p.add_argument("--prompt", default=None, help="what to generate, e.g. \"a red circle moves right\" "
+                   "(with --serve: optional, the page's first prompt)")
+    p.add_argument("--chunks", type=int, default=None, help="chunks of 3 latent frames (12 video frames) to stream "
+                   "(default 8)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the count the student "
                    "was distilled for; only that count is accepted)")
     p.add_argument("--stage", default=None, help="the run's DiT stage to stream (default: dmd, else kd, else pretrain; "
@@ -261,7 +318,21 @@ def main(argv=None):
     p.add_argument("--then", action="append", default=[], help="switch prompt at a chunk: 5:\"a blue square moves up\"")
     p.add_argument("--strip", default=None, help="also save every 4th frame side by side as a .png picture")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line (last line)")
+    p.add_argument("--serve", action="store_true", help="start the live page (http://127.0.0.1:8000): type a prompt, "
+                   "watch the chunks arrive with their timings, switch the prompt mid-stream")
+    p.add_argument("--host", default=None, help="with --serve: the address to listen on (default 127.0.0.1, this "
+                   "machine only; 0.0.0.0 lets every machine of the network in)")
+    p.add_argument("--port", type=int, default=None, help="with --serve: the port to listen on (default 8000)")
     args = p.parse_args(argv)
+    try:
+        check_mode(args)
+        if not 0 <= args.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be in 0..{MAX_SEED} (a 64-bit seed), got {args.seed}")
+    except ValueError as e:
+        p.error(str(e))
+    if args.serve:
+        return serve(p, args)
+    args.chunks = 8 if args.chunks is None else args.chunks
     try:   # everything that can be checked without the models first, then with them: no work is wasted
         then = parse_then(args.then)
         check_args(args.prompt, args.chunks, args.steps, args.seed, args.out, then, args.strip)
