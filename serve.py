@@ -147,9 +147,15 @@ class App:
         if not isinstance(prompt, str):
             raise RequestError(400, 'give a prompt as text, e.g. {"prompt": "a red circle moves right"}')
         try:
-            return prompt, stream.unknown_words(self.tokenizer, prompt)
-        except ValueError as e:                             # empty, or no word the model knows
+            words = stream.prompt_words(prompt)
+        except ValueError as e:                             # empty, or only symbols
             raise RequestError(400, stream.safeio.one_line(e)) from None
+        unknown = [w for w in words if w not in self.tokenizer.stoi]
+        if len(unknown) == len(words):                      # the video would ignore the prompt
+            raise RequestError(400, f"the model knows none of these words: {', '.join(unknown)}. It knows "
+                                    f"{len(self.tokenizer) - 2} words of the toy world (colours, shapes, motions: "
+                                    f"see the list under the prompt), e.g. \"a red circle moves right\"")
+        return prompt, unknown
 
     def check_stream(self, body):
         prompt, ignored = self.check_prompt(body)
