@@ -103,7 +103,7 @@ class Session:
         self.id, self.prompt, self.steps = sid, prompt, steps     # prompt: the latest asked for
         self.pending = None          # set by /switch, taken before the next chunk starts
         self.next_chunk = 1          # the first chunk whose prompt is not fixed yet (chunk 0: the request's)
-        self.chunks = 0              # chunks sent
+        self.chunks = 0              # chunks generated
         self.stop = threading.Event()
 
 
@@ -226,11 +226,11 @@ class App:
                 n = chunk.frames.shape[1]
                 frames_total, ms_total = frames_total + n, ms_total + chunk.ms["total"]
                 play_end = max(play_end, time.monotonic()) + n / fps
+                session.chunks = chunk.index + 1
                 send({"type": "chunk", "index": chunk.index, "prompt": chunk.prompt, "frames": png_frames(chunk.frames),
                       "ms": {k: round(v, 1) for k, v in chunk.ms.items()},
                       "gen_fps": n / (chunk.ms["total"] / 1e3), "play_fps": fps, "mean_gen_fps": frames_total / (ms_total / 1e3),
                       "video_ms": n / fps * 1e3, "ahead_s": play_end - time.monotonic()})
-                session.chunks = chunk.index + 1
                 if session.chunks >= lim.max_chunks:
                     return "limit"
                 while play_end - time.monotonic() > lim.lead_s and not session.stop.is_set():
@@ -387,20 +387,26 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 def make_server(run, host="127.0.0.1", port=8000, prompt=None, seed=0, limits=None):
-    """The server, bound and with its models loaded, not yet serving; ValueError / FileNotFoundError
-    for a missing run, a prompt without a known word, an address that cannot be listened on."""
+    """The server, bound and with its models loaded, not yet serving. Bad input raises ValueError or
+    FileNotFoundError before the seconds of model loading: a missing run, a prompt without a known
+    word, an address that cannot be listened on (a port in use)."""
     if not os.path.isdir(run):
         raise FileNotFoundError(f"run directory {run} not found; the shipped one is weights/small, or train one "
                                 f"with `python train.py --out {run}`")
-    if prompt is not None:
-        stream.prompt_words(prompt)
-    app = App(run, limits, prompt, seed)
+    vocab = os.path.join(run, "vocab.json")
+    if prompt is not None and os.path.isfile(vocab):
+        import text as text_mod
+        stream.unknown_words(text_mod.Tokenizer.from_json(vocab), prompt)
     try:
-        server = Server((host, port), Handler)
+        server = Server((host, port), Handler)          # requests wait in the listen queue until serve_forever
     except OSError as e:
         hint = f"choose another with --port {port + 1}" if "in use" in str(e) else "check --host and --port"
         raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); {hint}") from None
-    server.app = app
+    try:
+        server.app = App(run, limits, prompt, seed)
+    except BaseException:
+        server.server_close()
+        raise
     return server
 
 
