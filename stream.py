@@ -16,6 +16,8 @@ fps, chunk_ms, breakdown_ms (text encoder, DiT per step, commit, decoder) and pe
 A DMD student streams at the one step count it was distilled for (the pipeline's `dmd`: 2, the
 default of --steps); `--stage dmd_1step` / `dmd_4step` stream the students reproduce.py distils.
 Python / notebook: `for chunk in stream(load_models("runs/small"), "a red circle moves right", 8): ...`
+`python stream.py --serve` starts the live page (serve.py): type a prompt, watch the chunks arrive with
+their timings, switch the prompt mid-stream (gen.send, the mechanism of --then).
 """
 import contextlib
 import json
@@ -41,7 +43,7 @@ class Chunk:
     frames: torch.Tensor          # (3, F, H, W) in [-1, 1]; F = 9 for chunk 0, else 12
     latents: torch.Tensor         # (C, 3, h, w) the clean chunk
     prompt: str                   # the prompt in force for this chunk
-    ms: dict = field(default_factory=dict)   # dit_steps, commit, decoder, total
+    ms: dict = field(default_factory=dict)   # text_encoder (0 unless the prompt changed), dit_steps, commit, decoder, total
 
 
 def load_models(run, stage=None):
@@ -141,7 +143,8 @@ def stream(models, prompt, chunks, steps=None, seed=0, then=(), window=None, t_c
     Switching prompt: `gen.send("a blue square moves up")` makes the chunks after the current one
     follow the new prompt (send returns the next chunk, the first one of the new prompt); `then`:
     [(chunk_index, prompt), ...] does the same at fixed chunks (stream.py --then). Either way the
-    caches go on: the video continues, only the text the DiT cross-attends to changes."""
+    caches go on: the video continues, only the text the DiT cross-attends to changes. A sent prompt
+    without a known word raises ValueError and ends the stream (check it first with check_prompt)."""
     steps = default_steps(models, steps)
     check_request(models, prompt, chunks, steps, then=then, seed=seed)
     model, decoder, cfg = models["model"], models["decoder"], models["model"].cfg
@@ -156,13 +159,13 @@ def stream(models, prompt, chunks, steps=None, seed=0, then=(), window=None, t_c
     with torch.no_grad():
         for i in range(chunks):
             pending = switches.get(i, pending)
-            s = time.perf_counter()
+            noise = torch.randn(1, C, cfg.chunk, h, w, generator=g)    # (1, C, 3, h, w)
+            s = s0 = time.perf_counter()
             if pending is not None:                                     # new prompt, same caches
                 prompt, pending = pending, None
                 text, mask = encode_prompt(models, prompt)              # (1, L, Dt), (1, L)
                 state.text_kv.clear()                                   # cross-attention K/V of the new prompt
-            noise = torch.randn(1, C, cfg.chunk, h, w, generator=g)    # (1, C, 3, h, w)
-            s0 = time.perf_counter()
+                s0 = time.perf_counter()
             x0 = denoise_chunk(model, state, noise, text, mask, ts, generator=g)  # (1, C, 3, h, w)
             s1 = time.perf_counter()
             commit_chunk(model, state, x0, text, mask, t_ctx=t_ctx, generator=g)

@@ -102,6 +102,38 @@ def test_stream_refuses_before_any_work(argv, needles, capsys):
     refuses(stream.main, argv, capsys, *needles)
 
 
+@pytest.mark.parametrize("argv, needles", [
+    (["--serve", "--out", "v.mp4"], ["--out does not apply to --serve", "without --serve"]),
+    (["--serve", "--strip", "s.png"], ["--strip does not apply to --serve"]),
+    (["--serve", "--chunks", "5"], ["--chunks does not apply to --serve", "until Stop"]),
+    (["--serve", "--then", "2:a blue square moves up"], ["--then does not apply to --serve", "switch prompt in the page"]),
+    (["--serve", "--json"], ["--json does not apply to --serve"]),
+    (["--serve", "--steps", "2"], ["--steps does not apply to --serve"]),
+    (["--serve", "--stage", "dmd"], ["--stage does not apply to --serve"]),
+    (["--serve", "--port", "70000"], ["--port must be in 0..65535"]),
+    (["--serve", "--port", "-1"], ["--port must be in 0..65535"]),
+    (["--serve", "--port", "eighty"], ["--port", "invalid int"]),
+    (["--serve", "--seed", "-1"], ["--seed"]),
+    (["--serve", "--prompt", "?!"], ["empty prompt"]),
+    (["--serve", "--prompt", "zebra giraffe"], ["knows none of the words"]),
+    (["--serve", "--run", "/nonexistent/run"], ["/nonexistent/run not found"]),
+    (["--serve", "--host", "no-such-host.invalid", "--port", "0"], ["cannot listen on no-such-host.invalid:0"]),
+    (s_args("--port", "8000"), ["--port needs --serve"]),
+    (s_args("--host", "0.0.0.0"), ["--host needs --serve"]),
+    (["--run", SHIPPED], ["--prompt is required", "--serve"]),
+])
+def test_stream_serve_refuses_before_serving(argv, needles, capsys):
+    refuses(stream.main, argv, capsys, *needles)
+
+
+def test_stream_serve_port_in_use(capsys):
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        refuses(stream.main, ["--serve", "--port", str(port)], capsys, f"cannot listen on 127.0.0.1:{port}",
+                f"--port {port + 1}")
+
+
 def test_stream_vae_stage_does_not_say_rerun_vae(capsys):
     line = refuses(stream.main, s_args("--stage", "vae"), capsys)
     assert "re-run" not in line

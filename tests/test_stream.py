@@ -112,6 +112,30 @@ def test_prompt_switch_continues_from_the_cache(models):
     assert b[2].prompt == "a blue square moves up"
 
 
+def test_send_switches_prompt_from_the_next_chunk_as_then_does(models):
+    """gen.send(prompt) (the live page's switch) and then=[(i, prompt)] (stream.py --then) are one
+    mechanism: the same chunks, the new prompt encoded once, for the chunk that follows the send."""
+    by_then = list(stream.stream(models, "a red circle moves left", 4, 2, seed=1, then=[(2, "a blue square moves up")]))
+    gen = stream.stream(models, "a red circle moves left", 4, 2, seed=1)
+    by_send = [next(gen), next(gen)]
+    by_send.append(gen.send("a blue square moves up"))                   # returns chunk 2, the first switched
+    by_send += list(gen)
+    assert [c.prompt for c in by_send] == ["a red circle moves left"] * 2 + ["a blue square moves up"] * 2
+    for a, b in zip(by_then, by_send):
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.frames, b.frames)
+    assert all(set(c.ms) >= {"text_encoder", "dit_steps", "dit_per_step", "commit", "decoder", "total"} for c in by_send)
+    enc = [c.ms["text_encoder"] for c in by_send]                         # encoded at chunks 0 and 2 only
+    assert enc[0] > 0 and enc[2] > 0 and enc[1] == enc[3] == 0
+
+
+def test_send_of_a_prompt_without_a_known_word_is_refused(models):
+    gen = stream.stream(models, "a red circle moves left", 3, 2)
+    next(gen)
+    with pytest.raises(ValueError, match="switched prompt"):
+        gen.send("?!")
+    assert next(gen, None) is None                                        # the generator has ended
+
+
 def test_errors_before_any_work(models, tmp_path):
     with pytest.raises(ValueError, match="empty prompt"):
         stream.check_request(models, "   ", 3, 2)
