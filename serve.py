@@ -122,6 +122,7 @@ class App:
         self.lock = threading.Condition()
         self.active = None                                  # the Session streaming now
         self.ids = itertools.count(1)
+        self.closing = False                                # the server is shutting down
 
     def models_for(self, steps):
         """The streaming system for a step count (None: the run's default student); loaded once."""
@@ -172,6 +173,8 @@ class App:
         being reloaded frees it within the grace (its old connection closes)."""
         deadline = time.monotonic() + self.limits.grace_s
         with self.lock:
+            if self.closing:
+                raise RequestError(503, "the server is shutting down")
             while self.active is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -182,6 +185,15 @@ class App:
                 self.lock.wait(left)
             self.active = Session(next(self.ids), prompt, steps)
             return self.active
+
+    def close(self, seconds=30):
+        """Stop the running stream and wait for it to finish its chunk: torch must not be in the middle of
+        one when the interpreter exits (that aborts the process). New streams are refused from here on."""
+        with self.lock:
+            self.closing = True
+            if self.active:
+                self.active.stop.set()
+            self.lock.wait_for(lambda: self.active is None, seconds)
 
     def release(self, session):
         with self.lock:
@@ -239,7 +251,7 @@ class App:
                         raise ClientGone
                     send({"type": "heartbeat"})
                 if session.stop.is_set():
-                    return "stopped"
+                    return "server stopped" if self.closing else "stopped"
                 if gone():
                     raise ClientGone
                 with self.lock:                             # the switch, if any, from the next chunk on
@@ -386,6 +398,10 @@ class Server(http.server.ThreadingHTTPServer):
         log(f"request from {client_address[0]} failed: {sys.exc_info()[1]!r}")
 
 
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+
 def make_server(run, host="127.0.0.1", port=8000, prompt=None, seed=0, limits=None):
     """The server, bound and with its models loaded, not yet serving. Bad input raises ValueError or
     FileNotFoundError before the seconds of model loading: a missing run, a prompt without a known
@@ -397,8 +413,9 @@ def make_server(run, host="127.0.0.1", port=8000, prompt=None, seed=0, limits=No
     if prompt is not None and os.path.isfile(vocab):
         import text as text_mod
         stream.unknown_words(text_mod.Tokenizer.from_json(vocab), prompt)
+    server_class = Server6 if ":" in host else Server      # "::1", "::": an IPv6 address
     try:
-        server = Server((host, port), Handler)          # requests wait in the listen queue until serve_forever
+        server = server_class((host, port), Handler)    # requests wait in the listen queue until serve_forever
     except OSError as e:
         hint = f"choose another with --port {port + 1}" if "in use" in str(e) else "check --host and --port"
         raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); {hint}") from None
@@ -412,12 +429,14 @@ def make_server(run, host="127.0.0.1", port=8000, prompt=None, seed=0, limits=No
 
 def url(server):
     host, port = server.server_address[:2]
-    return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def serve_until_interrupted(server):
     app = server.app
-    print(f"S2DiT live page: open {url(server)} in a browser   (run {app.run}: steps {list(app.students)}; "
+    run = os.path.relpath(app.run) if not os.path.relpath(app.run).startswith("..") else app.run
+    print(f"S2DiT live page: open {url(server)} in a browser   (run {run}: steps {list(app.students)}; "
           f"Ctrl-C stops)", flush=True)
     if server.server_address[0] not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {server.server_address[0]}: other machines of the network can open the page",
@@ -425,11 +444,9 @@ def serve_until_interrupted(server):
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        with app.lock:
-            if app.active:
-                app.active.stop.set()
-        print("\nstopped", file=sys.stderr)
+        print("\nstopping…", file=sys.stderr, flush=True)
     finally:
+        app.close()
         server.server_close()
 
 

@@ -33,9 +33,7 @@ def server():
     srv = serve.make_server(SHIPPED, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
-    with srv.app.lock:
-        if srv.app.active:
-            srv.app.active.stop.set()
+    srv.app.close()
     srv.shutdown()
     srv.server_close()
 

@@ -31,9 +31,7 @@ def start_server(limits):
 
 
 def stop_server(srv):
-    with srv.app.lock:
-        if srv.app.active:
-            srv.app.active.stop.set()
+    srv.app.close()
     srv.shutdown()
     srv.server_close()
 
@@ -258,6 +256,34 @@ def test_a_failing_generation_is_an_error_line_and_the_server_goes_on(tiny, monk
     assert s.next("chunk")["index"] == 0
     s.close()
     assert wait_idle(tiny)
+
+
+def test_ctrl_c_ends_the_stream_cleanly():
+    """`python stream.py --serve`, Ctrl-C while it streams: the page hears "server stopped", the process
+    exits 0 (torch is not left in the middle of a chunk while the interpreter exits: that aborts)."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(SHIPPED), "..", "stream.py"), "--serve",
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as in a shell
+    try:
+        first = proc.stdout.readline().decode()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)", first).group(1))
+        srv = type("Address", (), {"server_address": ("127.0.0.1", port)})
+        s = Stream(srv)
+        s.next("chunk")
+        proc.send_signal(signal.SIGINT)
+        assert s.next("end")["reason"] == "server stopped"
+        assert proc.wait(timeout=60) == 0
+        err = proc.stderr.read().decode()
+        assert "Traceback" not in err and "terminate called" not in err, err
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ----------------------------------------------------------------------------------------------
