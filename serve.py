@@ -71,7 +71,8 @@ def find_students(run_dir):
     pretrain) at any count."""
     import train
     run = train.open_run(run_dir)
-    extra = sorted(f[:-len(".done.json")] for f in os.listdir(run_dir) if f.startswith("dmd_") and f.endswith(".done.json"))
+    done = [f[:-len(".done.json")] for f in os.listdir(run_dir) if f.endswith(".done.json")]
+    extra = sorted(s for s in done if s.startswith("dmd_"))          # reproduce.py's students
     students = {}
     for stage in ["dmd"] + extra:                           # train.py's own student first: it wins a tie
         if run.done(stage):
@@ -241,7 +242,8 @@ class App:
                 session.chunks = chunk.index + 1
                 send({"type": "chunk", "index": chunk.index, "prompt": chunk.prompt, "frames": png_frames(chunk.frames),
                       "ms": {k: round(v, 1) for k, v in chunk.ms.items()},
-                      "gen_fps": n / (chunk.ms["total"] / 1e3), "play_fps": fps, "mean_gen_fps": frames_total / (ms_total / 1e3),
+                      "gen_fps": n / (chunk.ms["total"] / 1e3), "play_fps": fps,
+                      "mean_gen_fps": frames_total / (ms_total / 1e3),
                       "video_ms": n / fps * 1e3, "ahead_s": play_end - time.monotonic()})
                 if session.chunks >= lim.max_chunks:
                     return "limit"

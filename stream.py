@@ -43,7 +43,7 @@ class Chunk:
     frames: torch.Tensor          # (3, F, H, W) in [-1, 1]; F = 9 for chunk 0, else 12
     latents: torch.Tensor         # (C, 3, h, w) the clean chunk
     prompt: str                   # the prompt in force for this chunk
-    ms: dict = field(default_factory=dict)   # text_encoder (0 unless the prompt changed), dit_steps, commit, decoder, total
+    ms: dict = field(default_factory=dict)   # text_encoder (0 if no new prompt), dit_steps, commit, decoder, total
 
 
 def load_models(run, stage=None):
@@ -271,7 +271,8 @@ SHIPPED_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"
 NOT_WITH_SERVE = {"chunks": "the page streams until Stop", "then": "switch prompt in the page",
                   "out": "the page shows the video; run stream.py without --serve to save one",
                   "strip": "run stream.py without --serve to save a strip", "json": "the page shows the timings live",
-                  "steps": "choose the steps in the page", "stage": "the page offers each student of the run by its steps"}
+                  "steps": "choose the steps in the page",
+                  "stage": "the page offers each student of the run by its steps"}
 
 
 def check_mode(args):
