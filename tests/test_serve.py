@@ -129,6 +129,34 @@ def test_page_and_info(shipped):
     assert request(shipped, "GET", "/nope")[1].status == 404
 
 
+def test_each_student_is_offered_by_its_step_count(tmp_path):
+    """A run with reproduce.py's dmd_4step beside train.py's dmd: /info offers 2 and 4 steps, and a
+    stream at 4 steps is streamed by that student (here a copy of dmd's weights, declared for 4)."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(SHIPPED, run)
+    marker = json.loads((run / "dmd.done.json").read_text())
+    marker["metrics"]["config"]["n_steps"] = 4
+    (run / "dmd_4step.done.json").write_text(json.dumps(marker))
+    shutil.copy(run / "dmd.pt", run / "dmd_4step.pt")
+    assert serve.find_students(str(run)) == {2: "dmd", 4: "dmd_4step"}
+    srv = serve.make_server(str(run), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        assert json.loads(request(srv, "GET", "/info")[1].read())["steps"] == [2, 4]
+        s = Stream(srv, steps=4)
+        assert s.next("start")["steps"] == 4
+        c = s.next("chunk")
+        assert c["ms"]["dit_per_step"] == pytest.approx(c["ms"]["dit_steps"] / 4, abs=0.1)
+        s.close()
+        assert wait_idle(srv) and srv.app.loaded[None]["stage"] == "dmd"
+        assert srv.app.loaded["dmd_4step"]["steps"] == [4]
+    finally:
+        srv.app.close()
+        srv.shutdown()
+        srv.server_close()
+
+
 # ----------------------------------------------------------------------------------------------
 # Streaming, switching, stopping
 # ----------------------------------------------------------------------------------------------
