@@ -1,8 +1,8 @@
 """The live page (stream.py --serve) in a real browser: headless Chromium (Debian's `chromium` and
 `chromium-driver`), driven by selenium (tests/requirements.txt). It loads the page, starts a stream,
 waits for frames on the canvas, switches the prompt, checks that frames keep arriving and the
-statistics update, shows a bad prompt's error in the page, and checks that leaving the page stops
-the generation. Skipped when the browser or selenium is missing (.ci/run installs both).
+statistics update; a bad prompt's error shows in the page; a second tab is told the server is busy;
+closing or leaving a tab stops its generation. Skipped when the browser or selenium is missing (.ci/run installs both).
 
 S2DIT_SCREENSHOT=assets/live_page.png python -m pytest -q tests/test_live_page.py  saves the page
 as the README shows it."""
@@ -123,8 +123,7 @@ def test_page_streams_switches_prompt_and_updates_statistics(server, browser):
 
 
 def test_page_shows_a_bad_prompt_as_an_error(server, browser):
-    browser.get(f"http://127.0.0.1:{server.server_address[1]}")
-    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#steps option"))
+    open_page(browser, server)
     set_prompt(browser, "zebra giraffe")
     browser.find_element(By.ID, "start").click()
     wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed(), 30)
@@ -132,18 +131,40 @@ def test_page_shows_a_bad_prompt_as_an_error(server, browser):
     assert browser.find_element(By.ID, "start").is_enabled() and server.app.active is None
 
 
-def test_leaving_the_page_stops_its_generation(server, browser):
-    browser.get(f"http://127.0.0.1:{server.server_address[1]}")
-    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#steps option"))
+def open_page(driver, server):
+    driver.get(f"http://127.0.0.1:{server.server_address[1]}")
+    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#steps option"))
+
+
+def test_second_tab_is_told_busy_and_a_closed_tab_stops_its_generation(server, browser):
+    open_page(browser, server)
+    first = browser.current_window_handle
     browser.find_element(By.ID, "start").click()
     wait(browser, lambda d: chunk_index(d) >= 0)
     session = server.app.active
     assert session is not None
-    browser.get("about:blank")                                                      # the tab goes elsewhere
+
+    browser.switch_to.new_window("tab")                                             # a second tab
+    open_page(browser, server)
+    second = browser.current_window_handle
+    browser.find_element(By.ID, "start").click()
+    wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed(), 30)
+    assert "busy" in text(browser, "error") and server.app.active is session
+
+    browser.switch_to.window(first)
+    browser.close()                                                                 # the first tab is closed
+    browser.switch_to.window(second)
+    deadline = time.time() + 20
+    while time.time() < deadline and server.app.active is session:
+        time.sleep(0.1)
+    assert server.app.active is not session                                         # its generation stopped
+    sent = session.chunks
+    browser.find_element(By.ID, "start").click()                                    # now the second tab streams
+    wait(browser, lambda d: chunk_index(d) >= 0)
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    assert session.chunks == sent                                                   # nothing more for the closed tab
+    browser.get("about:blank")                                                      # leaving the page stops it too
     deadline = time.time() + 20
     while time.time() < deadline and server.app.active is not None:
         time.sleep(0.1)
     assert server.app.active is None
-    sent = session.chunks
-    time.sleep(2)
-    assert session.chunks == sent                                                   # nothing generated since
