@@ -100,7 +100,7 @@ class DMDConfig:
 PRESETS = {
     "tiny": DMDConfig(steps=20, batch=1, n_steps=2, critic_updates=1, gan_start=10, gan_real_steps=4,
                       kd_steps=40, kd_batch=2, ode_pairs=8, ode_steps=4, ode_updates=10, ode_batch=2),
-    # small: after the ODE initialisation DMD is a refinement (measured on the width-64 run's (commit 0581615) 64-wide small run,
+    # small: after the ODE initialisation DMD is a refinement (measured on the 64-wide small run of commit 0581615,
     # 12 held-out prompts, 2 steps: ODE init alone colour / shape / direction 0.42 / 0.25 / 0.25; + 150
     # DMD updates at lr_g 2e-4, lr_c 4e-5: 0.33 / 0.25 / 0.08; at lr 2e-4 both + 40 critic warm-up
     # updates: 0.42 / 0.25 / 0.08; at lr 2e-5 both + warm-up: 0.50 / 0.25 / 0.33).

@@ -111,12 +111,14 @@ def spatial_position(grid, dim, device=None):
     """Fixed 2D sin-cos embedding of each token's (y, x) place in the frame, the same in every
     frame: (T' * h' * w', dim), time-major like the tokens. Half the channels encode y, half x.
 
-    Why (DEVIATION, measured in RESULTS.md): RoPE alone makes attention see only *relative*
-    positions, so a DiT of attention blocks cannot tell the left of a frame from its right. In the
-    toy world an object that "moves right" starts at the left edge; with RoPE alone the model put
-    objects anywhere and moved them in a random direction. Wan relies on RoPE at 720p; at 16 x 16
-    latent pixels the absolute place is the cheapest handle on a motion word. Spatial only, so a
-    stream of any length sees the same embedding in every chunk."""
+    An option, off by default: RESULTS.md ('Prompt following') found that it leaves direction at
+    chance, so the reasoning below is a hypothesis the curves did not bear out. Why it was tried:
+    RoPE alone makes attention see only *relative* positions, so a DiT of attention blocks cannot
+    tell the left of a frame from its right. In the toy world an object that "moves right" starts at
+    the left edge; with RoPE alone the model put objects anywhere and moved them in a random
+    direction. Wan relies on RoPE at 720p; at 16 x 16 latent pixels the absolute place seemed the
+    cheapest handle on a motion word. Spatial only, so a stream of any length sees the same
+    embedding in every chunk."""
     T, h, w = grid
     q = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64, device=device) / q)  # (q,)

@@ -1,5 +1,5 @@
 """deploy.py, chunk_step.py, quantize.py, mlpackage.py: the Core ML bundle (paper Sec. D.2). One tiny bundle is built
-per session (conversion is slow); the tests inspect saved specs (prediction needs macOS), hold the
+per pytest session (conversion is slow); the tests inspect saved specs (prediction needs macOS), hold the
 static-shape export path against the PyTorch streaming path and the quantized emulation against float."""
 import json
 import os
@@ -279,7 +279,7 @@ def test_compact_names_collisions_and_nested_blocks(tmp_path):
 
 def test_quantized_dit_size_tiny(built):
     """What the bytes of the tiny DiT.mlpackage are, fp16 export vs quantized. Tiny is structurally unlike
-    the bar of the issue (quantized package <= 0.35x fp16, tested at width in the next test): the
+    the size bar (quantized package <= 0.35x fp16, tested at width in the next test): the
     package is the MIL program of two functions (~1700 ops each, their output types and compact names:
     ~0.44 MB, the same in both exports) plus the weights, and tiny's fp16 weights are only ~0.46 MB, so
     even zero-byte weights would give ~0.5x. What must hold: quantization leaves no layer weight in fp16,
@@ -305,13 +305,13 @@ def test_quantized_dit_size_tiny(built):
 
 
 def test_quantized_dit_package_ratio(tmp_path):
-    """The issue's bar on DiT.mlpackage: quantized package <= 0.35x its fp16 export, for a DiT of the
+    """The size bar on DiT.mlpackage: quantized package <= 0.35x its fp16 export, for a DiT of the
     small preset's width, depth and latent size (width 128, 8 blocks, two functions, 16x16 latents; the
     default layout L S S L). The program does not depend on the width, so the bar needs the weights to
     dominate: at tiny's width 32 the package is ~0.7x (previous test). Random weights; bits follow the
     plan's rules without the sensitivity scan (no layer promoted by PSNR): this test is about bytes.
     Measured 0.332x; the trained small run (layout L S L L, two switch projections promoted to 8 bits by
-    PSNR) 0.343x (README)."""
+    PSNR) 0.343x (RESULTS.md, Core ML bundle)."""
     models = build_models_for_test("small")
     m = models["model"]
     calib = quantize.capture_calibration(models, quantize.DEFAULT_PROMPTS[:1], 1, 2)
