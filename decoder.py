@@ -13,6 +13,8 @@ Here: `EfficientDecoder` has the same graph as vae.py's reference decoder at hal
 Demo (seconds, CPU): `python decoder.py` builds both tiny decoders, prints their parameter counts
 and checks that streaming decoding equals whole-clip decoding.
 Table for a trained run: `python decoder.py --run runs/tiny --json`.
+Side by side for a trained run: `python decoder.py --run runs/small --strip decoders.png` (per held-out
+clip three rows: the clip, the reference VAE decoder's and the efficient decoder's reconstruction).
 """
 import json
 import math
@@ -287,13 +289,38 @@ def streaming_max_diff(dec, z):
     return (torch.cat(parts, 2) - full).abs().max().item()
 
 
+@torch.no_grad()
+def save_comparison_strip(path, vae, decoder, videos, every=4):
+    """Per clip three rows, every `every`-th frame: the clip, the reference VAE decoder's and the
+    efficient decoder's reconstruction from the same frozen-encoder latents, each labelled with its
+    PSNR on that clip: where the efficient decoder blurs or rings, the picture shows it."""
+    import data
+    rows, labels = [], []
+    for v in videos.split(1):                                     # (1, 3, F, H, W) each
+        z = vae.encode(v)
+        ref, eff = vae.decode(z).clamp(-1, 1), decoder.decode(z).clamp(-1, 1)
+        rows += [v, ref, eff]
+        labels += ["clip", f"VAE decoder {psnr(ref, v):.1f} dB", f"efficient decoder {psnr(eff, v):.1f} dB"]
+    data.save_strip(path, torch.cat(rows), labels, every=every)
+
+
 def main(argv=None):
     ap = safeio.Parser(prog="decoder.py", description="Efficient decoder (Sec. D.1, Tab. A2)")
     ap.add_argument("--run", default=None, help="run dir with vae.pt and decoder.pt: print Tab. A2")
     ap.add_argument("--json", action="store_true", help="print the table as JSON")
     ap.add_argument("--preset", default=None, help="data preset for held-out clips (default: from vae.pt)")
     ap.add_argument("--clips", type=int, default=8, help="held-out clips to evaluate")
+    ap.add_argument("--strip", default=None, help="with --run: save the first 3 held-out clips and both "
+                    "decoders' reconstructions side by side as this .png")
     args = ap.parse_args(argv)
+    if args.strip is not None:
+        if args.run is None:
+            raise safeio.UsageError("--strip needs --run (a run with vae.pt and decoder.pt)")
+        if not args.strip.lower().endswith(".png"):
+            raise safeio.UsageError(f"--strip must end in .png, got {args.strip}")
+        safeio.check_writable_file(args.strip, "--strip")
+    if args.clips < 1:
+        raise safeio.UsageError(f"--clips must be >= 1, got {args.clips}")
     torch.manual_seed(0)
     if args.run:
         import os
@@ -308,6 +335,9 @@ def main(argv=None):
         videos = data.make_batch(data.get_config(preset), args.clips, seed=0, split="eval")[0]
         res = compare_decoders(vae, dec, videos)
         print(json.dumps(res, indent=2) if args.json else format_table(res))
+        if args.strip:
+            save_comparison_strip(args.strip, vae, dec, videos[:3])
+            print(f"wrote {args.strip}")
         return
     vae = vae_mod.VAE(vae_mod.get_config("tiny"))
     dec = EfficientDecoder(get_config("tiny"))

@@ -154,3 +154,17 @@ def test_fit_decoder_killed_and_resumed_equals_uninterrupted(tmp_path):
     resumed = fit(ckpt, init_seed=1)
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_comparison_strip_shows_clip_and_both_decoders(tmp_path):
+    """decoder.py --strip: per clip three labelled rows (clip, VAE decoder, efficient decoder)."""
+    from PIL import Image
+    torch.manual_seed(0)
+    vae = V.VAE(V.get_config("tiny")).eval()
+    d = D.EfficientDecoder(D.get_config("tiny")).eval()
+    videos = V.blob_video(2, 9, 16, seed=0)                      # 2 clips, 9 frames of 16x16
+    path = str(tmp_path / "dec.png")
+    D.save_comparison_strip(path, vae, d, videos, every=4)
+    img = Image.open(path)
+    assert img.size == (3 * (16 * 2 + 2) - 2, 2 * 3 * (16 * 2 + 14))   # 3 frames wide, 6 rows
+    assert not list(tmp_path.glob("*.tmp*"))
