@@ -434,7 +434,8 @@ def test_concept_clis_name_a_missing_or_broken_run(tmp_path, run_copy, capsys):
     refuses(run_cli("decoder.py", decoder.main), ["--strip", str(tmp_path / "d.png")], capsys, "--strip needs --run")
     refuses(run_cli("decoder.py", decoder.main), ["--run", run_copy, "--strip", str(tmp_path / "d.gif")], capsys,
             "--strip must end in .png")
-    refuses(run_cli("decoder.py", decoder.main), ["--run", run_copy, "--strip", str(tmp_path)], capsys,
+    (tmp_path / "folder.png").mkdir()
+    refuses(run_cli("decoder.py", decoder.main), ["--run", run_copy, "--strip", str(tmp_path / "folder.png")], capsys,
             "is a directory")
     refuses(run_cli("decoder.py", decoder.main), ["--run", run_copy, "--clips", "0"], capsys, "--clips must be >= 1")
     refuses(run_cli("search.py", search.main), ["--run", run_copy], capsys, "search.done.json not found")
