@@ -463,6 +463,13 @@ def test_concept_clis_name_a_missing_or_broken_run(tmp_path, run_copy, capsys):
     run_cli = lambda prog, main: lambda argv: safeio.run_cli(prog, main, argv)
     refuses(run_cli("vae.py", vae.main), ["--run", str(tmp_path / "nope")], capsys, "pipeline.json not found")
     refuses(run_cli("decoder.py", decoder.main), ["--run", str(tmp_path / "nope")], capsys, "vae.pt not found")
+    refuses(run_cli("decoder.py", decoder.main), ["--strip", str(tmp_path / "d.png")], capsys, "--strip needs --run")
+    refuses(run_cli("decoder.py", decoder.main), ["--run", run_copy, "--strip", str(tmp_path / "d.gif")], capsys,
+            "--strip must end in .png")
+    (tmp_path / "folder.png").mkdir()
+    refuses(run_cli("decoder.py", decoder.main), ["--run", run_copy, "--strip", str(tmp_path / "folder.png")], capsys,
+            "is a directory")
+    refuses(run_cli("decoder.py", decoder.main), ["--run", run_copy, "--clips", "0"], capsys, "--clips must be >= 1")
     refuses(run_cli("search.py", search.main), ["--run", run_copy], capsys, "search.done.json not found")
     refuses(run_cli("search.py", search.main), ["--run", run_copy, "--budget-ms", "-1"], capsys, "--budget-ms must be > 0")
     open(os.path.join(run_copy, "layout.json"), "w").write("{")

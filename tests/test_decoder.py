@@ -154,3 +154,34 @@ def test_fit_decoder_killed_and_resumed_equals_uninterrupted(tmp_path):
     resumed = fit(ckpt, init_seed=1)
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_comparison_strip_shows_clip_and_both_decoders(tmp_path):
+    """decoder.py --strip: per clip three labelled rows (clip, VAE decoder, efficient decoder)."""
+    from PIL import Image
+    torch.manual_seed(0)
+    vae = V.VAE(V.get_config("tiny")).eval()
+    d = D.EfficientDecoder(D.get_config("tiny")).eval()
+    videos = V.blob_video(2, 9, 16, seed=0)                      # 2 clips, 9 frames of 16x16
+    path = str(tmp_path / "dec.png")
+    D.save_comparison_strip(path, vae, d, videos, every=4)
+    img = Image.open(path)
+    assert img.size == (3 * (16 * 2 + 2) - 2, 2 * 3 * (16 * 2 + 14))   # 3 frames wide, 6 rows
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_fit_decoder_teacher_term_without_gan():
+    """gan_start >= 1: no discriminator update at all; teacher_weight pulls toward the VAE decoder."""
+    torch.manual_seed(0)
+    vae = V.VAE(V.get_config("tiny")).eval()
+    cfg = D.get_config("tiny")
+    cfg.gan_start, cfg.teacher_weight, cfg.betas = 1.0, 1.0, (0.9, 0.99)
+    d = D.EfficientDecoder(cfg)
+    clip = V.blob_video(1, 9, 16, seed=0)
+    with torch.no_grad():
+        ref = vae.decode(vae.encode(clip))
+        before = (d.decode(vae.encode(clip)) - ref).abs().mean().item()
+    met = D.fit_decoder(d, vae, lambda s: clip, steps=8, lr=3e-3, seed=0, progress=False)
+    with torch.no_grad():
+        after = (d.decode(vae.encode(clip)) - ref).abs().mean().item()
+    assert met["gan_start"] == 8 and met["d"] == 0 and after < before, (met, before, after)
