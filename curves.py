@@ -32,8 +32,9 @@ import distill
 import dit
 import evaluate
 import flow
+import runs
+import stream
 import text as text_mod
-import train
 
 # Each recipe is a set of overrides on top of the run's preset: PipelineConfig fields (dit_batch,
 # dit_chunks, first_chunk_frac, dit_lr, dit_decay, ema, ...), DiT fields under "dit" and flow.FlowConfig
@@ -67,10 +68,10 @@ def prompt_sets(n):
 def sample_videos(model, run, combos, chunks, seeds, scale, steps, shift):
     """Whole-window Euler + CFG (one t for every frame) -> decoded videos (B, 3, F, H, W), prompts."""
     encoder, tokenizer = run.text()
-    n_text, n_mask = train.null_text(run)
+    n_text, n_mask = run.null_text()
     prompts = [data.canonical_prompt(*c) for c in combos for _ in range(seeds)]
     tokens, _, mask = text_mod.encode_text(encoder, tokenizer, prompts)
-    hw, T = train.data_cfg(run.cfg).size // 4, chunks * model.cfg.chunk
+    hw, T = runs.latent_hw(run.cfg), chunks * model.cfg.chunk
     g = torch.Generator().manual_seed(1234)                          # the same noise at every point
     noise = torch.randn(len(prompts), model.cfg.in_channels, T, hw, hw, generator=g)
     B = len(prompts)
@@ -85,7 +86,7 @@ def word_sensitivity(model, run, chunks, t=0.7):
     """|v(prompt) - v(prompt with one word changed)| / |v(prompt)| at noise level t, averaged over
     6 base prompts and every other value of the word: how much the DiT reads colour, shape, motion."""
     encoder, tokenizer = run.text()
-    hw, T = train.data_cfg(run.cfg).size // 4, chunks * model.cfg.chunk
+    hw, T = runs.latent_hw(run.cfg), chunks * model.cfg.chunk
     g = torch.Generator().manual_seed(99)
     out = {}
     bases = data.TRAIN_COMBOS[::25][:6]
@@ -123,7 +124,7 @@ def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, sca
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
     recipe = dict(RECIPES[name])
-    run = train.open_run(run_dir)
+    run = runs.open_run(run_dir)
     if text_path:                                                    # compare text encoders on one pool
         run._cache["text"] = text_mod.load_text(text_path)
     pipe = {k: v for k, v in recipe.items() if k in asdict(run.cfg)}
@@ -166,7 +167,7 @@ def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, sca
 
     torch.manual_seed(run.cfg.seed)
     model = dit.DiT(dcfg)
-    batch_fn = train.fm_batches(run, run.cfg.seed + train.STAGES.index("base"), updates)  # as the base stage
+    batch_fn = runs.fm_batches(run, run.cfg.seed + runs.STAGES.index("base"), updates)  # as the base stage
     distill.train_fm(model, batch_fn, updates, run.cfg.dit_lr, p_uncond=fcfg.cfg_dropout, shift=fcfg.train_shift,
                      seed=run.cfg.seed, ema_decay=run.cfg.ema, desc=f"curve {name}", warmup=run.cfg.dit_warmup,
                      decay=run.cfg.dit_decay, ckpt=os.path.join(out_dir, f"{name}.ckpt.pt"),
@@ -300,8 +301,7 @@ def score_chain(run_dir, n_prompts=21, seeds=2, chunks=3, steps=30, ar_steps=Non
     combinations (n_prompts each, `seeds` noise draws): the flow-matching models whole-clip (Euler +
     CFG, `steps` steps, VAE decoder), the few-step students streamed chunk by chunk through the
     efficient decoder at their own step count, as a user sees them."""
-    import stream
-    run = train.open_run(run_dir)
+    run = runs.open_run(run_dir)
     fcfg = flow.get_config(run.cfg.preset)
     rows = {}
     for label, stage in CHAIN:
@@ -310,14 +310,14 @@ def score_chain(run_dir, n_prompts=21, seeds=2, chunks=3, steps=30, ar_steps=Non
             continue
         row = {}
         if streaming:                                                # loaded once per stage, not per split
-            models = train.load_streaming(run.dir, "dmd")
+            system = runs.load_streaming(run.dir, "dmd")
             if stage != "dmd":
-                models = {**models, "model": run.model(stage).eval()}
-            k = ar_steps or models["steps"][-1]
+                system = replace(system, model=run.model(stage).eval())
+            k = ar_steps or system.steps
         for split, combos in prompt_sets(n_prompts).items():
             if streaming:
                 prompts = [data.canonical_prompt(*c) for c in combos for _ in range(seeds)]
-                videos = torch.stack([torch.cat([ch.frames for ch in stream.stream(models, p, chunks, k, seed=i)], 1)
+                videos = torch.stack([torch.cat([ch.frames for ch in stream.stream(system, p, chunks, k, seed=i)], 1)
                                       for i, p in enumerate(prompts)])
                 row["setting"] = f"streamed, {k} steps"
             else:

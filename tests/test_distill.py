@@ -11,7 +11,10 @@ import torch.nn as nn
 import dit
 import distill
 import flow
+import runs
 import sandwich
+import text as text_mod
+import train
 
 
 class Toy(nn.Module):
@@ -317,10 +320,8 @@ def test_dmd_stage_distils_one_student_for_its_step_count(tmp_path, monkeypatch,
     """train.py's `dmd` stage distils the student for cfg.sample_steps (n_steps=None); reproduce.py's
     dmd_4step passes 4. Every rollout that trains it runs that schedule (or the GAN's longer T' one),
     and the checkpoint records that one count, the only one stream.py will run it at."""
-    import text as text_mod
-    import train
     cfg = train.get_config("tiny", dmd_steps=2)                                 # GAN on from update 1
-    run = train.Run(str(tmp_path), cfg)
+    run = runs.Run(str(tmp_path), cfg)
     dcfg = dit.get_config("tiny", depth=4)
     encoder, tokenizer, _ = text_mod.build_text("tiny", seed=0)
     torch.manual_seed(0)

@@ -86,7 +86,7 @@ def test_ste_gradients_reach_router_and_count_constraint_holds():
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam([sup.router], lr=0.2)
     for step in range(4):
-        sup.m = sup.routers(k=2, tau=0.5, generator=g)
+        sup.m = search.sample_routers(sup, k=2, tau=0.5, generator=g)
         assert sup.m[0] == 1 and sup.m[-1] == 1 and sup.m[1:-1].sum().item() == 2     # exactly k in the middle
         assert set(sup.m.detach().tolist()) <= {0.0, 1.0}                           # hard in the forward
         x, t, text, mask = tiny_inputs(cfg, step)
