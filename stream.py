@@ -36,7 +36,7 @@ import flow
 import runs
 import safeio
 import text as text_mod
-from distill import commit_chunk, denoise_chunk
+from streaming import commit_chunk, denoise_chunk
 
 MAX_SEED = 2 ** 63 - 1                   # torch.Generator.manual_seed takes a 64-bit integer
 

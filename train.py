@@ -40,6 +40,7 @@ import distill
 import dit
 import evaluate
 import flow
+import kdcache
 import safeio
 import search
 import stream
@@ -48,6 +49,7 @@ import vae as vae_mod
 from runs import (STAGES, PipelineConfig, Run, data_cfg, dit_batches, dit_cfg, fm_batches, latent_hw,
                   load_streaming, read_pipeline, ship_weights, spec_of)
 from safeio import save_checkpoint
+from sandwich import SuperNet
 
 # The fields of a pipeline preset, each with its comment: runs.PipelineConfig (pipeline.json holds one).
 
@@ -148,7 +150,7 @@ def stage_search(run, budget_ms=None):
     k, (cheapest_cost, _) = search.choose_k(M, table, budget)
     base = run.model("base")
     torch.manual_seed(cfg.seed)
-    sup = search.SuperNet(dcfg)
+    sup = SuperNet(dcfg)
     inh = sup.inherit(base)
     batch_fn = dit_batches(run, scfg.batch, cfg.seed + 77, with_null=False)
     layout, hist = search.run_search(sup, base, batch_fn, k, replace(scfg, steps=cfg.search_steps, seed=cfg.seed))
@@ -188,22 +190,22 @@ def stage_cache(run):
     cfg, fcfg = run.cfg, flow.get_config(run.cfg.preset)
     teacher = run.model("teacher")
     fn = dit_batches(run, cfg.cache_shard, cfg.seed + 555)
-    return distill.build_cache(teacher, fn, cfg.cache_samples, run.path("cache"), cfg.cache_shard,
+    return kdcache.build_cache(teacher, fn, cfg.cache_samples, run.path("cache"), cfg.cache_shard,
                                teacher.boundary, fcfg.cfg_scale, cfg.seed)
 
 
 def stage_kd(run):
     cfg = run.cfg
     student = copy.deepcopy(run.model("pretrain")).requires_grad_(True)
-    cache = distill.CachedKD(run.path("cache"))
-    dcfg = distill.get_config(cfg.preset, seed=cfg.seed, kd_steps=cfg.kd_steps)
-    trained, m = distill.train_kd(student, cache, dcfg, ckpt=run.path("kd.ckpt.pt"))
+    cache = kdcache.CachedKD(run.path("cache"))
+    kcfg = distill.get_kd_config(cfg.preset, seed=cfg.seed, steps=cfg.kd_steps)
+    trained, m = distill.train_kd(student, cache, kcfg, ckpt=run.path("kd.ckpt.pt"))
     m.pop("kd_losses", None)
     # Sec. C.1's point, measured in one run: cached KD vs KD with the teacher in the loop.
     fcfg = flow.get_config(cfg.preset)
-    m["speed"] = distill.kd_speed_comparison(copy.deepcopy(run.model("pretrain")).requires_grad_(True),
+    m["speed"] = kdcache.kd_speed_comparison(copy.deepcopy(run.model("pretrain")).requires_grad_(True),
                                              run.model("teacher"), cache,
-                                             dit_batches(run, dcfg.kd_batch, cfg.seed + 3),
+                                             dit_batches(run, kcfg.batch, cfg.seed + 3),
                                              steps=5 if cfg.preset == "tiny" else 20,
                                              boundary=run.model("teacher").boundary, cfg_scale=fcfg.cfg_scale)
     layout = run.model("pretrain").layout
@@ -227,7 +229,7 @@ def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
     real = distill.make_real_score(real_model, n_text, n_mask, fcfg.cfg_scale)
     hw = latent_hw(cfg)
     dcfg = distill.get_config(cfg.preset, seed=cfg.seed, latent_hw=(hw, hw), shift=fcfg.shift, n_steps=n_steps,
-                              without_teacher=without_teacher, steps=cfg.dmd_steps, gan_start=cfg.dmd_steps // 2)
+                              steps=cfg.dmd_steps, gan_start=cfg.dmd_steps // 2)
     # The progressive GAN's "real" samples take T' > T steps. ASSUMPTION: T' >= 2 T, so the tiny
     # preset's T' = 4 becomes 8 for a 4-step student (small: T' = 8 for every T <= 4).
     dcfg = replace(dcfg, gan_real_steps=max(dcfg.gan_real_steps, 2 * n_steps),

@@ -11,8 +11,10 @@ import torch.nn as nn
 import dit
 import distill
 import flow
+import kdcache
 import runs
 import sandwich
+import streaming
 import text as text_mod
 import train
 
@@ -82,14 +84,14 @@ def build(d, teacher=None, n=5, calls=None):
         if calls is not None:
             calls.append(k)
         return toy_data(k)
-    return distill.build_cache(teacher, fn, n, str(d), shard_size=2, boundary=0.5, cfg_scale=2.0, seed=3, progress=False)
+    return kdcache.build_cache(teacher, fn, n, str(d), shard_size=2, boundary=0.5, cfg_scale=2.0, seed=3, progress=False)
 
 
 def test_cache_round_trip(tmp_path):
     teacher = Toy()
     info = build(tmp_path, teacher)
     assert info["shards"] == 3 and info["built"] == 3 and info["cache_bytes"] > 0
-    cache = distill.CachedKD(str(tmp_path))
+    cache = kdcache.CachedKD(str(tmp_path))
     assert len(cache) == 5
     with open(tmp_path / "index.json") as f:
         assert [s["count"] for s in json.load(f)["shards"]] == [2, 2, 1]
@@ -115,7 +117,7 @@ def test_flipped_byte_is_detected(tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    cache = distill.CachedKD(str(tmp_path))
+    cache = kdcache.CachedKD(str(tmp_path))
     cache[0]                                                                    # shard 0 is intact
     with pytest.raises(RuntimeError, match=r"shard_00001\.pt.*re-run the `cache` stage"):
         cache[2]
@@ -126,12 +128,12 @@ def test_truncated_shard_is_detected(tmp_path):
     path = tmp_path / "shard_00000.pt"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(RuntimeError, match=r"shard_00000\.pt.*(corrupt|truncated)"):
-        distill.CachedKD(str(tmp_path)).verify_all()
+        kdcache.CachedKD(str(tmp_path)).verify_all()
 
 
 def test_missing_index_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="index.json"):
-        distill.CachedKD(str(tmp_path))
+        kdcache.CachedKD(str(tmp_path))
 
 
 def test_resume_skips_complete_shards(tmp_path):
@@ -144,12 +146,12 @@ def test_resume_skips_complete_shards(tmp_path):
     assert calls == [1] and info["built"] == 1 and info["skipped"] == 2
     assert os.stat(s0).st_mtime_ns == mtime0                                    # untouched
     assert s1.read_bytes() == bytes1                                            # rebuilt bit for bit
-    distill.CachedKD(str(tmp_path)).verify_all()
+    kdcache.CachedKD(str(tmp_path)).verify_all()
 
 
 def test_kd_speed_comparison_reports_both(tmp_path):
     build(tmp_path)
-    res = distill.kd_speed_comparison(Toy(), Toy(), distill.CachedKD(str(tmp_path)), toy_data, steps=2)
+    res = kdcache.kd_speed_comparison(Toy(), Toy(), kdcache.CachedKD(str(tmp_path)), toy_data, steps=2)
     for k in ("cached", "on_the_fly"):
         assert res[k]["steps_per_s"] > 0 and res[k]["peak_rss_delta_mb"] >= 0
     assert res["speedup"] > 0 and res["weights_ratio"] == pytest.approx(2.0)
@@ -229,7 +231,7 @@ def test_rollout_gradients_reach_only_the_exit_step():
     model = Recorder(tiny_s2dit())
     text, mask = text_inputs()
     ts = flow.few_step_schedule(4, 3.0)
-    out = distill.rollout(model, text, mask, 2, ts, (4, 4, 4), torch.Generator().manual_seed(0), exit_step=2)
+    out = streaming.rollout(model, text, mask, 2, ts, (4, 4, 4), torch.Generator().manual_seed(0), exit_step=2)
     grad_calls = [c for c in model.calls if c[0]]
     assert len(model.calls) == 2 * (3 + 1)                                       # 3 steps + 1 commit per chunk
     assert len(grad_calls) == 2 and all(not c[2] for c in grad_calls)           # the 2 exits, no commit
@@ -246,7 +248,7 @@ def test_rollout_shape_and_seed():
     text, mask = text_inputs(B=2)
     ts = flow.few_step_schedule(2, 3.0)
     with torch.no_grad():
-        run = lambda s: distill.rollout(model, text, mask, 3, ts, (4, 4, 4), torch.Generator().manual_seed(s))
+        run = lambda s: streaming.rollout(model, text, mask, 3, ts, (4, 4, 4), torch.Generator().manual_seed(s))
         a, b, c = run(1), run(1), run(2)
     assert a.shape == (2, 4, 9, 4, 4)
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -258,7 +260,7 @@ def test_rollout_uses_its_cache():
     text, mask = text_inputs()
     ts = flow.few_step_schedule(1, 3.0)
     with torch.no_grad():
-        run = lambda t_ctx: distill.rollout(model, text, mask, 2, ts, (4, 4, 4), torch.Generator().manual_seed(0), t_ctx=t_ctx)
+        run = lambda t_ctx: streaming.rollout(model, text, mask, 2, ts, (4, 4, 4), torch.Generator().manual_seed(0), t_ctx=t_ctx)
         a, b = run(0.0), run(0.5)
     assert torch.equal(a[:, :, :3], b[:, :, :3]) and not torch.allclose(a[:, :, 3:], b[:, :, 3:])
 
@@ -385,12 +387,12 @@ def test_ode_init_teaches_the_student_the_real_scores_ode():
 
     def errors():
         with torch.no_grad():
-            reg = distill.ode_regression_loss(student, xs, x0, text.expand(2, -1, -1), mask.expand(2, -1), ts, cfg.window).item()
-            state, outs = dit.StreamState(cfg.window), []
+            reg = distill.ode_regression_loss(student, xs, x0, text.expand(2, -1, -1), mask.expand(2, -1), ts).item()
+            state, outs = dit.StreamState(student.cfg.window), []
             for f0 in (0, 3):
-                out = distill.denoise_chunk(student, state, xs[:1, 0, :, f0:f0 + 3], text, mask, ts,
+                out = streaming.denoise_chunk(student, state, xs[:1, 0, :, f0:f0 + 3], text, mask, ts,
                                             torch.Generator().manual_seed(1))
-                distill.commit_chunk(student, state, out, text, mask)
+                streaming.commit_chunk(student, state, out, text, mask)
                 outs.append(out)
             return reg, (torch.cat(outs, 2) - x0[:1]).pow(2).mean().item()
     reg0, gen0 = errors()
@@ -445,8 +447,8 @@ def test_lr_factor_warmup_then_cosine():
 
 def test_train_kd_killed_and_resumed_equals_uninterrupted(tmp_path):
     build(tmp_path / "cache")
-    cache = distill.CachedKD(str(tmp_path / "cache"))
-    cfg = distill.get_config("tiny", kd_steps=5, kd_batch=2)
+    cache = kdcache.CachedKD(str(tmp_path / "cache"))
+    cfg = distill.get_kd_config("tiny", steps=5, batch=2)
 
     def fit(ckpt=None, kill_at=None, a=0.5):
         student = Toy(a=a)

@@ -79,7 +79,7 @@ def test_constant_memory_and_time_per_chunk(models):
     FLOPs at chunk 100 as at chunk 5, and the same wall-clock time within 15% (timed alternately,
     best of 9 each, so a load spike on the machine hits both alike)."""
     import copy
-    from distill import commit_chunk, denoise_chunk
+    from streaming import commit_chunk, denoise_chunk
     model, cfg = models.model, models.model.cfg
     text, mask = stream.encode_prompt(models, "a red circle moves left")
     ts = flow.few_step_schedule(2, 3.0)
