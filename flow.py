@@ -38,11 +38,6 @@ import torch
 class FlowConfig:
     shift: float = 3.0            # inference timestep shift s for Euler and few-step samplers (Wan2.1 T2V / Self-Forcing: 5.0)
     train_shift: float = 1.0      # shift applied to training t (ASSUMPTION: 1.0 at toy resolution; few tokens need little shift)
-    t_mode: str = "logit_normal"  # training t distribution: "logit_normal" (SD3 / Wan) or "uniform"
-    logit_mean: float = 0.0       # mean of the normal inside the logit-normal (SD3 default 0.0)
-    logit_std: float = 1.0        # std of the normal inside the logit-normal (SD3 default 1.0)
-    per_chunk: bool = True        # independent t per chunk of latent frames (diffusion forcing, Self-Forcing / CausVid)
-    chunk: int = 3                # latent frames per chunk (paper Sec. D.2: 3)
     cfg_scale: float = 3.0        # classifier-free guidance scale (Wan2.1 default 5.0; ASSUMPTION: 3.0 for the toy world)
     cfg_dropout: float = 0.1      # probability a caption is replaced by the null embedding in training (ASSUMPTION, common 0.1)
     boundary: float = 0.5         # MoE teacher: high-noise expert for t >= boundary (Wan2.2 T2V: 0.875; ASSUMPTION 0.5 so both toy experts see half the data)

@@ -64,6 +64,21 @@ PRESETS = {
 }
 
 
+# Seeds. Each stage draws its data and noise from the run's seed through its own offset (seed + k) or
+# stride (seed * k + step), so no two stages share a random stream and a re-run stage draws exactly
+# what it drew the first time (resume). The values are arbitrary; distinct is what matters.
+STAGE_SEED_STRIDE = 1_000          # the global torch seed of a stage: seed * stride + its index
+VAE_CLIP_STRIDE = 7919             # VAE update s trains on the clips of seed * stride + s
+POOL_CLIP_STRIDE = 104_729         # latent-pool batch i: clips of seed * stride + i
+DECODER_CLIP_STRIDE = 6007         # decoder update s: clips of seed * stride + s
+HELD_OUT_CLIPS = 10_000_019        # the held-out clips of the VAE and decoder PSNR, the same in every run
+SEARCH_BATCHES = 77                # seed + k: the search's Eq. 10 batches
+CACHE_BATCHES = 555                # the clips the teacher's tuples are cached for
+KD_SPEED_BATCHES = 3               # the on-the-fly KD of the cached-vs-on-the-fly measurement
+DMD_PROMPTS = 11                   # the prompts of the ODE pairs, the critic warm-up and DMD
+ODE_NOISE = 13                     # the noise of the ODE trajectories and the regression batches
+
+
 def get_config(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown pipeline preset {name!r}; known presets: {sorted(PRESETS)}")
@@ -93,9 +108,9 @@ def stage_vae(run):
     torch.manual_seed(cfg.seed)
     model = vae_mod.VAE(vae_mod.get_config(cfg.preset))
     dcfg = data_cfg(cfg)
-    m = vae_mod.fit_vae(model, lambda s: data.make_batch(dcfg, cfg.vae_batch, cfg.seed * 7919 + s)[0],
+    m = vae_mod.fit_vae(model, lambda s: data.make_batch(dcfg, cfg.vae_batch, cfg.seed * VAE_CLIP_STRIDE + s)[0],
                         cfg.vae_steps, cfg.vae_lr, cfg.seed, ckpt=run.path("vae.ckpt.pt"))
-    held_out = data.make_batch(dcfg, 16, seed=10_000_019, split="eval")[0]
+    held_out = data.make_batch(dcfg, 16, seed=HELD_OUT_CLIPS, split="eval")[0]
     m["heldout_psnr"] = vae_mod.reconstruct_psnr(model, held_out)
     print(f"VAE held-out reconstruction PSNR: {m['heldout_psnr']:.2f} dB")
     save_checkpoint(run.path("vae.pt"), model, model.cfg, m)
@@ -107,7 +122,7 @@ def stage_latents(run):
     dcfg = data_cfg(cfg)
     zs, caps = [], []
     for i in tqdm(range(0, cfg.pool_clips, 16), desc="latents"):
-        video, captions, _ = data.make_batch(dcfg, min(16, cfg.pool_clips - i), seed=cfg.seed * 104_729 + i)
+        video, captions, _ = data.make_batch(dcfg, min(16, cfg.pool_clips - i), seed=cfg.seed * POOL_CLIP_STRIDE + i)
         zs.append(vae.encode(video).half())
         caps += captions
     z = torch.cat(zs)
@@ -152,7 +167,7 @@ def stage_search(run, budget_ms=None):
     torch.manual_seed(cfg.seed)
     sup = SuperNet(dcfg)
     inh = sup.inherit(base)
-    batch_fn = dit_batches(run, scfg.batch, cfg.seed + 77, with_null=False)
+    batch_fn = dit_batches(run, scfg.batch, cfg.seed + SEARCH_BATCHES, with_null=False)
     layout, hist = search.run_search(sup, base, batch_fn, k, replace(scfg, steps=cfg.search_steps, seed=cfg.seed))
     save_checkpoint(run.path("search.pt"), sup, spec_of(sup, "supernet"), {"layout": layout, "k": k})
     safeio.write_json(run.path("layout.json"), {"layout": layout, "k": k, "budget_ms": budget})
@@ -189,7 +204,7 @@ def stage_teacher(run):
 def stage_cache(run):
     cfg, fcfg = run.cfg, flow.get_config(run.cfg.preset)
     teacher = run.model("teacher")
-    fn = dit_batches(run, cfg.cache_shard, cfg.seed + 555)
+    fn = dit_batches(run, cfg.cache_shard, cfg.seed + CACHE_BATCHES)
     return kdcache.build_cache(teacher, fn, cfg.cache_samples, run.path("cache"), cfg.cache_shard,
                                teacher.boundary, fcfg.cfg_scale, cfg.seed)
 
@@ -205,7 +220,7 @@ def stage_kd(run):
     fcfg = flow.get_config(cfg.preset)
     m["speed"] = kdcache.kd_speed_comparison(copy.deepcopy(run.model("pretrain")).requires_grad_(True),
                                              run.model("teacher"), cache,
-                                             dit_batches(run, kcfg.batch, cfg.seed + 3),
+                                             dit_batches(run, kcfg.batch, cfg.seed + KD_SPEED_BATCHES),
                                              steps=5 if cfg.preset == "tiny" else 20,
                                              boundary=run.model("teacher").boundary, cfg_scale=fcfg.cfg_scale)
     layout = run.model("pretrain").layout
@@ -234,13 +249,13 @@ def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
     # preset's T' = 4 becomes 8 for a 4-step student (small: T' = 8 for every T <= 4).
     dcfg = replace(dcfg, gan_real_steps=max(dcfg.gan_real_steps, 2 * n_steps),
                    ode_steps=-(-dcfg.ode_steps // n_steps) * n_steps)  # the student's times on the ODE grid
-    batch = dit_batches(run, dcfg.batch, cfg.seed + 11)
+    batch = dit_batches(run, dcfg.batch, cfg.seed + DMD_PROMPTS)
     text_fn = lambda s: batch(s)[1:]
     ode, ckpt, ode_path = {}, run.path(f"{name}.ckpt.pt"), run.path(f"{name}_ode.pt")
     if dcfg.ode_updates > 0 and os.path.exists(ckpt) and os.path.exists(ode_path):
         ode = torch.load(ode_path, weights_only=True)["metrics"]    # resumed: the checkpoint holds the student
     elif dcfg.ode_updates > 0:   # Self-Forcing's starting point; kept as <name>_ode.pt (Tab. 1: before DMD)
-        ode = distill.ode_init(student, real, text_fn, dcfg, torch.Generator().manual_seed(cfg.seed + 13))
+        ode = distill.ode_init(student, real, text_fn, dcfg, torch.Generator().manual_seed(cfg.seed + ODE_NOISE))
         save_checkpoint(ode_path, student, spec_of(student, "s2dit", layout=kd.layout, steps=(n_steps,)), ode)
     trained, m = distill.train_dmd(student, real, critic, text_fn, dcfg, ckpt=ckpt)
     m.pop("curves", None)
@@ -257,9 +272,9 @@ def stage_decoder(run):
     dcfg = data_cfg(cfg)
     vae = run.vae()
     short = replace(dcfg, frames=17)                                 # 17-frame clips: 2x cheaper steps
-    m = dec_mod.fit_decoder(dec, vae, lambda s: data.make_batch(short, cfg.vae_batch, cfg.seed * 6007 + s)[0],
+    m = dec_mod.fit_decoder(dec, vae, lambda s: data.make_batch(short, cfg.vae_batch, cfg.seed * DECODER_CLIP_STRIDE + s)[0],
                             cfg.decoder_steps, seed=cfg.seed, ckpt=run.path("decoder.ckpt.pt"))
-    held_out = data.make_batch(dcfg, 8, seed=10_000_019, split="eval")[0]
+    held_out = data.make_batch(dcfg, 8, seed=HELD_OUT_CLIPS, split="eval")[0]
     m["table_a2"] = dec_mod.compare_decoders(vae, dec, held_out)
     save_checkpoint(run.path("decoder.pt"), dec, dec.cfg, m)
     return m
@@ -324,7 +339,7 @@ def check_out(out, cfg: PipelineConfig):
 
 
 def stage_seed(cfg: PipelineConfig, stage):
-    return cfg.seed * 1_000 + STAGES.index(stage)
+    return cfg.seed * STAGE_SEED_STRIDE + STAGES.index(stage)
 
 
 def run_pipeline(out, cfg: PipelineConfig, stages=None, force=()):
