@@ -165,6 +165,8 @@ class ChunkStep(nn.Module):
         return x + g2 * h, new
 
     def forward(self, x, t, text, mask, S, z, tail, K, V, valid):
+        # Alg. 1 as in sandwich.S2DiT.run_blocks, on explicit caches (that method says why it is
+        # written out three times; tests/test_search.py holds them equal)
         m, C, D = self.model, self.C, self.D
         (T, h, w), s, hw = self.grid, m.stride, self.hw
         # patchify (1, 2, 2): (1, C, T, hw, hw) -> (1, N, 4C), the order of dit.patchify

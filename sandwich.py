@@ -109,6 +109,12 @@ class S2DiT(Backbone):
         self.up = nn.ModuleDict({str(n): PixelShuffleUp(D, stride) for n, (d, u) in enumerate(sw) if u})
 
     def run_blocks(self, tokens, c, grid, txt, text_mask, causal, t0, window, state):
+        # Alg. 1 is written out three times, each as the paper's lines: here with hard m_n (only the
+        # chosen branch exists and runs), in SuperNet.run_blocks with soft m_n (both branches run and
+        # are blended, so gradients reach the routers) and in chunk_step.ChunkStep.forward (static
+        # shapes and explicit fixed-size caches, which torch.jit.trace needs). One shared loop would
+        # hide either the branch skipping or the blending behind flags; instead
+        # tests/test_search.py::test_alg1_three_forms_agree holds the three equal.
         cfg, d = self.cfg, self.cfg.dim // self.cfg.heads
         lo = low_res_grid(grid, self.stride)
         rope_hi = rope_tables(grid, d, t0=t0, theta=cfg.rope_theta, device=tokens.device)  # (N, d/2) x 2
@@ -180,7 +186,8 @@ class SuperNet(Backbone):
         rope_lo = rope_tables(lo, d, t0=t0, stride=self.stride, theta=cfg.rope_theta, device=tokens.device)
         args = (txt, text_mask, causal, cfg.chunk, window, state, cfg.sink)
         m = self.m
-        # Alg. 1, line 1 (x_S, S_down start as zeros; with hard routers they are only read after line 5)
+        # Alg. 1 with soft m_n (S2DiT.run_blocks says why it is written out again)
+        # line 1 (x_S, S_down start as zeros; with hard routers they are only read after line 5)
         x_L, S = tokens, tokens
         x_S = S_down = tokens.new_zeros(tokens.shape[0], math.prod(lo), tokens.shape[2])
         for n in range(self.M):

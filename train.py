@@ -19,8 +19,7 @@ marker `<stage>.done.json`; a stage with a marker is skipped, so an interrupted 
 it stopped (an interrupted stage restarts from its beginning with the same seeds, which gives the
 same result as an uninterrupted run).
 
-    python train.py                          # the `small` preset, everything (46.6 min measured on 2 idle CPU
-                                             # cores in the width-128 run (commit 8ea73bc); commit 2afb0a5's run's cores ran ~1.7x slower)
+    python train.py                          # the `small` preset, everything (under an hour on 2 idle CPU cores)
     python train.py --preset tiny --out runs/tiny        # minutes: what the tests run
     python train.py --stages base,search     # only some stages (earlier ones must exist)
 """
