@@ -13,7 +13,7 @@ word of the prompt changes ("word sensitivity").
     python curves.py --report runs/small/curves         # table (Markdown) + plot (SVG) of every curve
     python curves.py --bench                            # a training step's GFLOP/s against the matmul peak
 
-A curve checkpoints itself every few minutes and resumes where it stopped (distill.train_fm).
+A curve checkpoints itself every few minutes and resumes where it stopped (flow.train_fm).
 Scores carry their sample count and a 95% Wilson interval: two points whose intervals overlap
 are a tie.
 """
@@ -28,7 +28,6 @@ from dataclasses import asdict, replace
 import torch
 
 import data
-import distill
 import dit
 import evaluate
 import flow
@@ -75,7 +74,7 @@ def sample_videos(model, run, combos, chunks, seeds, scale, steps, shift):
     g = torch.Generator().manual_seed(1234)                          # the same noise at every point
     noise = torch.randn(len(prompts), model.cfg.in_channels, T, hw, hw, generator=g)
     B = len(prompts)
-    v_fn = lambda x, t: distill.cfg_predict(model, x, t[:, None].expand(B, T), tokens, mask,  # noqa: E731
+    v_fn = lambda x, t: flow.cfg_predict(model, x, t[:, None].expand(B, T), tokens, mask,  # noqa: E731
                                             n_text, n_mask, scale, causal=True)
     z = flow.sample_euler(v_fn, noise, steps, shift)                 # (B, C, T, h, w)
     return run.vae().decode(z).clamp(-1, 1), prompts
@@ -168,7 +167,7 @@ def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, sca
     torch.manual_seed(run.cfg.seed)
     model = dit.DiT(dcfg)
     batch_fn = runs.fm_batches(run, run.cfg.seed + runs.STAGES.index("base"), updates)  # as the base stage
-    distill.train_fm(model, batch_fn, updates, run.cfg.dit_lr, p_uncond=fcfg.cfg_dropout, shift=fcfg.train_shift,
+    flow.train_fm(model, batch_fn, updates, run.cfg.dit_lr, p_uncond=fcfg.cfg_dropout, shift=fcfg.train_shift,
                      seed=run.cfg.seed, ema_decay=run.cfg.ema, desc=f"curve {name}", warmup=run.cfg.dit_warmup,
                      decay=run.cfg.dit_decay, ckpt=os.path.join(out_dir, f"{name}.ckpt.pt"),
                      hook=hook, hook_every=every)
@@ -268,7 +267,7 @@ def bench(preset="small", batch=6, chunks=3, threads=2, reps=5, dit_overrides=No
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
-        loss = distill.fm_loss(model, x0, text, mask, text[:1], mask[:1], generator=torch.Generator().manual_seed(0))
+        loss = flow.fm_loss(model, x0, text, mask, text[:1], mask[:1], generator=torch.Generator().manual_seed(0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

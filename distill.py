@@ -20,8 +20,7 @@ The student S2DiT (sandwich.py) becomes a few-step, block-causal streaming gener
      R1 + R2 penalties in the paper's finite-difference form. `DMDTrainer` holds the models and
      optimizers; one method per update (`critic_update`, `generator_update`), `train_dmd` is the loop.
 
-Also here, the generic training pieces train.py uses for the base / teacher / pretrain stages:
-`fm_loss`, `train_fm`, `EMA`, `cfg_predict`.
+The flow-matching pieces every stage shares (fm_loss, EMA, cfg_predict, optimizer_step) are flow.py's.
 
 Legend: B batch, C latent channels, T latent frames (3 per chunk), h x w latent grid, N tokens,
 D width, L text tokens. Flow time t in [0, 1], t = 0 data; x_t = (1-t) x0 + t eps; x0 = x_t - t v.
@@ -30,7 +29,6 @@ Demo: `python distill.py` -- DMD on 2-D Gaussians (known scores), then a 2-step 
 (cache -> KD -> DMD+GAN) for a few iterations.
 """
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -44,6 +42,7 @@ import dit
 import flow
 import sandwich
 from dit import StreamState
+from flow import EMA, cfg_predict, chunk_frames, ema_result, fm_loss, optimizer_step
 from resume import Checkpoint
 from streaming import commit_chunk, rollout
 
@@ -135,142 +134,6 @@ def get_kd_config(name: str, **overrides) -> KDConfig:
     return replace(KD_PRESETS[name], **overrides)
 
 
-def _chunk(model):
-    return getattr(getattr(model, "cfg", None), "chunk", 3)
-
-
-def _batch_null(null, B):
-    """A (1, L, D) or (1, L) null prompt expanded to batch B."""
-    return null.expand(B, *null.shape[1:]) if null.shape[0] == 1 else null
-
-
-# ==============================================================================================
-# Generic training pieces: CFG prediction, flow-matching loss, EMA
-# ==============================================================================================
-def cfg_predict(model, x, t, text, mask, null_text, null_mask, scale, **kw):
-    """Guided velocity v = v_u + s (v_c - v_u) (flow.cfg_velocity); s = 1 skips the null pass."""
-    v_c = model(x, t, text, mask, **kw)                                        # (B, C, T, h, w)
-    if scale == 1.0:
-        return v_c
-    B = x.shape[0]
-    v_u = model(x, t, _batch_null(null_text, B), _batch_null(null_mask, B), **kw)  # (B, C, T, h, w)
-    return flow.cfg_velocity(v_c, v_u, scale)
-
-
-def fm_loss(model, x0, text, mask, null_text, null_mask, p_uncond=0.1, generator=None, shift=1.0, boundary=None):
-    """Flow matching with per-chunk t (diffusion forcing) and CFG dropout:
-        L = E || V(x_t, t, e) - (eps - x0) ||^2,   x_t = (1 - t) x0 + t eps,  t independent per chunk.
-    # DEVIATION: the paper's KD model is bidirectional; ours (teacher, T_theta, S2DiT-Pretrained) is
-    # block-causal with per-chunk t from the start, so the same network can denoise a chunk next to
-    # clean context (the DMD stage still starts with Self-Forcing's ODE regression, ode_init)."""
-    B, C, T = x0.shape[:3]
-    t = flow.sample_t(B, T, chunk=_chunk(model), shift=shift, generator=generator).to(x0)  # (B, T)
-    if boundary is not None:
-        # MoE teacher: every chunk of a sample on one expert's side of the boundary (a coin per sample),
-        # so each sample trains (and costs) one expert, as the experts are used in the cache and DMD.
-        high = torch.rand(B, 1, generator=generator).to(x0) < 0.5                # (B, 1)
-        t = torch.where(high, boundary + (1 - boundary) * t, boundary * t)      # (B, T)
-    eps = torch.randn(x0.shape, generator=generator).to(x0)                     # (B, C, T, h, w)
-    x_t = flow.add_noise(x0, eps, t)                                            # (B, C, T, h, w)
-    drop = torch.rand(B, generator=generator).to(x0.device) < p_uncond          # (B,) captions -> null
-    text = torch.where(drop[:, None, None], _batch_null(null_text, B), text)    # (B, L, Dt)
-    mask = torch.where(drop[:, None], _batch_null(null_mask, B), mask)          # (B, L)
-    v = model(x_t, t, text, mask, causal=True)                                  # (B, C, T, h, w)
-    return F.mse_loss(v, flow.velocity_target(x0, eps))
-
-
-class EMA:
-    """Exponential moving average of parameters: ema <- decay * ema + (1 - decay) * param."""
-
-    def __init__(self, model, decay=0.99):
-        self.decay = decay
-        self.shadow = {k: p.detach().clone() for k, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, model):
-        for k, p in model.named_parameters():
-            self.shadow[k].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
-
-    @torch.no_grad()
-    def copy_to(self, model):
-        for k, p in model.named_parameters():
-            p.copy_(self.shadow[k])
-
-
-def _ema_result(model, ema):
-    """The EMA weights in a copy of `model` (the model itself when no EMA was kept)."""
-    if ema is None:
-        return model
-    out = copy.deepcopy(model)
-    ema.copy_to(out)
-    return out
-
-
-def optimizer_step(opt, loss, params, clip):
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip:
-        torch.nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
-
-
-def lr_factor(step, warmup, steps, decay):
-    """Linear warm-up over `warmup` updates, then constant (decay="none") or a cosine down to 10 %
-    of the peak at the last update (decay="cosine"; the usual schedule of DiT/SD3-style runs)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if decay == "cosine" and steps > warmup:
-        p = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
-    return 1.0
-
-
-def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=(0.9, 0.999),
-             weight_decay=0.0, ema_decay=None, clip=1.0, progress=True, desc="fm", boundary=None, warmup=0,
-             decay="none", ckpt=None, ckpt_every_s=180.0, hook=None, hook_every=0):
-    """Flow-matching loop. batch_fn(step) -> (x0, text, mask, null_text, null_mask).
-    The learning rate follows lr_factor (warm-up, then constant or cosine).
-
-    ckpt: a file this loop saves itself to every `ckpt_every_s` seconds (model, optimizer, EMA,
-    the noise generator, the step) and resumes from when it exists: since batch_fn is a function of
-    the step and the generator state is restored, a killed-and-resumed loop gives the same weights
-    as an uninterrupted one, bit for bit. The file is removed when the loop ends.
-    hook(step, ema_model) runs every `hook_every` updates (and after the last): learning curves.
-    Returns (EMA copy of the model, or the model itself if ema_decay is None; metrics)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, steps, decay))
-    ema = EMA(model, ema_decay) if ema_decay else None
-    losses, run = [], None
-    saver = Checkpoint(ckpt, ckpt_every_s)
-    start, state = saver.load()
-    if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        g.set_state(state["generator"])
-        if ema:
-            ema.shadow = state["ema"]
-        losses, run = state["losses"], state["run"]
-    bar = tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps)
-    for step in bar:
-        loss = fm_loss(model, *batch_fn(step), p_uncond=p_uncond, generator=g, shift=shift, boundary=boundary)
-        optimizer_step(opt, loss, list(model.parameters()), clip)
-        sched.step()
-        if ema:
-            ema.update(model)
-        losses.append(loss.item())
-        run = losses[-1] if run is None else 0.95 * run + 0.05 * losses[-1]
-        bar.set_postfix(loss=f"{run:.4f}")
-        if hook and hook_every and ((step + 1) % hook_every == 0 or step + 1 == steps):
-            hook(step + 1, _ema_result(model, ema))
-        saver.maybe_save(step + 1, lambda: {
-            "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-            "generator": g.get_state(), "ema": ema.shadow if ema else {}, "losses": losses, "run": run})
-    saver.finish()
-    return _ema_result(model, ema), {"loss_first": losses[0] if losses else None, "loss_last": run, "losses": losses}
-
-
 # ==============================================================================================
 # Offline cached KD (Sec. C.1, Eq. 12)
 # ==============================================================================================
@@ -284,7 +147,7 @@ def teacher_tuples(teacher, x0, text, mask, null_text, null_mask, boundary, cfg_
     n = x_t = (1 - t) x0 + t eps, v = CFG-guided teacher velocity.
     # ASSUMPTION: t uniform per chunk inside the expert's interval ([boundary, 1) or [0, boundary))."""
     B, C, T = x0.shape[:3]
-    u = lambda: flow.sample_t(B, T, chunk=_chunk(teacher), mode="uniform", generator=generator).to(x0)  # (B, T)
+    u = lambda: flow.sample_t(B, T, chunk=chunk_frames(teacher), mode="uniform", generator=generator).to(x0)  # (B, T)
     out = {"text": text, "mask": mask}
     for side, t in (("h", boundary + (1 - boundary) * u()), ("l", boundary * u())):
         n = flow.add_noise(x0, torch.randn(x0.shape, generator=generator).to(x0), t)  # (B, C, T, h, w)
@@ -328,7 +191,7 @@ def train_kd(student, cache, cfg: KDConfig, progress=True, ckpt=None, ckpt_every
         saver.maybe_save(step + 1, lambda: {"model": student.state_dict(), "opt": opt.state_dict(),
                                             "generator": g.get_state(), "ema": ema.shadow, "losses": losses, "run": run})
     saver.finish()
-    return _ema_result(student, ema), {"kd_loss_first": losses[0] if losses else None, "kd_loss_last": run,
+    return ema_result(student, ema), {"kd_loss_first": losses[0] if losses else None, "kd_loss_last": run,
                                        "kd_losses": losses, "cache_bytes": cache.nbytes}
 
 
@@ -366,7 +229,7 @@ def ode_regression_loss(student, xs, x0, text, mask, ts):
     the ODE's clean chunks (teacher forcing), re-encoded with commit_chunk as at inference.
         L = mean_{k, i} || x_{t_i}^k - t_i V(x_{t_i}^k, t_i | clean chunks < k) - x0^k ||^2
     xs (B, n, C, T, h, w), x0 (B, C, T, h, w)."""
-    B, chunk = x0.shape[0], _chunk(student)
+    B, chunk = x0.shape[0], chunk_frames(student)
     state, losses = StreamState(student.cfg.window, student.cfg.sink), []
     for f0 in range(0, x0.shape[2], chunk):
         target = x0[:, :, f0:f0 + chunk]                                         # (B, C, 3, h, w)
@@ -385,7 +248,7 @@ def ode_init(student, real_score, batch_fn_text, cfg, generator, progress=True):
     Trains `student` in place; returns metrics."""
     shape = (student.cfg.in_channels, *cfg.latent_hw)
     ts = flow.few_step_schedule(cfg.n_steps, cfg.shift)
-    n_frames = cfg.n_chunks * _chunk(student)
+    n_frames = cfg.n_chunks * chunk_frames(student)
     t0, xs, x0, texts, masks, i = time.time(), [], [], [], [], 0
     bar = tqdm(total=cfg.ode_pairs, desc="ode pairs", disable=not progress)
     while sum(len(x) for x in x0) < cfg.ode_pairs:
@@ -573,7 +436,7 @@ class DMDTrainer:
 
     def _frames(self, t):
         """One t per clip (B,) -> per latent frame (B, T)."""
-        return t[:, None].expand(t.shape[0], self.cfg.n_chunks * _chunk(self.student))
+        return t[:, None].expand(t.shape[0], self.cfg.n_chunks * chunk_frames(self.student))
 
     def D(self, x_t, t, text, mask):
         """Discriminator logit (B,) of noisy clips: the head on the critic's middle features."""
@@ -659,7 +522,7 @@ def train_dmd(student, real_score, critic, batch_fn_text, cfg: DMDConfig, progre
         bar.set_postfix(dmd=f"{tr.log['dmd'][-1]:.4f}", critic=f"{tr.log['critic'][-1]:.4f}", gan=int(gan_on))
         saver.maybe_save(cfg.critic_warmup + step + 1, tr.state_dict)
     saver.finish()
-    return _ema_result(student, tr.ema), tr.metrics()
+    return ema_result(student, tr.ema), tr.metrics()
 
 
 # ==============================================================================================

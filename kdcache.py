@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 import dit
 import safeio
-from distill import KD_KEYS, kd_loss, optimizer_step, teacher_tuples
+from distill import KD_KEYS, kd_loss, teacher_tuples
+from flow import optimizer_step
 
 SHARD_SEED_STRIDE = 1_000_003      # shard k draws its noise from seed * stride + k
 

@@ -30,7 +30,6 @@ import torch
 
 import curves
 import data
-import distill
 import evaluate
 import flow
 import runs
@@ -62,7 +61,7 @@ def sample_full(run, model, prompts, seed=0):
     B = len(prompts)
 
     def v_fn(x, t):                                                     # t (B,) -> one t for every frame
-        return distill.cfg_predict(model, x, t[:, None].expand(B, T), tokens, mask, n_text, n_mask,
+        return flow.cfg_predict(model, x, t[:, None].expand(B, T), tokens, mask, n_text, n_mask,
                                    fcfg.cfg_scale, causal=True)
     z = flow.sample_euler(v_fn, noise, fcfg.sample_steps, fcfg.shift)
     return run.vae().decode(z).clamp(-1, 1)                             # (B, 3, F, H, W)
@@ -187,7 +186,7 @@ def ablate(run, stage, make, steps, seed):
 def heldout_fm_loss(run, model, seed, batches=6):
     fn = runs.dit_batches(run, 6, 424_242)
     g = torch.Generator().manual_seed(seed)
-    return round(sum(distill.fm_loss(model, *fn(i), p_uncond=0.0, generator=g).item() for i in range(batches)) / batches, 5)
+    return round(sum(flow.fm_loss(model, *fn(i), p_uncond=0.0, generator=g).item() for i in range(batches)) / batches, 5)
 
 
 @torch.no_grad()

@@ -134,7 +134,7 @@ def fm_stage(run, model, steps, name, lr=None, boundary=None, ema=True):
     cfg = run.cfg
     batch_fn = fm_batches(run, cfg.seed + STAGES.index(name), steps)
     fcfg = flow.get_config(cfg.preset)
-    trained, m = distill.train_fm(model, batch_fn, steps, lr or cfg.dit_lr, p_uncond=fcfg.cfg_dropout,
+    trained, m = flow.train_fm(model, batch_fn, steps, lr or cfg.dit_lr, p_uncond=fcfg.cfg_dropout,
                                   shift=fcfg.train_shift, seed=cfg.seed, ema_decay=cfg.ema if ema else None, desc=name,
                                   boundary=boundary, warmup=cfg.dit_warmup, decay=cfg.dit_decay,
                                   ckpt=run.path(f"{name}.ckpt.pt"))

@@ -103,7 +103,7 @@ def test_cache_round_trip(tmp_path):
     assert torch.equal(b["t_h"][:, :3], b["t_h"][:, :1].expand(-1, 3))          # one t per chunk
     null, null_m = toy_data(0)[3:]
     for s in "hl":                                                              # v is the teacher's CFG velocity
-        v = distill.cfg_predict(teacher, b[f"n_{s}"], b[f"t_{s}"], b["text"], b["mask"], null, null_m, 2.0)
+        v = flow.cfg_predict(teacher, b[f"n_{s}"], b[f"t_{s}"], b["text"], b["mask"], null, null_m, 2.0)
         assert torch.allclose(v, b[f"v_{s}"], atol=1e-6)
     info2 = build(tmp_path / "again", teacher)                                  # same seed -> same bytes
     with open(tmp_path / "index.json") as f1, open(tmp_path / "again" / "index.json") as f2:
@@ -269,7 +269,7 @@ def test_rollout_uses_its_cache():
 def test_ema_matches_formula():
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
-    ema = distill.EMA(model, decay=0.9)
+    ema = flow.EMA(model, decay=0.9)
     expect = {k: p.detach().clone() for k, p in model.named_parameters()}
     for _ in range(3):
         with torch.no_grad():
@@ -295,7 +295,7 @@ def test_fm_loss_cfg_dropout():
             return super().forward(x, t, text, mask)
     for p, expect in ((1.0, null.expand_as(text)), (0.0, text)):
         seen.clear()
-        distill.fm_loss(Spy(), x0, text, mask, null, null_m, p_uncond=p, generator=torch.Generator().manual_seed(0))
+        flow.fm_loss(Spy(), x0, text, mask, null, null_m, p_uncond=p, generator=torch.Generator().manual_seed(0))
         assert torch.equal(seen[0], expect)
 
 
@@ -419,7 +419,7 @@ def test_train_fm_killed_and_resumed_equals_uninterrupted(tmp_path):
         def hook(step, _):
             if step == kill_at:
                 raise KeyboardInterrupt                                          # as if the process died here
-        return distill.train_fm(model, batch_fn, 6, 1e-3, seed=3, ema_decay=0.9, progress=False, warmup=2,
+        return flow.train_fm(model, batch_fn, 6, 1e-3, seed=3, ema_decay=0.9, progress=False, warmup=2,
                                 decay="cosine", ckpt=ckpt, ckpt_every_s=0.0, hook=hook, hook_every=1)[0]
 
     def toy_inputs(step):
@@ -439,10 +439,10 @@ def test_train_fm_killed_and_resumed_equals_uninterrupted(tmp_path):
 
 
 def test_lr_factor_warmup_then_cosine():
-    assert distill.lr_factor(0, 4, 100, "none") == 0.25 and distill.lr_factor(50, 4, 100, "none") == 1.0
-    assert distill.lr_factor(4, 4, 100, "cosine") == pytest.approx(1.0)
-    assert distill.lr_factor(100, 4, 100, "cosine") == pytest.approx(0.1)
-    assert 0.1 < distill.lr_factor(52, 4, 100, "cosine") < 1.0
+    assert flow.lr_factor(0, 4, 100, "none") == 0.25 and flow.lr_factor(50, 4, 100, "none") == 1.0
+    assert flow.lr_factor(4, 4, 100, "cosine") == pytest.approx(1.0)
+    assert flow.lr_factor(100, 4, 100, "cosine") == pytest.approx(0.1)
+    assert 0.1 < flow.lr_factor(52, 4, 100, "cosine") < 1.0
 
 
 def test_train_kd_killed_and_resumed_equals_uninterrupted(tmp_path):
