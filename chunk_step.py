@@ -28,7 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dit
 import flow
+import sandwich
+import text as text_mod
 from dit import apply_rope, rope_tables, spatial_position, timestep_features
 from lcha import LCHA
 from sandwich import switches
@@ -162,6 +165,8 @@ class ChunkStep(nn.Module):
         return x + g2 * h, new
 
     def forward(self, x, t, text, mask, S, z, tail, K, V, valid):
+        # Alg. 1 as in sandwich.S2DiT.run_blocks, on explicit caches (that method says why it is
+        # written out three times; tests/test_search.py holds them equal)
         m, C, D = self.model, self.C, self.D
         (T, h, w), s, hw = self.grid, m.stride, self.hw
         # patchify (1, 2, 2): (1, C, T, hw, hw) -> (1, N, 4C), the order of dit.patchify
@@ -261,12 +266,11 @@ class StatelessDiT(nn.Module):
 
 
 @torch.no_grad()
-def stream_latents(step, models, prompt, chunks, steps, seed=0, record=None):
+def stream_latents(step, system, prompt, chunks, steps, seed=0, record=None):
     """stream.stream's loop (few-step denoise reading the window, commit at t_ctx, roll) through a
     ChunkStep; `record` (list) receives every call's inputs. Returns the clean chunks [(1, C, 3, h, w)]."""
-    import text as text_mod
-    ts = flow.few_step_schedule(steps, models["shift"])
-    tok, _, mask = text_mod.encode_text(models["text"], models["tokenizer"], [prompt])
+    ts = flow.few_step_schedule(steps, system.shift)
+    tok, _, mask = text_mod.encode_text(system.text, system.tokenizer, [prompt])
     mask = mask.int()
     g = torch.Generator().manual_seed(seed)
     caches, outs = step.empty_caches(), []
@@ -279,7 +283,7 @@ def stream_latents(step, models, prompt, chunks, steps, seed=0, record=None):
             x0, _ = step(*args, *caches)
             if i + 1 < len(ts):
                 x_t = (1 - ts[i + 1]) * x0 + ts[i + 1] * torch.randn(x0.shape, generator=g)
-        t_ctx = float(models["t_ctx"])
+        t_ctx = float(system.t_ctx)
         x_c = (1 - t_ctx) * x0 + t_ctx * torch.randn(x0.shape, generator=g) if t_ctx > 0 else x0
         args = (x_c, torch.tensor([t_ctx]), tok, mask)
         if record is not None:
@@ -344,8 +348,6 @@ def decoder_cache_layout(dec, C, hw, T):
 
 
 if __name__ == "__main__":
-    import dit
-    import sandwich
     torch.manual_seed(0)
     cfg = dit.get_config("tiny")
     m = sandwich.S2DiT(cfg, sandwich.DEFAULT_LAYOUT["tiny"]).eval()

@@ -13,7 +13,7 @@ word of the prompt changes ("word sensitivity").
     python curves.py --report runs/small/curves         # table (Markdown) + plot (SVG) of every curve
     python curves.py --bench                            # a training step's GFLOP/s against the matmul peak
 
-A curve checkpoints itself every few minutes and resumes where it stopped (distill.train_fm).
+A curve checkpoints itself every few minutes and resumes where it stopped (flow.train_fm).
 Scores carry their sample count and a 95% Wilson interval: two points whose intervals overlap
 are a tie.
 """
@@ -28,12 +28,12 @@ from dataclasses import asdict, replace
 import torch
 
 import data
-import distill
 import dit
 import evaluate
 import flow
+import runs
+import stream
 import text as text_mod
-import train
 
 # Each recipe is a set of overrides on top of the run's preset: PipelineConfig fields (dit_batch,
 # dit_chunks, first_chunk_frac, dit_lr, dit_decay, ema, ...), DiT fields under "dit" and flow.FlowConfig
@@ -67,14 +67,14 @@ def prompt_sets(n):
 def sample_videos(model, run, combos, chunks, seeds, scale, steps, shift):
     """Whole-window Euler + CFG (one t for every frame) -> decoded videos (B, 3, F, H, W), prompts."""
     encoder, tokenizer = run.text()
-    n_text, n_mask = train.null_text(run)
+    n_text, n_mask = run.null_text()
     prompts = [data.canonical_prompt(*c) for c in combos for _ in range(seeds)]
     tokens, _, mask = text_mod.encode_text(encoder, tokenizer, prompts)
-    hw, T = train.data_cfg(run.cfg).size // 4, chunks * model.cfg.chunk
+    hw, T = runs.latent_hw(run.cfg), chunks * model.cfg.chunk
     g = torch.Generator().manual_seed(1234)                          # the same noise at every point
     noise = torch.randn(len(prompts), model.cfg.in_channels, T, hw, hw, generator=g)
     B = len(prompts)
-    v_fn = lambda x, t: distill.cfg_predict(model, x, t[:, None].expand(B, T), tokens, mask,  # noqa: E731
+    v_fn = lambda x, t: flow.cfg_predict(model, x, t[:, None].expand(B, T), tokens, mask,  # noqa: E731
                                             n_text, n_mask, scale, causal=True)
     z = flow.sample_euler(v_fn, noise, steps, shift)                 # (B, C, T, h, w)
     return run.vae().decode(z).clamp(-1, 1), prompts
@@ -85,7 +85,7 @@ def word_sensitivity(model, run, chunks, t=0.7):
     """|v(prompt) - v(prompt with one word changed)| / |v(prompt)| at noise level t, averaged over
     6 base prompts and every other value of the word: how much the DiT reads colour, shape, motion."""
     encoder, tokenizer = run.text()
-    hw, T = train.data_cfg(run.cfg).size // 4, chunks * model.cfg.chunk
+    hw, T = runs.latent_hw(run.cfg), chunks * model.cfg.chunk
     g = torch.Generator().manual_seed(99)
     out = {}
     bases = data.TRAIN_COMBOS[::25][:6]
@@ -123,7 +123,7 @@ def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, sca
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
     recipe = dict(RECIPES[name])
-    run = train.open_run(run_dir)
+    run = runs.open_run(run_dir)
     if text_path:                                                    # compare text encoders on one pool
         run._cache["text"] = text_mod.load_text(text_path)
     pipe = {k: v for k, v in recipe.items() if k in asdict(run.cfg)}
@@ -166,8 +166,8 @@ def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, sca
 
     torch.manual_seed(run.cfg.seed)
     model = dit.DiT(dcfg)
-    batch_fn = train.fm_batches(run, run.cfg.seed + train.STAGES.index("base"), updates)  # as the base stage
-    distill.train_fm(model, batch_fn, updates, run.cfg.dit_lr, p_uncond=fcfg.cfg_dropout, shift=fcfg.train_shift,
+    batch_fn = runs.fm_batches(run, run.cfg.seed + runs.STAGES.index("base"), updates)  # as the base stage
+    flow.train_fm(model, batch_fn, updates, run.cfg.dit_lr, p_uncond=fcfg.cfg_dropout, shift=fcfg.train_shift,
                      seed=run.cfg.seed, ema_decay=run.cfg.ema, desc=f"curve {name}", warmup=run.cfg.dit_warmup,
                      decay=run.cfg.dit_decay, ckpt=os.path.join(out_dir, f"{name}.ckpt.pt"),
                      hook=hook, hook_every=every)
@@ -267,7 +267,7 @@ def bench(preset="small", batch=6, chunks=3, threads=2, reps=5, dit_overrides=No
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
-        loss = distill.fm_loss(model, x0, text, mask, text[:1], mask[:1], generator=torch.Generator().manual_seed(0))
+        loss = flow.fm_loss(model, x0, text, mask, text[:1], mask[:1], generator=torch.Generator().manual_seed(0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -300,8 +300,7 @@ def score_chain(run_dir, n_prompts=21, seeds=2, chunks=3, steps=30, ar_steps=Non
     combinations (n_prompts each, `seeds` noise draws): the flow-matching models whole-clip (Euler +
     CFG, `steps` steps, VAE decoder), the few-step students streamed chunk by chunk through the
     efficient decoder at their own step count, as a user sees them."""
-    import stream
-    run = train.open_run(run_dir)
+    run = runs.open_run(run_dir)
     fcfg = flow.get_config(run.cfg.preset)
     rows = {}
     for label, stage in CHAIN:
@@ -310,14 +309,14 @@ def score_chain(run_dir, n_prompts=21, seeds=2, chunks=3, steps=30, ar_steps=Non
             continue
         row = {}
         if streaming:                                                # loaded once per stage, not per split
-            models = train.load_streaming(run.dir, "dmd")
+            system = runs.load_streaming(run.dir, "dmd")
             if stage != "dmd":
-                models = {**models, "model": run.model(stage).eval()}
-            k = ar_steps or models["steps"][-1]
+                system = replace(system, model=run.model(stage).eval())
+            k = ar_steps or system.steps
         for split, combos in prompt_sets(n_prompts).items():
             if streaming:
                 prompts = [data.canonical_prompt(*c) for c in combos for _ in range(seeds)]
-                videos = torch.stack([torch.cat([ch.frames for ch in stream.stream(models, p, chunks, k, seed=i)], 1)
+                videos = torch.stack([torch.cat([ch.frames for ch in stream.stream(system, p, chunks, k, seed=i)], 1)
                                       for i, p in enumerate(prompts)])
                 row["setting"] = f"streamed, {k} steps"
             else:

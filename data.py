@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as Fnn
 
+import safeio
+
 # ----------------------------------------------------------------------------- the world
 # RGB in [0, 1]; saturated and bright so every colour stays far (> 0.6 in RGB) from the dark
 # backgrounds below and from each other (nearest-palette classification in evaluate.py).
@@ -456,7 +458,6 @@ def _to_uint8(video):
 
 def save_video(path, video, fps=16):
     """Write a .gif or .mp4 atomically (a unique temporary file next to it, then a rename: safeio.atomic_path)."""
-    import safeio
     frames = _to_uint8(video)
     ext = os.path.splitext(path)[1]
     if ext.lower() not in (".gif", ".mp4"):
@@ -530,7 +531,6 @@ def _bench(size=64, frames=21, batch=16, reps=5):
 
 
 def main(argv=None):
-    import safeio
     ap = safeio.Parser(prog="data.py", description=__doc__.split("\n")[0])
     ap.add_argument("--bench", action="store_true", help="print clips/s and ms per batch")
     ap.add_argument("--preview", default=None, help="write a labelled grid GIF of clips here")

@@ -18,6 +18,7 @@ clip three rows: the clip, the reference VAE decoder's and the efficient decoder
 """
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -26,10 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
+import data
+import evaluate
 import safeio
 import vae as vae_mod
 from resume import Checkpoint
-from vae import CausalDecoder, load_model, psnr, save_checkpoint  # noqa: F401 (save_checkpoint re-exported)
+from safeio import load_checkpoint, save_checkpoint  # noqa: F401 (save_checkpoint re-exported)
+from vae import CausalDecoder, psnr
 
 
 @dataclass
@@ -95,7 +99,7 @@ class EfficientDecoder(nn.Module):
 
 
 def load_decoder(path):
-    return load_model(path, DecoderConfig, EfficientDecoder, "decoder")
+    return load_checkpoint(path, DecoderConfig, EfficientDecoder, "decoder")
 
 
 def num_params(module):
@@ -267,14 +271,12 @@ def compare_decoders(vae, decoder, videos, batch_size=4):
         recs[name] = rec
         rows[name] = {"params": n, "latency_ms_per_chunk": chunk_latency_ms(dec.decode_chunk, z[:1]),
                       "psnr": psnr(rec, videos), "ssim": ssim(rec, videos)}
-    try:  # FVD-lite from evaluate.py, if that file exists yet
-        import evaluate
-
+    try:  # FVD-lite from evaluate.py
         net = evaluate.FeatureNet()
         real = net(videos)
         for name, rec in recs.items():
             rows[name]["fvd_lite"] = float(evaluate.frechet_distance(real, net(rec)))
-    except Exception as e:  # ImportError, or an API mismatch: report, don't fail the table
+    except Exception as e:  # an API mismatch: report, don't fail the table
         notes.append(f"FVD-lite skipped ({type(e).__name__}: {e})")
     ratio = rows["vae_decoder"]["params"] / rows["efficient_decoder"]["params"]
     return {**rows, "param_ratio": ratio, "clips": int(videos.shape[0]),
@@ -307,7 +309,6 @@ def save_comparison_strip(path, vae, decoder, videos, every=4):
     """Per clip three rows, every `every`-th frame: the clip, the reference VAE decoder's and the
     efficient decoder's reconstruction from the same frozen-encoder latents, each labelled with its
     PSNR on that clip: where the efficient decoder blurs or rings, the picture shows it."""
-    import data
     rows, labels = [], []
     for v in videos.split(1):                                     # (1, 3, F, H, W) each
         z = vae.encode(v)
@@ -336,15 +337,11 @@ def main(argv=None):
         raise safeio.UsageError(f"--clips must be >= 1, got {args.clips}")
     torch.manual_seed(0)
     if args.run:
-        import os
-
         vae = vae_mod.load_vae(os.path.join(args.run, "vae.pt"))
         dec = load_decoder(os.path.join(args.run, "decoder.pt"))
         preset = args.preset or next((n for n, c in vae_mod.PRESETS.items() if asdict(c) == asdict(vae.cfg)), None)
         if preset is None:
             raise safeio.UsageError("vae.pt matches no VAE preset; pass --preset tiny|small")
-        import data  # lazy: only the CLI needs the toy world
-
         videos = data.make_batch(data.get_config(preset), args.clips, seed=0, split="eval")[0]
         res = compare_decoders(vae, dec, videos)
         print(json.dumps(res, indent=2) if args.json else format_table(res))

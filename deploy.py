@@ -41,8 +41,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+import data
 import flow
+import runs
 import safeio
+import text as text_mod
 from chunk_step import ChunkStep, DecoderExport, StatefulDiT, StatelessDiT, TextExport, decoder_cache_layout
 from mlpackage import check_bundle, compact_names, dir_bytes, package_sizes
 from quantize import (DEFAULT_PROMPTS, QuantConfig, calibrate, capture_calibration, emulate_quantized, make_plan,
@@ -172,14 +175,14 @@ def dit_example(step):
             torch.randn(1, step.L, step.model.cfg.text_dim), torch.ones(1, step.L, dtype=torch.int32))
 
 
-def export_dit(models, out_dir, plan=None, act_scales=None, block_size=QuantConfig.block_size, tmp=None, stateless=True, fp16_dir=None):
+def export_dit(system, out_dir, plan=None, act_scales=None, block_size=QuantConfig.block_size, tmp=None, stateless=True, fp16_dir=None):
     """DiT.mlpackage (stateful, denoise + commit) and DiTStateless.mlpackage; fp16 if plan is None.
     fp16_dir: also save both packages as converted, before weight quantization (the size references
     DiT_fp16, DiTStateless_fp16: the same program, fp16 weights)."""
     def run():
         ct = _ct()
-        step = ChunkStep(models["model"], models["latent_hw"]).eval()
-        step.L = models["tokenizer"].max_len
+        step = ChunkStep(system.model, system.latent_hw).eval()
+        step.L = system.tokenizer.max_len
         if act_scales is not None:
             step.act_mode, step.act_scales = "export", act_scales
         work = tmp or os.path.join(out_dir, ".work")
@@ -219,14 +222,14 @@ def export_dit(models, out_dir, plan=None, act_scales=None, block_size=QuantConf
 
 
 
-def export_text(models, out_dir):
+def export_text(system, out_dir):
     def run():
         ct = _ct()
-        L = models["tokenizer"].max_len
+        L = system.tokenizer.max_len
         ids = torch.ones(1, L, dtype=torch.int32)
         inputs = [ct.TensorType(name="ids", shape=(1, L), dtype=np.int32),
                   ct.TensorType(name="mask", shape=(1, L), dtype=np.int32)]
-        ml = _convert(TextExport(models["text"]), (ids, torch.ones(1, L, dtype=torch.int32)), inputs, ["tokens"])
+        ml = _convert(TextExport(system.text), (ids, torch.ones(1, L, dtype=torch.int32)), inputs, ["tokens"])
         path = os.path.join(out_dir, "TextEncoder.mlpackage")
         save(ml, path)
         return path
@@ -234,10 +237,10 @@ def export_text(models, out_dir):
 
 
 
-def export_decoder(models, out_dir, tmp=None):
+def export_decoder(system, out_dir, tmp=None):
     def run():
         ct = _ct()
-        dec, cfg, hw = models["decoder"].eval(), models["model"].cfg, models["latent_hw"]
+        dec, cfg, hw = system.decoder.eval(), system.model.cfg, system.latent_hw
         keys, shapes = decoder_cache_layout(dec, cfg.in_channels, hw, cfg.chunk)
         work = tmp or os.path.join(out_dir, ".work_dec")
         os.makedirs(work, exist_ok=True)
@@ -312,87 +315,102 @@ caches back as the next inputs (start from zeros).
 """
 
 
-def build_bundle(models, out_dir, calib_prompts=None, progress=True, cfg=None):
+ROLES = {"TextEncoder": "text token ids -> text embedding", "DiT": "one denoising step / commit of one chunk",
+         "DiTStateless": "one chunk step, caches as inputs/outputs", "Decoder": "latent chunk -> RGB frames"}
+
+
+def plan_quantization(system, prompts, steps, cfg, say, progress=True):
+    """quantize.py's recipe on this system: calibration inputs from streams of `prompts`, int8
+    activation scales, the per-layer 4-bit sensitivity, the mixed-bit plan and what it costs
+    (PSNR of the emulated model's latents per chunk; VBench-lite drop when the system is a run's)."""
+    say(f"[deploy] capturing calibration inputs: {len(prompts)} prompts x {cfg.calib_chunks} chunks x {steps} steps")
+    calib = _stage("DiT", lambda: capture_calibration(system, prompts, cfg.calib_chunks, steps))
+    scales = calibrate(ChunkStep(system.model, system.latent_hw).eval(), calib)
+    say(f"[deploy] per-layer sensitivity (W4 of one layer at a time, {cfg.sens_samples} calls)")
+    table = sensitivity(system, calib, cfg)
+    plan = make_plan(system, table, cfg)
+    if progress:
+        print_plan(plan)
+    qstep = emulate_quantized(system.model, plan, scales, system.latent_hw, cfg.block_size)
+    per_chunk = quality_report(system, qstep, prompts[:2], cfg.eval_chunks, steps)
+    say("[deploy] emulated W4/W8 + A8 vs float, PSNR of denoised latents per chunk: "
+        + ", ".join(f"{p:.1f}" for p in per_chunk) + " dB")
+    vb = None
+    if system.run:
+        try:
+            vb = vbench_drop(system, qstep, n_prompts=4, steps=steps)
+        except Exception as e:              # evaluate.py's API differs: report, don't fail
+            vb = {"skipped": f"{type(e).__name__}: {e}"}
+    return {"plan": plan, "sensitivity_psnr_w4": table, "act_scales": scales, "psnr_per_chunk_db": per_chunk,
+            "vbench_lite": vb}
+
+
+def bundle_config(system, steps, cfg, plan, dec_keys, dec_shapes):
+    """s2dit_config.json: what an app needs to drive the bundle (schedule, shapes, tensor names)."""
+    mcfg, L, hw = system.model.cfg, system.tokenizer.max_len, system.latent_hw
+    step = ChunkStep(system.model, hw)
+    return {
+        "version": cfg.version, "model": str(system.name), "chunk_latent_frames": mcfg.chunk,
+        "window_chunks": mcfg.window, "steps": steps, "shift": system.shift,
+        "schedule": flow.few_step_schedule(steps, system.shift), "t_ctx": float(system.t_ctx),
+        "fps": system.fps, "frames_per_chunk": {"first": 4 * mcfg.chunk - 3, "next": 4 * mcfg.chunk},
+        "latent": [1, mcfg.in_channels, mcfg.chunk, hw, hw],
+        "text": {"max_len": L, "dim": mcfg.text_dim},
+        "compute_units": COMPUTE_UNITS,
+        "tensors": {"TextEncoder": {"inputs": ["ids", "mask"], "outputs": ["tokens"]},
+                    "DiT": {"functions": ["denoise", "commit"], "inputs": ["x", "t", "text", "text_mask"],
+                            "outputs": ["x0"], "states": {k: list(v) for k, v in step.cache_shapes().items() if math.prod(v)},
+                            "denoise_output": "x0 = x - t * v"},
+                    "DiTStateless": {"extra_outputs": "<cache>_out: the caches rolled with this chunk"},
+                    "Decoder": {"functions": ["decode_first", "decode"], "inputs": ["z"] + [f"cache_{i}" for i in range(len(dec_keys))],
+                                "outputs": ["frames"] + [f"cache_{i}_out" for i in range(len(dec_keys))],
+                                "cache_shapes": [list(s) for s in dec_shapes]}},
+        "rope": "relative window slots: no frame offset input (see deploy.py docstring)",
+        "quantization": {"weights": {k: v["bits"] for k, v in plan.items()}, "activations": "int8 symmetric per tensor",
+                         "psnr_threshold_db": cfg.psnr_threshold}}
+
+
+def build_bundle(system, out_dir, calib_prompts=None, progress=True, cfg=None):
     """Calibrate, pick bits per layer, export the three models, write the bundle. -> report dict."""
     t_start, threads = time.time(), torch.get_num_threads()
     torch.set_num_threads(1)                      # conversion and the scans are tiny ops: 1 thread is faster
     say = (lambda *a: print(f"[{time.time() - t_start:6.1f} s]", *a, flush=True)) if progress else (lambda *a, **k: None)
-    cfg = cfg or get_config(models.get("preset") if models.get("preset") in PRESETS else "small")
-    steps = (models.get("steps") or [4])[-1]
+    cfg = cfg or get_config(system.preset if system.preset in PRESETS else "small")
+    steps = system.default_steps
     prompts = list(calib_prompts or DEFAULT_PROMPTS[:cfg.calib_prompts])
     try:   # atomic_dir refuses a non-empty directory deploy.py did not write, before any work
         with safeio.atomic_dir(out_dir, BUNDLE_MARKER, "deploy.py", UNMARKED_BUNDLE) as tmp:
-            say(f"[deploy] capturing calibration inputs: {len(prompts)} prompts x {cfg.calib_chunks} chunks x {steps} steps")
-            calib = _stage("DiT", lambda: capture_calibration(models, prompts, cfg.calib_chunks, steps))
-            scales = calibrate(ChunkStep(models["model"], models["latent_hw"]).eval(), calib)
-            say(f"[deploy] per-layer sensitivity (W4 of one layer at a time, {cfg.sens_samples} calls)")
-            table = sensitivity(models, calib, cfg)
-            plan = make_plan(models, table, cfg)
-            if progress:
-                print_plan(plan)
-            qstep = emulate_quantized(models["model"], plan, scales, models["latent_hw"], cfg.block_size)
-            per_chunk = quality_report(models, qstep, prompts[:2], cfg.eval_chunks, steps)
-            say("[deploy] emulated W4/W8 + A8 vs float, PSNR of denoised latents per chunk: "
-                + ", ".join(f"{p:.1f}" for p in per_chunk) + " dB")
-            vb = None
-            if models.get("run"):
-                try:
-                    vb = vbench_drop(models, qstep, n_prompts=4, steps=steps)
-                except Exception as e:              # evaluate.py absent or its API differs: report, don't fail
-                    vb = {"skipped": f"{type(e).__name__}: {e}"}
+            q = plan_quantization(system, prompts, steps, cfg, say, progress)
             say("[deploy] TextEncoder")
-            export_text(models, tmp)
+            export_text(system, tmp)
             say("[deploy] DiT (stateful denoise + commit, stateless fallback; W4/W8 + A8)")
             ref = os.path.join(tmp, ".fp16")
             os.makedirs(ref)
-            dit_paths = export_dit(models, tmp, plan, scales, cfg.block_size, fp16_dir=ref)
+            dit_paths = export_dit(system, tmp, q["plan"], q["act_scales"], cfg.block_size, fp16_dir=ref)
             sizes_fp16 = {n: package_sizes(dit_paths[n + "_fp16"]) for n in ("DiT", "DiTStateless")}
             shutil.rmtree(ref)
             say("[deploy] Decoder (decode_first + decode)")
-            _, dkeys, dshapes = export_decoder(models, tmp)
-            mcfg, L = models["model"].cfg, models["tokenizer"].max_len
-            step = ChunkStep(models["model"], models["latent_hw"])
-            roles = {"TextEncoder": "text token ids -> text embedding", "DiT": "one denoising step / commit of one chunk",
-                     "DiTStateless": "one chunk step, caches as inputs/outputs", "Decoder": "latent chunk -> RGB frames"}
-            for role, desc in roles.items():
+            _, dkeys, dshapes = export_decoder(system, tmp)
+            for role, desc in ROLES.items():
                 set_metadata(os.path.join(tmp, role + ".mlpackage"), role, desc, cfg.version,
-                             {"model": str(models.get("name", "S2DiT")), "quantization":
+                             {"model": str(system.name), "quantization":
                               "W4/W8 mixed + A8" if role.startswith("DiT") else "fp16"})
-            models["tokenizer"].save_vocab(os.path.join(tmp, "vocab.json"))
-            config = {
-                "version": cfg.version, "model": str(models.get("name", "S2DiT")), "chunk_latent_frames": mcfg.chunk,
-                "window_chunks": mcfg.window, "steps": steps, "shift": models["shift"],
-                "schedule": flow.few_step_schedule(steps, models["shift"]), "t_ctx": float(models["t_ctx"]),
-                "fps": models.get("fps", 16), "frames_per_chunk": {"first": 4 * mcfg.chunk - 3, "next": 4 * mcfg.chunk},
-                "latent": [1, mcfg.in_channels, mcfg.chunk, models["latent_hw"], models["latent_hw"]],
-                "text": {"max_len": L, "dim": mcfg.text_dim},
-                "compute_units": COMPUTE_UNITS,
-                "tensors": {"TextEncoder": {"inputs": ["ids", "mask"], "outputs": ["tokens"]},
-                            "DiT": {"functions": ["denoise", "commit"], "inputs": ["x", "t", "text", "text_mask"],
-                                    "outputs": ["x0"], "states": {k: list(v) for k, v in step.cache_shapes().items() if math.prod(v)},
-                                    "denoise_output": "x0 = x - t * v"},
-                            "DiTStateless": {"extra_outputs": "<cache>_out: the caches rolled with this chunk"},
-                            "Decoder": {"functions": ["decode_first", "decode"], "inputs": ["z"] + [f"cache_{i}" for i in range(len(dkeys))],
-                                        "outputs": ["frames"] + [f"cache_{i}_out" for i in range(len(dkeys))],
-                                        "cache_shapes": [list(s) for s in dshapes]}},
-                "rope": "relative window slots: no frame offset input (see deploy.py docstring)",
-                "quantization": {"weights": {k: v["bits"] for k, v in plan.items()}, "activations": "int8 symmetric per tensor",
-                                 "psnr_threshold_db": cfg.psnr_threshold}}
-            safeio.write_json(os.path.join(tmp, "s2dit_config.json"), config, indent=1)
+            system.tokenizer.save_vocab(os.path.join(tmp, "vocab.json"))
+            safeio.write_json(os.path.join(tmp, "s2dit_config.json"),
+                              bundle_config(system, steps, cfg, q["plan"], dkeys, dshapes), indent=1)
             safeio.write_text(os.path.join(tmp, "README.md"), README)
     finally:
         torch.set_num_threads(threads)
-    sizes = {n: dir_bytes(os.path.join(out_dir, n + ".mlpackage")) for n in roles}
-    q = {n: package_sizes(os.path.join(out_dir, n + ".mlpackage")) for n in ("DiT", "DiTStateless")}
+    sizes = {n: dir_bytes(os.path.join(out_dir, n + ".mlpackage")) for n in ROLES}
+    quant = {n: package_sizes(os.path.join(out_dir, n + ".mlpackage")) for n in ("DiT", "DiTStateless")}
     # the size bar (<= 0.35x) is on DiT.mlpackage's "package" ratio; the stateless fallback is reported too
-    ratio = {n: {k: q[n][k] / max(sizes_fp16[n][k], 1) for k in ("package", "program", "weights")} for n in q}
-    report = {"bundle": out_dir, "plan": plan, "sensitivity_psnr_w4": table, "act_scales": scales,
-              "psnr_per_chunk_db": per_chunk, "vbench_lite": vb, "sizes_bytes": sizes,
-              "dit_fp16": sizes_fp16["DiT"], "dit_quantized": q["DiT"], "dit_size_ratio": ratio["DiT"],
-              "stateless_fp16": sizes_fp16["DiTStateless"], "stateless_quantized": q["DiTStateless"],
+    ratio = {n: {k: quant[n][k] / max(sizes_fp16[n][k], 1) for k in ("package", "program", "weights")} for n in quant}
+    report = {"bundle": out_dir, **q, "sizes_bytes": sizes,
+              "dit_fp16": sizes_fp16["DiT"], "dit_quantized": quant["DiT"], "dit_size_ratio": ratio["DiT"],
+              "stateless_fp16": sizes_fp16["DiTStateless"], "stateless_quantized": quant["DiTStateless"],
               "stateless_size_ratio": ratio["DiTStateless"], "seconds": time.time() - t_start}
-    for n in q:
-        f, z, r = sizes_fp16[n], q[n], ratio[n]
+    for n in quant:
+        f, z, r = sizes_fp16[n], quant[n], ratio[n]
         say(f"[deploy] {n}: fp16 {f['package']:,} B -> quantized {z['package']:,} B ({r['package']:.2f}x); "
             f"program {f['program']:,} -> {z['program']:,} B, weight blob {f['weights']:,} -> {z['weights']:,} B "
             f"({r['weights']:.2f}x; quantized data {z['quantized']:,} B, fp16 consts {z['float_consts']:,} B)")
@@ -405,7 +423,6 @@ def build_bundle(models, out_dir, calib_prompts=None, progress=True, cfg=None):
 # ----------------------------------------------------------------------------------------------
 def run_bundle(bundle, prompt, chunks=4, seed=0, out=None):
     ct = _ct()
-    import text as text_mod
     with open(os.path.join(bundle, "s2dit_config.json")) as f:
         cfg = json.load(f)
     cu = lambda role: getattr(ct.ComputeUnit, cfg["compute_units"][role])
@@ -436,7 +453,6 @@ def run_bundle(bundle, prompt, chunks=4, seed=0, out=None):
         print(f"chunk {i}: {res['frames'].shape[2]} frames, {time.time() - t0:.2f} s")
     video = torch.cat(video, dim=1).clamp(-1, 1)
     if out:
-        import data
         data.save_video(out, video, cfg["fps"])
     return video
 
@@ -474,13 +490,12 @@ def main(argv=None):
         return 0
     if not (a.run and a.out):
         p.error("give --run RUN --out BUNDLE, --check BUNDLE, or --run-bundle BUNDLE --prompt TEXT")
-    import train
     try:                                                 # the output directory and the run, before any work
         safeio.check_dir_target(os.path.abspath(a.out), BUNDLE_MARKER, "deploy.py", UNMARKED_BUNDLE)
-        models = train.load_streaming(a.run)
+        system = runs.load_streaming(a.run)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         p.error(str(e))
-    build_bundle(models, a.out, progress=True)
+    build_bundle(system, a.out, progress=True)
     return 0
 
 

@@ -4,23 +4,23 @@ The student S2DiT (sandwich.py) becomes a few-step, block-causal streaming gener
 
   1. Offline cached KD (Sec. C.1, Eq. 12): the MoE teacher (dit.MoETeacher, stand-in for Wan2.2)
      runs ONCE over the data and writes, per sample, the text embedding e and one diffusion tuple
-     (t, n, v) per expert: n the noisy latent x_t, v the teacher's CFG-guided velocity. The student
-     then regresses those velocities from disk; the teacher is never loaded while it trains.
+     (t, n, v) per expert: n the noisy latent x_t, v the teacher's CFG-guided velocity (`teacher_tuples`;
+     the shards on disk are kdcache.py). The student then regresses those velocities (`kd_loss`,
+     `train_kd`); the teacher is never loaded while it trains.
   2. Self-Forcing DMD (Sec. C.2), started as Self-Forcing starts it, from an ODE-regression
      initialisation (CausVid, Yin et al. 2025): the real score's guided ODE is integrated from noise
      to a clip, and the few-step student learns to jump from the ODE's states at its own schedule
-     straight to the ODE's end, chunk after chunk on the clean past. Then the student generates a
-     whole clip chunk after chunk with its own KV cache (backward simulation), and the DMD gradient
-     (Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation"; normalised as in
-     DMD2, Yin et al. 2024b) pulls its samples toward the real score (teacher + CFG) and away from a
-     trainable fake score (the critic).
+     straight to the ODE's end, chunk after chunk on the clean past (`ode_init`). Then the student
+     generates a whole clip chunk after chunk with its own KV cache (backward simulation,
+     streaming.rollout), and the DMD gradient (Yin et al. 2024, "One-step Diffusion with Distribution
+     Matching Distillation"; normalised as in DMD2, Yin et al. 2024b) pulls its samples toward the
+     real score (teacher + CFG) and away from a trainable fake score (the critic).
      Progressive adversarial fine-tuning (Eq. 13-14) adds an RpGAN whose "real" samples are the
      student's own many-step (T') outputs and whose "fake" are its few-step (T < T') outputs, with
-     R1 + R2 penalties in the paper's finite-difference form.
+     R1 + R2 penalties in the paper's finite-difference form. `DMDTrainer` holds the models and
+     optimizers; one method per update (`critic_update`, `generator_update`), `train_dmd` is the loop.
 
-Also here, the generic training pieces train.py uses for the base / teacher / pretrain stages:
-`fm_loss`, `train_fm`, `EMA`, `cfg_predict`. The streaming primitives `denoise_chunk`,
-`commit_chunk`, `rollout` are shared with stream.py.
+The flow-matching pieces every stage shares (fm_loss, EMA, cfg_predict, optimizer_step) are flow.py's.
 
 Legend: B batch, C latent channels, T latent frames (3 per chunk), h x w latent grid, N tokens,
 D width, L text tokens. Flow time t in [0, 1], t = 0 data; x_t = (1-t) x0 + t eps; x0 = x_t - t v.
@@ -29,27 +29,42 @@ Demo: `python distill.py` -- DMD on 2-D Gaussians (known scores), then a 2-step 
 (cache -> KD -> DMD+GAN) for a few iterations.
 """
 import copy
-import hashlib
-import io
-import json
-import math
-import os
-import resource
 import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+import dit
 import flow
+import sandwich
 from dit import StreamState
+from flow import EMA, cfg_predict, chunk_frames, ema_result, fm_loss, optimizer_step
 from resume import Checkpoint
+from streaming import commit_chunk, rollout
+
+
+@dataclass
+class KDConfig:
+    """Offline cached KD (Sec. C.1, Eq. 12)."""
+    steps: int = 500              # student updates on the cache
+    batch: int = 4                # samples per KD update
+    lr: float = 1e-4              # KD lr (ASSUMPTION; AdamW betas (0.9, 0.999))
+    weight_decay: float = 0.01    # AdamW weight decay (as DMD)
+    clip: float = 10.0            # gradient-norm clip (ASSUMPTION)
+    ema: float = 0.99             # EMA decay of the student (paper: 0.99)
+    w_l: float = 0.5              # Eq. 12 weight of the low-noise expert's tuple
+    w_h: float = 0.5              # Eq. 12 weight of the high-noise expert's tuple
+    seed: int = 0
 
 
 @dataclass
 class DMDConfig:
+    """Self-Forcing DMD (Sec. C.2), its ODE-regression start and the progressive RpGAN (Eq. 13-14).
+    The stream's geometry (chunk, KV window, sink) is the student's own: dit.DiTConfig."""
     # --- Self-Forcing DMD (Sec. C.2) ---
     steps: int = 200              # generator updates
     batch: int = 2                # clips per update (train.py's batch_fn_text draws this many prompts)
@@ -57,7 +72,6 @@ class DMDConfig:
     latent_hw: tuple = (8, 8)     # latent grid h, w (tiny 8x8, small 16x16; docs/design.md, conventions)
     n_steps: int = 4              # student steps T (Tab. A1: 1, 2, 4; Self-Forcing: 4)
     shift: float = 3.0            # shift of the few-step schedule and of the DMD t (flow.FlowConfig.shift)
-    window: int = 2               # KV window in chunks (paper: 2)
     t_ctx: float = 0.0            # noise level the clean chunk is re-encoded at (Self-Forcing: 0)
     critic_updates: int = 5       # critic (fake score) updates per generator update (DMD2 / Self-Forcing: 5)
     critic_warmup: int = 0        # critic updates on the initial generator's samples before the first
@@ -68,7 +82,6 @@ class DMDConfig:
     betas: tuple = (0.0, 0.999)   # AdamW betas (paper / DMD2: beta1 = 0)
     weight_decay: float = 0.01    # AdamW weight decay (Self-Forcing: 0.01)
     clip: float = 10.0            # gradient-norm clip (ASSUMPTION)
-    cfg_scale: float = 3.0        # guidance of the real score (flow.FlowConfig.cfg_scale)
     t_min: float = 0.02           # DMD / GAN t range before the shift (DMD2: [0.02, 0.98])
     t_max: float = 0.98
     ema: float = 0.99             # EMA decay of the generator (paper: 0.99)
@@ -79,7 +92,6 @@ class DMDConfig:
     ode_updates: int = 200        # regression updates before DMD (0 = start DMD from the KD student)
     ode_batch: int = 4
     ode_lr: float = 1e-4          # ASSUMPTION (AdamW betas (0.9, 0.999))
-    without_teacher: bool = False # Tab. A7: train.py passes make_real_score(pretrained student) as the real score
     # --- progressive RpGAN (Eq. 13-14) ---
     gan_start: int = 100          # generator update at which the GAN terms switch on (ASSUMPTION: half way)
     gan_weight: float = 0.1       # weight of L_G (and of L_D in the critic loss) (ASSUMPTION)
@@ -88,28 +100,26 @@ class DMDConfig:
     r2_weight: float = 0.1        # R2 on fake (ASSUMPTION)
     eps: float = 0.01             # finite-difference step of Eq. 13 (ASSUMPTION)
     exact_r1: bool = False        # True: exact ||grad_x D||^2 by double backward instead of Eq. 13
-    # --- offline cached KD (Sec. C.1) ---
-    kd_steps: int = 500           # student updates on the cache
-    kd_batch: int = 4             # samples per KD update
-    kd_lr: float = 1e-4           # KD lr (ASSUMPTION; AdamW betas (0.9, 0.999))
-    w_l: float = 0.5              # Eq. 12 weight of the low-noise expert's tuple
-    w_h: float = 0.5              # Eq. 12 weight of the high-noise expert's tuple
     seed: int = 0
 
 
+KD_PRESETS = {"tiny": KDConfig(steps=40, batch=2), "small": KDConfig(steps=600), "paper": KDConfig()}
 PRESETS = {
     "tiny": DMDConfig(steps=20, batch=1, n_steps=2, critic_updates=1, gan_start=10, gan_real_steps=4,
-                      kd_steps=40, kd_batch=2, ode_pairs=8, ode_steps=4, ode_updates=10, ode_batch=2),
-    # small: after the ODE initialisation DMD is a refinement (measured on the 64-wide small run of commit 0581615,
-    # 12 held-out prompts, 2 steps: ODE init alone colour / shape / direction 0.42 / 0.25 / 0.25; + 150
-    # DMD updates at lr_g 2e-4, lr_c 4e-5: 0.33 / 0.25 / 0.08; at lr 2e-4 both + 40 critic warm-up
-    # updates: 0.42 / 0.25 / 0.08; at lr 2e-5 both + warm-up: 0.50 / 0.25 / 0.33).
+                      ode_pairs=8, ode_steps=4, ode_updates=10, ode_batch=2),
+    # small: after the ODE initialisation DMD is a refinement (RESULTS.md: small learning rates and a
+    # critic warm-up kept the ODE-initialised student's prompt following; larger ones lost it).
     # ASSUMPTION: 2-clip batches make each DMD gradient noisy, so the toy takes small steps with a
     # critic that starts on the student's samples.
-    "small": DMDConfig(steps=300, batch=2, latent_hw=(16, 16), critic_updates=2, gan_start=150, kd_steps=600,
+    "small": DMDConfig(steps=300, batch=2, latent_hw=(16, 16), critic_updates=2, gan_start=150,
                        lr_g=2e-5, lr_c=2e-5, critic_warmup=40),
     "paper": DMDConfig(lr_g=1e-5, lr_c=2e-6, latent_hw=(36, 64), gan_real_steps=8),  # values the paper states
 }
+
+# Prompts are drawn by step from the caller's batch_fn_text; the ODE pairs and the critic warm-up take
+# theirs at steps far past the DMD loop's, so no two phases see the same batch.
+ODE_BATCHES, WARMUP_BATCHES = 10_000_000, 20_000_000
+HEAD_SEED_OFFSET = 1               # the discriminator head is initialised from cfg.seed + 1
 
 
 def get_config(name: str, **overrides) -> DMDConfig:
@@ -118,140 +128,10 @@ def get_config(name: str, **overrides) -> DMDConfig:
     return replace(PRESETS[name], **overrides)
 
 
-def _chunk(model):
-    return getattr(getattr(model, "cfg", None), "chunk", 3)
-
-
-def _batch_null(null, B):
-    """A (1, L, D) or (1, L) null prompt expanded to batch B."""
-    return null.expand(B, *null.shape[1:]) if null.shape[0] == 1 else null
-
-
-# ==============================================================================================
-# Generic training pieces: CFG prediction, flow-matching loss, EMA
-# ==============================================================================================
-def cfg_predict(model, x, t, text, mask, null_text, null_mask, scale, **kw):
-    """Guided velocity v = v_u + s (v_c - v_u) (flow.cfg_velocity); s = 1 skips the null pass."""
-    v_c = model(x, t, text, mask, **kw)                                        # (B, C, T, h, w)
-    if scale == 1.0:
-        return v_c
-    B = x.shape[0]
-    v_u = model(x, t, _batch_null(null_text, B), _batch_null(null_mask, B), **kw)  # (B, C, T, h, w)
-    return flow.cfg_velocity(v_c, v_u, scale)
-
-
-def fm_loss(model, x0, text, mask, null_text, null_mask, p_uncond=0.1, generator=None, shift=1.0, boundary=None):
-    """Flow matching with per-chunk t (diffusion forcing) and CFG dropout:
-        L = E || V(x_t, t, e) - (eps - x0) ||^2,   x_t = (1 - t) x0 + t eps,  t independent per chunk.
-    # DEVIATION: the paper's KD model is bidirectional; ours (teacher, T_theta, S2DiT-Pretrained) is
-    # block-causal with per-chunk t from the start, so the same network can denoise a chunk next to
-    # clean context (the DMD stage still starts with Self-Forcing's ODE regression, ode_init)."""
-    B, C, T = x0.shape[:3]
-    t = flow.sample_t(B, T, chunk=_chunk(model), shift=shift, generator=generator).to(x0)  # (B, T)
-    if boundary is not None:
-        # MoE teacher: every chunk of a sample on one expert's side of the boundary (a coin per sample),
-        # so each sample trains (and costs) one expert, as the experts are used in the cache and DMD.
-        high = torch.rand(B, 1, generator=generator).to(x0) < 0.5                # (B, 1)
-        t = torch.where(high, boundary + (1 - boundary) * t, boundary * t)      # (B, T)
-    eps = torch.randn(x0.shape, generator=generator).to(x0)                     # (B, C, T, h, w)
-    x_t = flow.add_noise(x0, eps, t)                                            # (B, C, T, h, w)
-    drop = torch.rand(B, generator=generator).to(x0.device) < p_uncond          # (B,) captions -> null
-    text = torch.where(drop[:, None, None], _batch_null(null_text, B), text)    # (B, L, Dt)
-    mask = torch.where(drop[:, None], _batch_null(null_mask, B), mask)          # (B, L)
-    v = model(x_t, t, text, mask, causal=True)                                  # (B, C, T, h, w)
-    return F.mse_loss(v, flow.velocity_target(x0, eps))
-
-
-class EMA:
-    """Exponential moving average of parameters: ema <- decay * ema + (1 - decay) * param."""
-
-    def __init__(self, model, decay=0.99):
-        self.decay = decay
-        self.shadow = {k: p.detach().clone() for k, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, model):
-        for k, p in model.named_parameters():
-            self.shadow[k].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
-
-    @torch.no_grad()
-    def copy_to(self, model):
-        for k, p in model.named_parameters():
-            p.copy_(self.shadow[k])
-
-
-def _ema_result(model, ema):
-    """The EMA weights in a copy of `model` (the model itself when no EMA was kept)."""
-    if ema is None:
-        return model
-    out = copy.deepcopy(model)
-    ema.copy_to(out)
-    return out
-
-
-def _step(opt, loss, params, clip):
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip:
-        torch.nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
-
-
-def lr_factor(step, warmup, steps, decay):
-    """Linear warm-up over `warmup` updates, then constant (decay="none") or a cosine down to 10 %
-    of the peak at the last update (decay="cosine"; the usual schedule of DiT/SD3-style runs)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if decay == "cosine" and steps > warmup:
-        p = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
-    return 1.0
-
-
-def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=(0.9, 0.999),
-             weight_decay=0.0, ema_decay=None, clip=1.0, progress=True, desc="fm", boundary=None, warmup=0,
-             decay="none", ckpt=None, ckpt_every_s=180.0, hook=None, hook_every=0):
-    """Flow-matching loop. batch_fn(step) -> (x0, text, mask, null_text, null_mask).
-    The learning rate follows lr_factor (warm-up, then constant or cosine).
-
-    ckpt: a file this loop saves itself to every `ckpt_every_s` seconds (model, optimizer, EMA,
-    the noise generator, the step) and resumes from when it exists: since batch_fn is a function of
-    the step and the generator state is restored, a killed-and-resumed loop gives the same weights
-    as an uninterrupted one, bit for bit. The file is removed when the loop ends.
-    hook(step, ema_model) runs every `hook_every` updates (and after the last): learning curves.
-    Returns (EMA copy of the model, or the model itself if ema_decay is None; metrics)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, steps, decay))
-    ema = EMA(model, ema_decay) if ema_decay else None
-    losses, run = [], None
-    saver = Checkpoint(ckpt, ckpt_every_s)
-    start, state = saver.load()
-    if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        g.set_state(state["generator"])
-        if ema:
-            ema.shadow = state["ema"]
-        losses, run = state["losses"], state["run"]
-    bar = tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps)
-    for step in bar:
-        loss = fm_loss(model, *batch_fn(step), p_uncond=p_uncond, generator=g, shift=shift, boundary=boundary)
-        _step(opt, loss, list(model.parameters()), clip)
-        sched.step()
-        if ema:
-            ema.update(model)
-        losses.append(loss.item())
-        run = losses[-1] if run is None else 0.95 * run + 0.05 * losses[-1]
-        bar.set_postfix(loss=f"{run:.4f}")
-        if hook and hook_every and ((step + 1) % hook_every == 0 or step + 1 == steps):
-            hook(step + 1, _ema_result(model, ema))
-        saver.maybe_save(step + 1, lambda: {
-            "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-            "generator": g.get_state(), "ema": ema.shadow if ema else {}, "losses": losses, "run": run})
-    saver.finish()
-    return _ema_result(model, ema), {"loss_first": losses[0] if losses else None, "loss_last": run, "losses": losses}
+def get_kd_config(name: str, **overrides) -> KDConfig:
+    if name not in KD_PRESETS:
+        raise ValueError(f"unknown distill preset {name!r}; known presets: {sorted(KD_PRESETS)}")
+    return replace(KD_PRESETS[name], **overrides)
 
 
 # ==============================================================================================
@@ -267,134 +147,13 @@ def teacher_tuples(teacher, x0, text, mask, null_text, null_mask, boundary, cfg_
     n = x_t = (1 - t) x0 + t eps, v = CFG-guided teacher velocity.
     # ASSUMPTION: t uniform per chunk inside the expert's interval ([boundary, 1) or [0, boundary))."""
     B, C, T = x0.shape[:3]
-    u = lambda: flow.sample_t(B, T, chunk=_chunk(teacher), mode="uniform", generator=generator).to(x0)  # (B, T)
+    u = lambda: flow.sample_t(B, T, chunk=chunk_frames(teacher), mode="uniform", generator=generator).to(x0)  # (B, T)
     out = {"text": text, "mask": mask}
     for side, t in (("h", boundary + (1 - boundary) * u()), ("l", boundary * u())):
         n = flow.add_noise(x0, torch.randn(x0.shape, generator=generator).to(x0), t)  # (B, C, T, h, w)
         v = cfg_predict(teacher, n, t, text, mask, null_text, null_mask, cfg_scale, causal=True)
         out.update({f"t_{side}": t, f"n_{side}": n, f"v_{side}": v})
     return out
-
-
-def _atomic_bytes(path, data: bytes):
-    import safeio
-    with safeio.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _sha256(data: bytes):
-    return hashlib.sha256(data).hexdigest()
-
-
-def build_cache(teacher, batch_fn, n_samples, out_dir, shard_size, boundary, cfg_scale, seed, progress=True):
-    """The `cache` stage. batch_fn(k) -> (x0, text, mask, null_text, null_mask): the clean data of shard
-    k (at least shard_size samples; the surplus is dropped). Each shard is one torch.save'd dict of
-    KD_KEYS, written atomically; `index.json` lists per shard its file, sample count and sha256 and is
-    rewritten after every shard, so an interrupted build resumes: complete, intact shards are skipped.
-    Shard k's noise comes from its own seed, so a rebuilt shard equals the original bit for bit."""
-    if n_samples < 1 or shard_size < 1:
-        raise ValueError(f"expected n_samples, shard_size >= 1, got {n_samples}, {shard_size}")
-    os.makedirs(out_dir, exist_ok=True)
-    index_path = os.path.join(out_dir, "index.json")
-    meta = {"n_samples": n_samples, "shard_size": shard_size, "boundary": boundary, "cfg_scale": cfg_scale, "seed": seed}
-    index = {**meta, "shards": []}
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            old = json.load(f)
-        if {k: old.get(k) for k in meta} != meta:
-            raise ValueError(f"{index_path} was built with {({k: old.get(k) for k in meta})}, not {meta}; "
-                             f"delete {out_dir} to rebuild the cache")
-        index = old
-    n_shards = -(-n_samples // shard_size)
-    done = {s["file"]: s for s in index["shards"]}
-    skipped = built = 0
-    t0 = time.perf_counter()
-    for k in tqdm(range(n_shards), desc="cache", disable=not progress):
-        name = f"shard_{k:05d}.pt"
-        path = os.path.join(out_dir, name)
-        count = min(shard_size, n_samples - k * shard_size)
-        if name in done and os.path.exists(path):
-            with open(path, "rb") as f:
-                if _sha256(f.read()) == done[name]["sha256"]:
-                    skipped += 1
-                    continue
-        x0, text, mask, null_text, null_mask = batch_fn(k)
-        if x0.shape[0] < count:
-            raise ValueError(f"batch_fn({k}) returned {x0.shape[0]} samples, shard {name} needs {count}")
-        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        tup = teacher_tuples(teacher, x0[:count], text[:count], mask[:count], null_text, null_mask,
-                             boundary, cfg_scale, g)
-        buf = io.BytesIO()
-        torch.save({key: tup[key].detach().cpu().contiguous().clone() for key in KD_KEYS}, buf)
-        data = buf.getvalue()
-        _atomic_bytes(path, data)
-        done[name] = {"file": name, "count": count, "sha256": _sha256(data), "bytes": len(data)}
-        index["shards"] = [done[n] for n in sorted(done)]
-        _atomic_bytes(index_path, json.dumps(index, indent=1).encode())
-        built += 1
-    size = sum(s["bytes"] for s in index["shards"])
-    return {"n_samples": n_samples, "shards": n_shards, "built": built, "skipped": skipped,
-            "cache_bytes": size, "seconds": time.perf_counter() - t0}
-
-
-class CachedKD:
-    """The cache as a dataset: item i -> dict of KD_KEYS tensors of sample i. A shard is verified
-    (sha256 and sample count against index.json) when it is first opened."""
-
-    def __init__(self, out_dir):
-        self.dir = out_dir
-        path = os.path.join(out_dir, "index.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"KD cache index {path} not found; run the `cache` stage first")
-        with open(path) as f:
-            self.index = json.load(f)
-        self.shards = self.index["shards"]
-        self.starts = [sum(s["count"] for s in self.shards[:i]) for i in range(len(self.shards))]
-        self.loaded = {}
-        self.nbytes = sum(s["bytes"] for s in self.shards)
-
-    def __len__(self):
-        return sum(s["count"] for s in self.shards)
-
-    def _corrupt(self, path, why):
-        return RuntimeError(f"KD cache shard {path} is corrupt or truncated ({why}); "
-                            f"re-run the `cache` stage (it rebuilds damaged shards)")
-
-    def shard(self, i):
-        if i not in self.loaded:
-            s = self.shards[i]
-            path = os.path.join(self.dir, s["file"])
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"KD cache shard {path} is missing; re-run the `cache` stage")
-            with open(path, "rb") as f:
-                data = f.read()
-            if _sha256(data) != s["sha256"]:
-                raise self._corrupt(path, f"sha256 mismatch, {len(data)} bytes vs {s['bytes']} expected")
-            try:
-                d = torch.load(io.BytesIO(data), weights_only=True)
-            except Exception as e:  # noqa: BLE001 -- any unpickling failure is the same user error
-                raise self._corrupt(path, f"torch.load failed: {e}") from e
-            if set(d) != set(KD_KEYS) or any(d[k].shape[0] != s["count"] for k in KD_KEYS):
-                raise self._corrupt(path, f"expected {s['count']} samples of {KD_KEYS}")
-            self.loaded[i] = d
-        return self.loaded[i]
-
-    def __getitem__(self, idx):
-        if not 0 <= idx < len(self):
-            raise IndexError(f"sample {idx} out of range for a cache of {len(self)}")
-        i = max(j for j, s in enumerate(self.starts) if s <= idx)
-        d = self.shard(i)
-        return {k: d[k][idx - self.starts[i]] for k in KD_KEYS}
-
-    def collate(self, indices):
-        items = [self[int(i)] for i in indices]
-        return {k: torch.stack([it[k] for it in items]) for k in KD_KEYS}
-
-    def verify_all(self):
-        for i in range(len(self.shards)):
-            self.shard(i)
 
 
 def kd_loss(student, batch, w_l=0.5, w_h=0.5):
@@ -407,11 +166,11 @@ def kd_loss(student, batch, w_l=0.5, w_h=0.5):
     return w_l * F.mse_loss(V_l, batch["v_l"]) + w_h * F.mse_loss(V_h, batch["v_h"])
 
 
-def train_kd(student, cache, cfg: DMDConfig, progress=True, ckpt=None, ckpt_every_s=180.0):
-    """Offline KD loop on a CachedKD: the teacher is not needed. Returns (EMA student, metrics).
+def train_kd(student, cache, cfg: KDConfig, progress=True, ckpt=None, ckpt_every_s=180.0):
+    """Offline KD loop on a kdcache.CachedKD: the teacher is not needed. Returns (EMA student, metrics).
     ckpt: saved every ckpt_every_s seconds and resumed from, bit-identically (resume.py)."""
     g = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.kd_lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(student, cfg.ema)
     losses, run = [], None
     saver = Checkpoint(ckpt, ckpt_every_s)
@@ -421,10 +180,10 @@ def train_kd(student, cache, cfg: DMDConfig, progress=True, ckpt=None, ckpt_ever
         opt.load_state_dict(state["opt"])
         g.set_state(state["generator"])
         ema.shadow, losses, run = state["ema"], state["losses"], state["run"]
-    bar = tqdm(range(start, cfg.kd_steps), desc="kd", disable=not progress, initial=start, total=cfg.kd_steps)
+    bar = tqdm(range(start, cfg.steps), desc="kd", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
-        loss = kd_loss(student, cache.collate(torch.randint(len(cache), (cfg.kd_batch,), generator=g)), cfg.w_l, cfg.w_h)
-        _step(opt, loss, list(student.parameters()), cfg.clip)
+        loss = kd_loss(student, cache.collate(torch.randint(len(cache), (cfg.batch,), generator=g)), cfg.w_l, cfg.w_h)
+        optimizer_step(opt, loss, list(student.parameters()), cfg.clip)
         ema.update(student)
         losses.append(loss.item())
         run = losses[-1] if run is None else 0.95 * run + 0.05 * losses[-1]
@@ -432,131 +191,8 @@ def train_kd(student, cache, cfg: DMDConfig, progress=True, ckpt=None, ckpt_ever
         saver.maybe_save(step + 1, lambda: {"model": student.state_dict(), "opt": opt.state_dict(),
                                             "generator": g.get_state(), "ema": ema.shadow, "losses": losses, "run": run})
     saver.finish()
-    return _ema_result(student, ema), {"kd_loss_first": losses[0] if losses else None, "kd_loss_last": run,
+    return ema_result(student, ema), {"kd_loss_first": losses[0] if losses else None, "kd_loss_last": run,
                                        "kd_losses": losses, "cache_bytes": cache.nbytes}
-
-
-def _rss_kb(field):
-    """VmHWM (peak) or VmRSS (current) of this process in kB, from /proc (Linux)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
-def _reset_peak():
-    """Writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def kd_speed_comparison(student, teacher, cache, batch_fn, steps, boundary=0.5, cfg_scale=3.0, lr=1e-4):
-    """Cached KD vs on-the-fly KD (teacher forwards inside the loop), same run, same student start.
-    Memory method: per phase, peak resident set size (VmHWM, reset before the phase through
-    /proc/self/clear_refs) minus the RSS at the phase start = the extra memory the loop needs for
-    activations, teacher outputs and optimizer state; falls back to ru_maxrss (monotone, so only an
-    upper bound) where clear_refs is unavailable. Weights already resident are not in that delta, so
-    `weights_mb` adds the parameter bytes each loop needs loaded (on-the-fly: student + teacher)."""
-    pb = lambda mod: sum(p.numel() * p.element_size() for p in mod.parameters()) / 2 ** 20
-    B = batch_fn(0)[0].shape[0]
-    res = {}
-    for name in ("cached", "on_the_fly"):
-        s = copy.deepcopy(student)
-        opt = torch.optim.AdamW(s.parameters(), lr=lr)
-        g = torch.Generator().manual_seed(0)
-
-        def batch(i):
-            if name == "cached":
-                return cache.collate(torch.randint(len(cache), (B,), generator=g))
-            return teacher_tuples(teacher, *batch_fn(i), boundary, cfg_scale, g)
-        _step(opt, kd_loss(s, batch(0)), list(s.parameters()), 0)              # warm-up, not timed
-        exact = _reset_peak()
-        rss0 = _rss_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        t0 = time.perf_counter()
-        for i in range(steps):
-            _step(opt, kd_loss(s, batch(i + 1)), list(s.parameters()), 0)
-        dt = time.perf_counter() - t0
-        peak = _rss_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        res[name] = {"steps_per_s": steps / dt, "peak_rss_delta_mb": max(peak - rss0, 0) / 1024,
-                     "weights_mb": pb(student) + (pb(teacher) if name == "on_the_fly" else 0.0)}
-    res["speedup"] = res["cached"]["steps_per_s"] / res["on_the_fly"]["steps_per_s"]
-    res["weights_ratio"] = res["on_the_fly"]["weights_mb"] / res["cached"]["weights_mb"]
-    res["memory_method"] = "VmHWM-VmRSS via /proc/self/clear_refs" if exact else "ru_maxrss delta (upper bound)"
-    return res
-
-
-# ==============================================================================================
-# Streaming primitives (Self-Forcing backward simulation; also used by stream.py)
-# ==============================================================================================
-def denoise_chunk(model, state, noise, text, mask, ts, generator=None, grad_step=None):
-    """Few-step denoising of one chunk (B, C, 3, h, w) from `noise` through the schedule ts
-    (flow.few_step_schedule), reading the caches only (state.commit = False). At step i:
-        v = V(x_{t_i}, t_i | cache),  x0 = x_{t_i} - t_i v,  x_{t_{i+1}} = (1 - t_{i+1}) x0 + t_{i+1} eps'.
-    grad_step=None: all steps, no gradients (inference). grad_step=j: Self-Forcing's exit -- the chunk
-    stops at step j, which is the only step run with gradients (steps < j run under no_grad).
-    Returns the x0 predicted at the exit, (B, C, 3, h, w)."""
-    exit_step = len(ts) - 1 if grad_step is None else grad_step
-    if not 0 <= exit_step < len(ts):
-        raise ValueError(f"grad_step {grad_step} outside the schedule of {len(ts)} steps")
-    grad_on = grad_step is not None and torch.is_grad_enabled()
-    state.commit = False
-    B, T = noise.shape[0], noise.shape[2]
-    x_t = noise                                                                  # (B, C, T, h, w) at t = 1
-    for i, t in enumerate(ts[:exit_step + 1]):
-        t_frames = torch.full((B, T), t, dtype=noise.dtype, device=noise.device)  # (B, T)
-        if i == exit_step and grad_on:
-            # The prompt's cross-attention K/V are cached in the state by the first (no-grad) call;
-            # recompute them here so the gradient also reaches the cross-attention K/V weights.
-            kept, state.text_kv = state.text_kv, {}
-            v = model(x_t, t_frames, text, mask, state=state)                   # (B, C, T, h, w)
-            state.text_kv = kept
-        else:
-            with torch.no_grad():
-                v = model(x_t, t_frames, text, mask, state=state)               # (B, C, T, h, w)
-        x0 = x_t - t * v                                                         # (B, C, T, h, w)
-        if i < exit_step:
-            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-            x_t = (1 - ts[i + 1]) * x0 + ts[i + 1] * eps                        # fresh noise at the next t
-    return x0
-
-
-@torch.no_grad()
-def commit_chunk(model, state, x0, text, mask, t_ctx=0.0, generator=None):
-    """Re-encode the generated chunk into the caches (state.commit = True), at the context noise
-    level t_ctx (x0 noised to t_ctx first if t_ctx > 0), then move the stream on by its frames."""
-    B, T = x0.shape[0], x0.shape[2]
-    x = x0
-    if t_ctx > 0:
-        x = flow.add_noise(x0, torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device),
-                           torch.full((B,), t_ctx))
-    state.commit = True
-    try:
-        model(x, torch.full((B, T), float(t_ctx), dtype=x0.dtype, device=x0.device), text, mask, state=state)
-    finally:
-        state.commit = False
-    state.advance(T)
-
-
-def rollout(model, text, mask, n_chunks, ts, latent_shape, generator, exit_step=None, t_ctx=0.0, window=2):
-    """Self-Forcing backward simulation: chunk after chunk from noise with a fresh StreamState(window),
-    each chunk denoised on top of the student's OWN cached past (never ground truth).
-    latent_shape = (C, h, w). exit_step=None samples one exit step uniformly per rollout, shared by all
-    chunks (Self-Forcing's default `same_step_across_blocks`); only that step carries gradients, the
-    cache re-encoding runs without them. Under torch.no_grad() nothing carries gradients.
-    Returns the latents (B, C, 3 * n_chunks, h, w)."""
-    C, h, w = latent_shape
-    B, T = text.shape[0], _chunk(model)
-    if exit_step is None:
-        exit_step = int(torch.randint(len(ts), (1,), generator=generator))
-    state, outs = StreamState(window), []
-    for _ in range(n_chunks):
-        noise = torch.randn((B, C, T, h, w), generator=generator).to(text)      # (B, C, 3, h, w)
-        x0 = denoise_chunk(model, state, noise, text, mask, ts, generator, grad_step=exit_step)
-        commit_chunk(model, state, x0.detach(), text, mask, t_ctx, generator)
-        outs.append(x0)
-    return torch.cat(outs, dim=2)                                                # (B, C, 3 n_chunks, h, w)
 
 
 # ==============================================================================================
@@ -587,14 +223,14 @@ def ode_trajectories(real_score, text, mask, shape, n_frames, ts, ode_steps, shi
     return torch.stack([xs[j] for j in keep], dim=1), x
 
 
-def ode_regression_loss(student, xs, x0, text, mask, ts, window):
+def ode_regression_loss(student, xs, x0, text, mask, ts):
     """CausVid's ODE regression, chunk by chunk as the student streams: from the ODE's state at each
     of its times t_i, the student's x0 = x_t - t v must land on the ODE's end; the past it reads is
     the ODE's clean chunks (teacher forcing), re-encoded with commit_chunk as at inference.
         L = mean_{k, i} || x_{t_i}^k - t_i V(x_{t_i}^k, t_i | clean chunks < k) - x0^k ||^2
     xs (B, n, C, T, h, w), x0 (B, C, T, h, w)."""
-    B, chunk = x0.shape[0], _chunk(student)
-    state, losses = StreamState(window), []
+    B, chunk = x0.shape[0], chunk_frames(student)
+    state, losses = StreamState(student.cfg.window, student.cfg.sink), []
     for f0 in range(0, x0.shape[2], chunk):
         target = x0[:, :, f0:f0 + chunk]                                         # (B, C, 3, h, w)
         state.commit = False
@@ -612,11 +248,11 @@ def ode_init(student, real_score, batch_fn_text, cfg, generator, progress=True):
     Trains `student` in place; returns metrics."""
     shape = (student.cfg.in_channels, *cfg.latent_hw)
     ts = flow.few_step_schedule(cfg.n_steps, cfg.shift)
-    n_frames = cfg.n_chunks * _chunk(student)
+    n_frames = cfg.n_chunks * chunk_frames(student)
     t0, xs, x0, texts, masks, i = time.time(), [], [], [], [], 0
     bar = tqdm(total=cfg.ode_pairs, desc="ode pairs", disable=not progress)
     while sum(len(x) for x in x0) < cfg.ode_pairs:
-        text, mask = batch_fn_text(10_000_000 + i)[:2]
+        text, mask = batch_fn_text(ODE_BATCHES + i)[:2]
         i += 1
         a, b = ode_trajectories(real_score, text, mask, shape, n_frames, ts, cfg.ode_steps, cfg.shift, generator)
         xs.append(a), x0.append(b), texts.append(text), masks.append(mask)
@@ -629,8 +265,8 @@ def ode_init(student, real_score, batch_fn_text, cfg, generator, progress=True):
     bar = tqdm(range(cfg.ode_updates), desc="ode regression", disable=not progress)
     for _ in bar:
         idx = torch.randint(len(x0), (cfg.ode_batch,), generator=generator)
-        loss = ode_regression_loss(student, xs[idx], x0[idx], texts[idx], masks[idx], ts, cfg.window)
-        _step(opt, loss, list(student.parameters()), cfg.clip)
+        loss = ode_regression_loss(student, xs[idx], x0[idx], texts[idx], masks[idx], ts)
+        optimizer_step(opt, loss, list(student.parameters()), cfg.clip)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     return {"ode_pairs": len(x0), "ode_pair_seconds": pair_seconds, "ode_seconds": time.time() - t0,
@@ -732,7 +368,6 @@ def r_penalty(D, x, eps=0.01, exact=False, noise=None, generator=None):
     x = x.detach()
     if exact:
         # the fused attention kernel has no double backward: record this graph with the math kernel
-        from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel([SDPBackend.MATH]):
             x = x.requires_grad_(True)
             (g,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
@@ -749,119 +384,151 @@ def _gan_pair(x_real, x_fake, t, generator):
 
 
 # ==============================================================================================
-# The DMD + RpGAN loop
+# The DMD + RpGAN loop: one critic update, one generator update
 # ==============================================================================================
+class DMDTrainer:
+    """Everything Self-Forcing DMD + progressive RpGAN trains and draws from: the student (generator),
+    the critic (fake score) with its discriminator head, their optimizers, the student's EMA and one
+    noise generator. real_score(x_t, t, text, mask) -> guided velocity (make_real_score)."""
+
+    LOGS = ("dmd", "critic", "gan_d", "gan_g", "r1", "r2")
+
+    def __init__(self, student, real_score, critic, cfg: DMDConfig):
+        if cfg.gan_real_steps <= cfg.n_steps and cfg.gan_weight > 0:
+            raise ValueError(f"progressive GAN needs T' = gan_real_steps > n_steps, got {cfg.gan_real_steps} <= {cfg.n_steps}")
+        self.student, self.real_score, self.critic, self.cfg = student, real_score, critic, cfg
+        self.g = torch.Generator().manual_seed(cfg.seed)
+        self.shape = (student.cfg.in_channels, *cfg.latent_hw)                  # (C, h, w)
+        self.ts = flow.few_step_schedule(cfg.n_steps, cfg.shift)                # T steps (fake for the GAN)
+        self.ts_real = flow.few_step_schedule(cfg.gan_real_steps, cfg.shift)    # T' steps (real for the GAN)
+        # The head's initial weights come from cfg.seed, not from the global RNG: whatever ran earlier in
+        # the process (other stages, or none after a resume), the same seed gives the same student.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + HEAD_SEED_OFFSET)
+            self.head = DiscHead(critic.cfg.dim)
+        self.opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.c_params = list(critic.parameters()) + list(self.head.parameters())
+        self.opt_c = torch.optim.AdamW(self.c_params, lr=cfg.lr_c, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.ema = EMA(student, cfg.ema)
+        self.log = {k: [] for k in self.LOGS}
+
+    # --- the state a checkpoint holds (resume.py) ------------------------------------------------
+    def state_dict(self):
+        return {"student": self.student.state_dict(), "critic": self.critic.state_dict(),
+                "head": self.head.state_dict(), "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
+                "ema": self.ema.shadow, "log": self.log, "generator": self.g.get_state()}
+
+    def load_state_dict(self, state):
+        for key in ("student", "critic", "head", "opt_g", "opt_c"):
+            getattr(self, key).load_state_dict(state[key])
+        self.ema.shadow, self.log = state["ema"], state["log"]
+        self.g.set_state(state["generator"])
+
+    # --- pieces ----------------------------------------------------------------------------------
+    def simulate(self, text, mask, ts, **kw):
+        """The student's own clip, chunk after chunk on its own cache (Self-Forcing): (B, C, T, h, w)."""
+        return rollout(self.student, text, mask, self.cfg.n_chunks, ts, self.shape, self.g, t_ctx=self.cfg.t_ctx, **kw)
+
+    @torch.no_grad()
+    def gan_real(self, text, mask):
+        """The GAN's "real" clips: the student's own T'-step backward simulation, no gradients."""
+        return self.simulate(text, mask, self.ts_real, exit_step=len(self.ts_real) - 1)
+
+    def _frames(self, t):
+        """One t per clip (B,) -> per latent frame (B, T)."""
+        return t[:, None].expand(t.shape[0], self.cfg.n_chunks * chunk_frames(self.student))
+
+    def D(self, x_t, t, text, mask):
+        """Discriminator logit (B,) of noisy clips: the head on the critic's middle features."""
+        return self.head(critic_features(self.critic, x_t, self._frames(t), text, mask))
+
+    def gan_terms(self, x_real, x_fake, text, mask):
+        """Eq. 14 on a fresh t, real and fake re-noised to it: (L_D, L_G, t, n_real, n_fake)."""
+        t = _dmd_t(x_fake.shape[0], self.cfg, self.g)                           # (B,)
+        n_real, n_fake = _gan_pair(x_real, x_fake, t, self.g)
+        L_D, L_G = rpgan_losses(self.D(n_real, t, text, mask), self.D(n_fake, t, text, mask))
+        return L_D, L_G, t, n_real, n_fake
+
+    # --- the two updates -------------------------------------------------------------------------
+    def critic_update(self, text, mask, x_real=None):
+        """The fake score follows the generator: flow matching on a fresh sample of it; with the GAN
+        on (x_real given), + gan_weight (L_D + r1_weight R1 + r2_weight R2), Eq. 13-14."""
+        cfg = self.cfg
+        with torch.no_grad():
+            x_fake = self.simulate(text, mask, self.ts)                         # (B, C, T, h, w)
+        loss = critic_fm_loss(self.critic, x_fake, text, mask, self.g)
+        self.log["critic"].append(loss.item())
+        if x_real is not None:
+            L_D, _, t, n_real, n_fake = self.gan_terms(x_real, x_fake, text, mask)
+            D = lambda x: self.D(x, t, text, mask)
+            r1 = r_penalty(D, n_real, cfg.eps, cfg.exact_r1, generator=self.g)  # Eq. 13 on real
+            r2 = r_penalty(D, n_fake, cfg.eps, cfg.exact_r1, generator=self.g)  # Eq. 13 on fake
+            loss = loss + cfg.gan_weight * (L_D + cfg.r1_weight * r1 + cfg.r2_weight * r2)
+            for k, v in (("gan_d", L_D), ("r1", r1), ("r2", r2)):
+                self.log[k].append(v.item())
+        optimizer_step(self.opt_c, loss, self.c_params, cfg.clip)
+
+    def generator_update(self, text, mask, x_real=None):
+        """L_DMD on the student's own clip (gradients at the rollout's exit step); with the GAN on,
+        + gan_weight L_G (Eq. 14). The critic and head are frozen for it; then the EMA."""
+        cfg = self.cfg
+        self.critic.requires_grad_(False)
+        self.head.requires_grad_(False)                                         # L_G trains the generator only
+        x0 = self.simulate(text, mask, self.ts)                                 # (B, C, T, h, w), grad at exit steps
+        loss = dmd_loss(x0, lambda x, t: self.real_score(x, self._frames(t), text, mask),
+                        lambda x, t: self.critic(x, self._frames(t), text, mask, causal=True),
+                        _dmd_t(x0.shape[0], cfg, self.g), torch.randn(x0.shape, generator=self.g))
+        self.log["dmd"].append(loss.item())
+        if x_real is not None:
+            _, L_G, _, _, _ = self.gan_terms(x_real, x0, text, mask)
+            loss = loss + cfg.gan_weight * L_G
+            self.log["gan_g"].append(L_G.item())
+        optimizer_step(self.opt_g, loss, list(self.student.parameters()), cfg.clip)
+        self.critic.requires_grad_(True)
+        self.head.requires_grad_(True)
+        self.ema.update(self.student)
+
+    def metrics(self):
+        m = {f"{k}_last": (v[-1] if v else None) for k, v in self.log.items()}
+        return {**m, "curves": self.log, "config": asdict(self.cfg)}
+
+
 def train_dmd(student, real_score, critic, batch_fn_text, cfg: DMDConfig, progress=True, ckpt=None, ckpt_every_s=180.0):
     """Self-Forcing DMD with progressive RpGAN. batch_fn_text(step) -> (text, mask, null_text, null_mask)
-    (the null prompt is baked into real_score, see make_real_score). real_score(x_t, t, text, mask) ->
-    guided velocity; critic: trainable copy of the student architecture (the fake score), initialised
-    from the pretrained / KD student. Per generator update: `critic_updates` critic updates (flow
-    matching on fresh samples, + L_D + R1 + R2 once the GAN is on), then one generator update
-    (L_DMD + gan_weight L_G) and the EMA. Self-Forcing starts it from an ODE-initialised student: call
-    ode_init(student, real_score, ...) first (train.py's dmd stage does). Returns (EMA student, metrics).
-    ckpt: a file saved every ckpt_every_s seconds (student, critic, head, both optimizers, EMA, the
-    generator, the logs) and resumed from, bit-identically (resume.py); one counter runs through the
-    critic warm-up and then the DMD updates."""
-    if cfg.gan_real_steps <= cfg.n_steps and cfg.gan_weight > 0:
-        raise ValueError(f"progressive GAN needs T' = gan_real_steps > n_steps, got {cfg.gan_real_steps} <= {cfg.n_steps}")
-    g = torch.Generator().manual_seed(cfg.seed)
-    shape = (student.cfg.in_channels, *cfg.latent_hw)                          # (C, h, w)
-    ts = flow.few_step_schedule(cfg.n_steps, cfg.shift)                         # T steps (fake for the GAN)
-    ts_real = flow.few_step_schedule(cfg.gan_real_steps, cfg.shift)             # T' steps (real for the GAN)
-    # The head's initial weights come from cfg.seed, not from the global RNG: whatever ran earlier in the
-    # process (other stages, or none after a resume), the same seed gives the same student.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 1)
-        head = DiscHead(critic.cfg.dim)
-    opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    c_params = list(critic.parameters()) + list(head.parameters())
-    opt_c = torch.optim.AdamW(c_params, lr=cfg.lr_c, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    ema = EMA(student, cfg.ema)
-    sim = lambda text, mask, steps, **kw: rollout(student, text, mask, cfg.n_chunks, steps, shape, g,
-                                                   t_ctx=cfg.t_ctx, window=cfg.window, **kw)
-    log = {k: [] for k in ("dmd", "critic", "gan_d", "gan_g", "r1", "r2")}
+    (the null prompt is baked into real_score, see make_real_score). critic: trainable copy of the
+    student architecture (the fake score), initialised from the pretrained / KD student.
+    `critic_warmup` critic updates first; then per step `critic_updates` critic updates and one
+    generator update (DMDTrainer), the GAN on from step gan_start. Self-Forcing starts it from an
+    ODE-initialised student: call ode_init(student, real_score, ...) first (train.py's dmd stage does).
+    Returns (EMA student, metrics). ckpt: a file saved every ckpt_every_s seconds and resumed from,
+    bit-identically (resume.py); one counter runs through the warm-up and then the DMD steps."""
+    tr = DMDTrainer(student, real_score, critic, cfg)
     saver = Checkpoint(ckpt, ckpt_every_s)
     start, state = saver.load()                                                # start counts warm-up + DMD updates
     if state:
-        for module, key in ((student, "student"), (critic, "critic"), (head, "head"), (opt_g, "opt_g"), (opt_c, "opt_c")):
-            module.load_state_dict(state[key])
-        ema.shadow, log = state["ema"], state["log"]
-        g.set_state(state["generator"])
-
-    def save(k):
-        saver.maybe_save(k, lambda: {"student": student.state_dict(), "critic": critic.state_dict(),
-                                     "head": head.state_dict(), "opt_g": opt_g.state_dict(), "opt_c": opt_c.state_dict(),
-                                     "ema": ema.shadow, "log": log, "generator": g.get_state()})
+        tr.load_state_dict(state)
     for i in tqdm(range(min(start, cfg.critic_warmup), cfg.critic_warmup), desc="critic warm-up", disable=not progress):
-        text, mask = batch_fn_text(20_000_000 + i)[:2]
-        with torch.no_grad():
-            x_fake = sim(text, mask, ts)                                        # (B, C, T, h, w)
-        loss_c = critic_fm_loss(critic, x_fake, text, mask, g)
-        _step(opt_c, loss_c, c_params, cfg.clip)
-        log["critic"].append(loss_c.item())
-        save(i + 1)
+        tr.critic_update(*batch_fn_text(WARMUP_BATCHES + i)[:2])
+        saver.maybe_save(i + 1, tr.state_dict)
     first = max(0, start - cfg.critic_warmup)
     bar = tqdm(range(first, cfg.steps), desc="dmd", disable=not progress, initial=first, total=cfg.steps)
     for step in bar:
         text, mask = batch_fn_text(step)[:2]
-        B, T = text.shape[0], cfg.n_chunks * _chunk(student)
         gan_on = cfg.gan_weight > 0 and step >= cfg.gan_start
-        if gan_on:  # "real" for the GAN: the student's own T'-step backward simulation, no gradients
-            with torch.no_grad():
-                x_real = sim(text, mask, ts_real, exit_step=len(ts_real) - 1)  # (B, C, T, h, w)
-
-        def D(x_t, t):                                                          # critic features -> logit (B,)
-            return head(critic_features(critic, x_t, t[:, None].expand(B, T), text, mask))
-        # ---- critic (fake score + discriminator) updates ----
+        x_real = tr.gan_real(text, mask) if gan_on else None                    # (B, C, T, h, w)
         for _ in range(cfg.critic_updates):
-            with torch.no_grad():
-                x_fake = sim(text, mask, ts)                                    # (B, C, T, h, w)
-            loss_c = critic_fm_loss(critic, x_fake, text, mask, g)
-            log["critic"].append(loss_c.item())
-            if gan_on:
-                t = _dmd_t(B, cfg, g)                                           # (B,)
-                n_real, n_fake = _gan_pair(x_real, x_fake, t, g)
-                L_D, _ = rpgan_losses(D(n_real, t), D(n_fake, t))               # Eq. 14
-                r1 = r_penalty(lambda x: D(x, t), n_real, cfg.eps, cfg.exact_r1, generator=g)  # Eq. 13 on real
-                r2 = r_penalty(lambda x: D(x, t), n_fake, cfg.eps, cfg.exact_r1, generator=g)  # Eq. 13 on fake
-                loss_c = loss_c + cfg.gan_weight * (L_D + cfg.r1_weight * r1 + cfg.r2_weight * r2)
-                for k, v in (("gan_d", L_D), ("r1", r1), ("r2", r2)):
-                    log[k].append(v.item())
-            _step(opt_c, loss_c, c_params, cfg.clip)
-        # ---- generator update ----
-        critic.requires_grad_(False)
-        head.requires_grad_(False)                                              # L_G trains the generator only
-        x0 = sim(text, mask, ts)                                                # (B, C, T, h, w), grad at exit steps
-        t_frames = lambda t: t[:, None].expand(B, T)                            # (B,) -> (B, T)
-        loss = dmd_loss(x0, lambda x, t: real_score(x, t_frames(t), text, mask),
-                        lambda x, t: critic(x, t_frames(t), text, mask, causal=True),
-                        _dmd_t(B, cfg, g), torch.randn(x0.shape, generator=g))
-        log["dmd"].append(loss.item())
-        if gan_on:
-            t = _dmd_t(B, cfg, g)
-            n_real, n_fake = _gan_pair(x_real, x0, t, g)
-            _, L_G = rpgan_losses(D(n_real, t), D(n_fake, t))                   # Eq. 14
-            loss = loss + cfg.gan_weight * L_G
-            log["gan_g"].append(L_G.item())
-        _step(opt_g, loss, list(student.parameters()), cfg.clip)
-        critic.requires_grad_(True)
-        head.requires_grad_(True)
-        ema.update(student)
-        bar.set_postfix(dmd=f"{log['dmd'][-1]:.4f}", critic=f"{log['critic'][-1]:.4f}", gan=int(gan_on))
-        save(cfg.critic_warmup + step + 1)
+            tr.critic_update(text, mask, x_real)
+        tr.generator_update(text, mask, x_real)
+        bar.set_postfix(dmd=f"{tr.log['dmd'][-1]:.4f}", critic=f"{tr.log['critic'][-1]:.4f}", gan=int(gan_on))
+        saver.maybe_save(cfg.critic_warmup + step + 1, tr.state_dict)
     saver.finish()
-    metrics = {f"{k}_last": (v[-1] if v else None) for k, v in log.items()}
-    metrics.update({"curves": log, "config": asdict(cfg)})
-    return _ema_result(student, ema), metrics
+    return ema_result(student, tr.ema), tr.metrics()
 
 
 # ==============================================================================================
 # Demo
 # ==============================================================================================
 def _demo():
-    import tempfile
-    import dit
-    import sandwich
     torch.manual_seed(0)
     torch.set_num_threads(1)                                         # tiny models: threads cost more than they give
     # 1. DMD on 2-D Gaussians: real N(mu_r, I), generator x = mu_g + z, fake score N(mu_g, I) exact.
@@ -879,20 +546,23 @@ def _demo():
     d1 = (mu_g - mu_r).norm().item()
     print(f"DMD on 2-D Gaussians: |mu_g - mu_r| {d0:.3f} -> {d1:.3f}")
     assert d1 < 0.2 * d0
-    # 2. Tiny pipeline: cache -> KD -> DMD + GAN, 2 steps each.
+    # 2. Tiny pipeline: teacher tuples -> KD (Eq. 12) -> DMD + GAN, 2 updates each (the tuples on
+    #    disk, as the pipeline keeps them: kdcache.py).
     dcfg = dit.get_config("tiny", depth=6)
     teacher, student = dit.MoETeacher(dcfg), sandwich.S2DiT(dcfg, (1, 0, 1))
     for p in teacher.parameters():                                   # a fresh DiT outputs v = 0: give it a function
         nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
     null_t, null_m = torch.zeros(1, 4, dcfg.text_dim), torch.ones(1, 4, dtype=torch.bool)
     data = lambda k: (torch.randn(2, 4, 9, 8, 8), torch.randn(2, 4, dcfg.text_dim), torch.ones(2, 4, dtype=torch.bool), null_t, null_m)
-    cfg = get_config("tiny", steps=2, gan_start=1, kd_steps=2, n_chunks=2)
-    with tempfile.TemporaryDirectory() as d:
-        info = build_cache(teacher, data, 4, d, 2, 0.5, cfg.cfg_scale, seed=0, progress=False)
-        kd_student, kd = train_kd(student, CachedKD(d), cfg, progress=False)
-    real = make_real_score(teacher, null_t, null_m, cfg.cfg_scale)
-    ar, m = train_dmd(kd_student, real, copy.deepcopy(kd_student), lambda s: data(s)[1:], cfg, progress=False)
-    print(f"cache {info['cache_bytes']} bytes; KD loss {kd['kd_loss_last']:.4f}; DMD {m['dmd_last']:.4f}, "
+    scale, kcfg = flow.get_config("tiny").cfg_scale, get_kd_config("tiny")
+    opt = torch.optim.AdamW(student.parameters(), lr=kcfg.lr, weight_decay=kcfg.weight_decay)
+    for k in range(2):
+        kd = kd_loss(student, teacher_tuples(teacher, *data(k), teacher.boundary, scale, g), kcfg.w_l, kcfg.w_h)
+        optimizer_step(opt, kd, list(student.parameters()), kcfg.clip)
+    cfg = get_config("tiny", steps=2, gan_start=1, n_chunks=2)
+    real = make_real_score(teacher, null_t, null_m, scale)
+    ar, m = train_dmd(student, real, copy.deepcopy(student), lambda s: data(s)[1:], cfg, progress=False)
+    print(f"KD loss {kd.item():.4f}; DMD {m['dmd_last']:.4f}, "
           f"L_D {m['gan_d_last']:.4f}, L_G {m['gan_g_last']:.4f}, R1 {m['r1_last']:.4f}")
     with torch.no_grad():
         video = rollout(ar, torch.randn(1, 4, dcfg.text_dim), torch.ones(1, 4, dtype=torch.bool), 2,

@@ -17,6 +17,9 @@ What lives here:
     used for the teacher and the pretrained models.
   * `few_step_schedule` + `sample_few_step`: Self-Forcing's warped [1000, 750, 500, 250]
     schedule and its predict-x0 / re-noise sampler, the one DMD students use (Tab. A1: 1, 2, 4).
+  * `fm_loss` + `train_fm`: training a (block-causal) velocity model with these equations, t per
+    chunk and CFG dropout, warm-up + cosine lr, an EMA, resumable (train.py's base, teacher and
+    pretrain stages); `cfg_predict`: a model's guided velocity.
 
 Legend: B batch, C latent channels, T latent frames, h, w latent height and width.
 
@@ -25,12 +28,17 @@ and the printed sample mean / variance match the data's (plus a sign-flipped con
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from resume import Checkpoint
 
 
 # ----------------------------------------------------------------------------- config
@@ -38,11 +46,6 @@ import torch
 class FlowConfig:
     shift: float = 3.0            # inference timestep shift s for Euler and few-step samplers (Wan2.1 T2V / Self-Forcing: 5.0)
     train_shift: float = 1.0      # shift applied to training t (ASSUMPTION: 1.0 at toy resolution; few tokens need little shift)
-    t_mode: str = "logit_normal"  # training t distribution: "logit_normal" (SD3 / Wan) or "uniform"
-    logit_mean: float = 0.0       # mean of the normal inside the logit-normal (SD3 default 0.0)
-    logit_std: float = 1.0        # std of the normal inside the logit-normal (SD3 default 1.0)
-    per_chunk: bool = True        # independent t per chunk of latent frames (diffusion forcing, Self-Forcing / CausVid)
-    chunk: int = 3                # latent frames per chunk (paper Sec. D.2: 3)
     cfg_scale: float = 3.0        # classifier-free guidance scale (Wan2.1 default 5.0; ASSUMPTION: 3.0 for the toy world)
     cfg_dropout: float = 0.1      # probability a caption is replaced by the null embedding in training (ASSUMPTION, common 0.1)
     boundary: float = 0.5         # MoE teacher: high-noise expert for t >= boundary (Wan2.2 T2V: 0.875; ASSUMPTION 0.5 so both toy experts see half the data)
@@ -199,6 +202,141 @@ def sample_few_step(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Ten
             eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
             x_t = (1 - t_next) * x0 + t_next * eps                      # (B, C, T, h, w) fresh noise at t'
     return x0
+
+
+# ----------------------------------------------------------------------------- training a velocity model
+def chunk_frames(model):
+    """Latent frames per chunk of a model (its cfg.chunk; 3 for a model without a cfg)."""
+    return getattr(getattr(model, "cfg", None), "chunk", 3)
+
+
+def _batch_null(null, B):
+    """A (1, L, D) or (1, L) null prompt expanded to batch B."""
+    return null.expand(B, *null.shape[1:]) if null.shape[0] == 1 else null
+
+
+def cfg_predict(model, x, t, text, mask, null_text, null_mask, scale, **kw):
+    """Guided velocity of a model, v = v_u + s (v_c - v_u) (cfg_velocity); s = 1 skips the null pass."""
+    v_c = model(x, t, text, mask, **kw)                                        # (B, C, T, h, w)
+    if scale == 1.0:
+        return v_c
+    B = x.shape[0]
+    v_u = model(x, t, _batch_null(null_text, B), _batch_null(null_mask, B), **kw)  # (B, C, T, h, w)
+    return cfg_velocity(v_c, v_u, scale)
+
+
+def fm_loss(model, x0, text, mask, null_text, null_mask, p_uncond=0.1, generator=None, shift=1.0, boundary=None):
+    """Flow matching with per-chunk t (diffusion forcing) and CFG dropout:
+        L = E || V(x_t, t, e) - (eps - x0) ||^2,   x_t = (1 - t) x0 + t eps,  t independent per chunk.
+    # DEVIATION: the paper's KD model is bidirectional; ours (teacher, T_theta, S2DiT-Pretrained) is
+    # block-causal with per-chunk t from the start, so the same network can denoise a chunk next to
+    # clean context (the DMD stage still starts with Self-Forcing's ODE regression, ode_init)."""
+    B, C, T = x0.shape[:3]
+    t = sample_t(B, T, chunk=chunk_frames(model), shift=shift, generator=generator).to(x0)  # (B, T)
+    if boundary is not None:
+        # MoE teacher: every chunk of a sample on one expert's side of the boundary (a coin per sample),
+        # so each sample trains (and costs) one expert, as the experts are used in the cache and DMD.
+        high = torch.rand(B, 1, generator=generator).to(x0) < 0.5                # (B, 1)
+        t = torch.where(high, boundary + (1 - boundary) * t, boundary * t)      # (B, T)
+    eps = torch.randn(x0.shape, generator=generator).to(x0)                     # (B, C, T, h, w)
+    x_t = add_noise(x0, eps, t)                                            # (B, C, T, h, w)
+    drop = torch.rand(B, generator=generator).to(x0.device) < p_uncond          # (B,) captions -> null
+    text = torch.where(drop[:, None, None], _batch_null(null_text, B), text)    # (B, L, Dt)
+    mask = torch.where(drop[:, None], _batch_null(null_mask, B), mask)          # (B, L)
+    v = model(x_t, t, text, mask, causal=True)                                  # (B, C, T, h, w)
+    return F.mse_loss(v, velocity_target(x0, eps))
+
+
+class EMA:
+    """Exponential moving average of parameters: ema <- decay * ema + (1 - decay) * param."""
+
+    def __init__(self, model, decay=0.99):
+        self.decay = decay
+        self.shadow = {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model):
+        for k, p in model.named_parameters():
+            self.shadow[k].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model):
+        for k, p in model.named_parameters():
+            p.copy_(self.shadow[k])
+
+
+def ema_result(model, ema):
+    """The EMA weights in a copy of `model` (the model itself when no EMA was kept)."""
+    if ema is None:
+        return model
+    out = copy.deepcopy(model)
+    ema.copy_to(out)
+    return out
+
+
+def optimizer_step(opt, loss, params, clip):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
+def lr_factor(step, warmup, steps, decay):
+    """Linear warm-up over `warmup` updates, then constant (decay="none") or a cosine down to 10 %
+    of the peak at the last update (decay="cosine"; the usual schedule of DiT/SD3-style runs)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if decay == "cosine" and steps > warmup:
+        p = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+    return 1.0
+
+
+def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=(0.9, 0.999),
+             weight_decay=0.0, ema_decay=None, clip=1.0, progress=True, desc="fm", boundary=None, warmup=0,
+             decay="none", ckpt=None, ckpt_every_s=180.0, hook=None, hook_every=0):
+    """Flow-matching loop. batch_fn(step) -> (x0, text, mask, null_text, null_mask).
+    The learning rate follows lr_factor (warm-up, then constant or cosine).
+
+    ckpt: a file this loop saves itself to every `ckpt_every_s` seconds (model, optimizer, EMA,
+    the noise generator, the step) and resumes from when it exists: since batch_fn is a function of
+    the step and the generator state is restored, a killed-and-resumed loop gives the same weights
+    as an uninterrupted one, bit for bit. The file is removed when the loop ends.
+    hook(step, ema_model) runs every `hook_every` updates (and after the last): learning curves.
+    Returns (EMA copy of the model, or the model itself if ema_decay is None; metrics)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, steps, decay))
+    ema = EMA(model, ema_decay) if ema_decay else None
+    losses, run = [], None
+    saver = Checkpoint(ckpt, ckpt_every_s)
+    start, state = saver.load()
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        g.set_state(state["generator"])
+        if ema:
+            ema.shadow = state["ema"]
+        losses, run = state["losses"], state["run"]
+    bar = tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps)
+    for step in bar:
+        loss = fm_loss(model, *batch_fn(step), p_uncond=p_uncond, generator=g, shift=shift, boundary=boundary)
+        optimizer_step(opt, loss, list(model.parameters()), clip)
+        sched.step()
+        if ema:
+            ema.update(model)
+        losses.append(loss.item())
+        run = losses[-1] if run is None else 0.95 * run + 0.05 * losses[-1]
+        bar.set_postfix(loss=f"{run:.4f}")
+        if hook and hook_every and ((step + 1) % hook_every == 0 or step + 1 == steps):
+            hook(step + 1, ema_result(model, ema))
+        saver.maybe_save(step + 1, lambda: {
+            "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            "generator": g.get_state(), "ema": ema.shadow if ema else {}, "losses": losses, "run": run})
+    saver.finish()
+    return ema_result(model, ema), {"loss_first": losses[0] if losses else None, "loss_last": run, "losses": losses}
 
 
 # ----------------------------------------------------------------------------- a known answer

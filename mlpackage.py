@@ -21,6 +21,8 @@ import math
 import os
 import re
 
+import safeio
+
 
 # Ops that public reports say do not run on the Neural Engine (they fall back to CPU/GPU).
 # ASSUMPTION: not an Apple list; verify on a device with MLComputePlan. "conv3d" = conv on a rank-5 input.
@@ -105,7 +107,6 @@ def compact_names(path):
                         [op.outputs[0].name if op.outputs else fresh()]
             for b in blocks(top):
                 b.outputs[:] = [rename(n) for n in b.outputs]
-    import safeio
     with safeio.atomic_path(file) as tmp, open(tmp, "wb") as f:
         f.write(spec.SerializeToString())
 

@@ -21,11 +21,19 @@ per-chunk PSNR of the plan next to variants that keep one source of error each (
 W8 everywhere, no PSNR promotions).
 """
 import copy
+import json
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
+import data
+import dit
+import evaluate
+import runs
+import safeio
+import sandwich
+import text
 from chunk_step import ChunkStep, stream_latents
 
 
@@ -64,11 +72,11 @@ def get_config(name: str) -> QuantConfig:
 # ----------------------------------------------------------------------------------------------
 # Activations: calibration on captured streaming inputs
 # ----------------------------------------------------------------------------------------------
-def capture_calibration(models, prompts, chunks, steps):
+def capture_calibration(system, prompts, chunks, steps):
     """Inputs of every DiT call (denoise steps and commits) of streams of `prompts`."""
-    step, record = ChunkStep(models["model"], models["latent_hw"]).eval(), []
+    step, record = ChunkStep(system.model, system.latent_hw).eval(), []
     for i, p in enumerate(prompts):
-        stream_latents(step, models, p, chunks, steps, seed=i, record=record)
+        stream_latents(step, system, p, chunks, steps, seed=i, record=record)
     return record
 
 
@@ -118,13 +126,13 @@ def psnr(ref, x):
 
 
 @torch.no_grad()
-def sensitivity(models, calib, cfg: QuantConfig):
+def sensitivity(system, calib, cfg: QuantConfig):
     """PSNR of the DiT output x0 when only one layer's weights are 4-bit, every layer in turn."""
-    step = ChunkStep(models["model"], models["latent_hw"]).eval()
+    step = ChunkStep(system.model, system.latent_hw).eval()
     calib = calib[::max(1, len(calib) // cfg.sens_samples)][:cfg.sens_samples]  # a spread-out subset
     refs = [step(*a)[0] for a in calib]
     table = {}
-    for name, mod in quant_layers(models["model"]).items():
+    for name, mod in quant_layers(system.model).items():
         w = mod.weight.data.clone()
         mod.weight.data.copy_(fake_quant_weight(w, 4, granularity(mod, 4, cfg.block_size), cfg.block_size))
         out = torch.cat([step(*a)[0].flatten() for a in calib])
@@ -133,11 +141,11 @@ def sensitivity(models, calib, cfg: QuantConfig):
     return table
 
 
-def make_plan(models, table, cfg: QuantConfig):
+def make_plan(system, table, cfg: QuantConfig):
     """{layer: {"bits", "granularity", "psnr_w4", "why"}}: 8 bits for the named sensitive layers and
     for layers under the PSNR threshold, 4 bits elsewhere."""
     plan = {}
-    for name, mod in quant_layers(models["model"]).items():
+    for name, mod in quant_layers(system.model).items():
         forced = any(name == s or name.startswith(s + ".") for s in SENSITIVE)
         low = table[name] < cfg.psnr_threshold
         bits = 8 if (forced or low) else 4
@@ -171,31 +179,29 @@ def emulate_quantized(model, plan, calib, latent_hw=None, block_size=QuantConfig
 
 
 @torch.no_grad()
-def quality_report(models, qstep, prompts, chunks, steps):
+def quality_report(system, qstep, prompts, chunks, steps):
     """PSNR of the denoised latents per chunk, quantized emulation vs float, same noise."""
-    fstep = ChunkStep(models["model"], models["latent_hw"]).eval()
+    fstep = ChunkStep(system.model, system.latent_hw).eval()
     per_chunk = []
     for i, p in enumerate(prompts):
-        a = stream_latents(fstep, models, p, chunks, steps, seed=100 + i)
-        b = stream_latents(qstep, models, p, chunks, steps, seed=100 + i)
+        a = stream_latents(fstep, system, p, chunks, steps, seed=100 + i)
+        b = stream_latents(qstep, system, p, chunks, steps, seed=100 + i)
         per_chunk.append([psnr(x, y) for x, y in zip(a, b)])
     return [sum(c[j] for c in per_chunk) / len(per_chunk) for j in range(chunks)]
 
 
 @torch.no_grad()
-def vbench_drop(models, qstep, n_prompts=2, chunks=3, steps=2, seed=0):
+def vbench_drop(system, qstep, n_prompts=2, chunks=3, steps=2, seed=0):
     """VBench-lite (evaluate.score_videos) of float vs emulated-quantized streams on held-out prompts."""
-    import data
-    import evaluate
     prompts = [data.canonical_prompt(*a) for a in data.eval_prompts(n_prompts)]
-    fstep = ChunkStep(models["model"], models["latent_hw"]).eval()
+    fstep = ChunkStep(system.model, system.latent_hw).eval()
     scores = {}
     for name, st in (("float", fstep), ("quantized", qstep)):
         vids = []
         for i, p in enumerate(prompts):
             cache, frames = None, []
-            for z in stream_latents(st, models, p, chunks, steps, seed=seed + i):
-                f, cache = models["decoder"].decode_chunk(z, cache)
+            for z in stream_latents(st, system, p, chunks, steps, seed=seed + i):
+                f, cache = system.decoder.decode_chunk(z, cache)
                 frames.append(f[0].clamp(-1, 1))
             vids.append(torch.cat(frames, dim=1))
         scores[name] = evaluate.score_videos(torch.stack(vids), prompts, seed=seed)
@@ -203,15 +209,15 @@ def vbench_drop(models, qstep, n_prompts=2, chunks=3, steps=2, seed=0):
 
 
 @torch.no_grad()
-def error_budget(models, cfg: QuantConfig, prompts=None, progress=True):
+def error_budget(system, cfg: QuantConfig, prompts=None, progress=True):
     """Where the emulated model's error comes from: PSNR of the denoised latents per streamed chunk
     against float for the plan and for variants that each keep one source of error. -> {variant: [dB]}"""
-    steps = (models.get("steps") or [4])[-1]                # as deploy.build_bundle: the student's count
+    steps = system.default_steps                     # as deploy.build_bundle: the student's count
     prompts = list(prompts or DEFAULT_PROMPTS[:cfg.calib_prompts])
-    calib = capture_calibration(models, prompts, cfg.calib_chunks, steps)
-    scales = calibrate(ChunkStep(models["model"], models["latent_hw"]).eval(), calib)
-    plan = make_plan(models, sensitivity(models, calib, cfg), cfg)
-    layers = quant_layers(models["model"])
+    calib = capture_calibration(system, prompts, cfg.calib_chunks, steps)
+    scales = calibrate(ChunkStep(system.model, system.latent_hw).eval(), calib)
+    plan = make_plan(system, sensitivity(system, calib, cfg), cfg)
+    layers = quant_layers(system.model)
     bits = lambda rule: {n: {"bits": b, "granularity": granularity(layers[n], b, cfg.block_size)}
                          for n, b in ((n, rule(n)) for n in layers)}
     variants = {
@@ -224,12 +230,12 @@ def error_budget(models, cfg: QuantConfig, prompts=None, progress=True):
     out = {}
     for name, (p, a8) in variants.items():
         if p is None:
-            step = ChunkStep(copy.deepcopy(models["model"]).eval(), models["latent_hw"]).eval()
+            step = ChunkStep(copy.deepcopy(system.model).eval(), system.latent_hw).eval()
             step.act_mode, step.act_scales = "fake", scales
         else:
-            step = emulate_quantized(models["model"], p, scales, models["latent_hw"], cfg.block_size)
+            step = emulate_quantized(system.model, p, scales, system.latent_hw, cfg.block_size)
             step.act_mode = "fake" if a8 else None
-        out[name] = quality_report(models, step, prompts[:2], cfg.eval_chunks, steps)
+        out[name] = quality_report(system, step, prompts[:2], cfg.eval_chunks, steps)
         if progress:
             n8 = sum(v["bits"] == 8 for v in p.values()) if p else 0
             print(f"{name:36s} {n8:3d} layers at 8 bits   " + " / ".join(f"{x:.1f}" for x in out[name]) + " dB", flush=True)
@@ -238,9 +244,6 @@ def error_budget(models, cfg: QuantConfig, prompts=None, progress=True):
 
 def _demo():
     """A random tiny S2DiT: its sensitivity table, the plan and the emulated PSNR per chunk."""
-    import dit
-    import sandwich
-    import text
     torch.set_num_threads(1)
     torch.manual_seed(0)
     m = sandwich.S2DiT(dit.get_config("tiny"), sandwich.DEFAULT_LAYOUT["tiny"]).eval()
@@ -248,21 +251,20 @@ def _demo():
         for p in m.parameters():                  # random weights, perturbed off the zero-init gates and head
             p.add_(torch.randn_like(p) * 0.05)
     enc, tok, _ = text.build_text("tiny")
-    models = {"model": m, "text": enc.eval(), "tokenizer": tok, "latent_hw": 8, "shift": 3.0, "t_ctx": 0.1}
+    system = runs.StreamingSystem(model=m, text=enc.eval(), tokenizer=tok, latent_hw=8, shift=3.0, t_ctx=0.1)
     cfg = get_config("tiny")
-    calib = capture_calibration(models, DEFAULT_PROMPTS[:cfg.calib_prompts], cfg.calib_chunks, steps=2)
+    calib = capture_calibration(system, DEFAULT_PROMPTS[:cfg.calib_prompts], cfg.calib_chunks, steps=2)
     scales = calibrate(ChunkStep(m, 8).eval(), calib)
     print(f"{len(calib)} calibration calls, {len(scales)} int8 activation points")
-    plan = make_plan(models, sensitivity(models, calib, cfg), cfg)
+    plan = make_plan(system, sensitivity(system, calib, cfg), cfg)
     print_plan(plan)
     qstep = emulate_quantized(m, plan, scales, 8, cfg.block_size)
-    per_chunk = quality_report(models, qstep, DEFAULT_PROMPTS[:1], cfg.eval_chunks, steps=2)
+    per_chunk = quality_report(system, qstep, DEFAULT_PROMPTS[:1], cfg.eval_chunks, steps=2)
     print("emulated W4/W8 + A8 vs float, PSNR of the denoised latents per chunk: "
           + ", ".join(f"{p:.1f}" for p in per_chunk) + " dB")
 
 
 if __name__ == "__main__":
-    import safeio
     ap = safeio.Parser(prog="quantize.py", description="Quantization of the DiT: a random tiny demo, or the error budget of a run.")
     ap.add_argument("--run", default=None, help="a train.py run directory: per-chunk PSNR of the plan and its variants")
     ap.add_argument("--json", action="store_true", help="also print {variant: [dB per chunk]} as the last line")
@@ -270,11 +272,9 @@ if __name__ == "__main__":
     if args.run is None:
         _demo()
     else:
-        import json
-        import train
         torch.set_num_threads(2)
-        models = safeio.run_cli("quantize.py", train.load_streaming, args.run)   # a bad run: one line, exit 2
+        system = safeio.run_cli("quantize.py", runs.load_streaming, args.run)   # a bad run: one line, exit 2
         print(f"{args.run}: PSNR of the denoised latents per streamed chunk, emulation vs float")
-        budget = error_budget(models, get_config(models["preset"] if models["preset"] in PRESETS else "small"))
+        budget = error_budget(system, get_config(system.preset if system.preset in PRESETS else "small"))
         if args.json:
             print(json.dumps(budget))

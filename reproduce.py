@@ -24,17 +24,19 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 
 import torch
 
 import curves
 import data
-import distill
 import evaluate
 import flow
+import runs
 import safeio
 import sandwich
 import stream
+import text as text_mod
 import train
 from dit import count_params
 
@@ -50,17 +52,16 @@ def sample_full(run, model, prompts, seed=0):
     """Whole-clip Euler + CFG sampling of a (block-causal) flow model, decoded by the VAE decoder."""
     cfg, fcfg = run.cfg, flow.get_config(run.cfg.preset)
     encoder, tokenizer = run.text()
-    import text as text_mod
     tokens, _, mask = text_mod.encode_text(encoder, tokenizer, prompts)
-    n_text, n_mask = train.null_text(run)
-    hw = train.data_cfg(cfg).size // 4
+    n_text, n_mask = run.null_text()
+    hw = runs.latent_hw(cfg)
     T = 1 + (cfg.clip_frames - 1) // 4
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), model.cfg.in_channels, T, hw, hw, generator=g)
     B = len(prompts)
 
     def v_fn(x, t):                                                     # t (B,) -> one t for every frame
-        return distill.cfg_predict(model, x, t[:, None].expand(B, T), tokens, mask, n_text, n_mask,
+        return flow.cfg_predict(model, x, t[:, None].expand(B, T), tokens, mask, n_text, n_mask,
                                    fcfg.cfg_scale, causal=True)
     z = flow.sample_euler(v_fn, noise, fcfg.sample_steps, fcfg.shift)
     return run.vae().decode(z).clamp(-1, 1)                             # (B, 3, F, H, W)
@@ -81,11 +82,10 @@ def score(videos, prompts, seed=0):
 
 
 def streaming_models(run, stage, steps=None):
-    m = train.load_streaming(run.dir, stage) if stage in ("dmd", "kd", "pretrain") else None
-    if m is None:                                                       # any DiT stage of the run, streamed
-        m = train.load_streaming(run.dir)
-        m = {**m, "model": run.model(stage).eval(), "name": stage, "stage": stage, "steps": steps}
-    return m
+    if stage in runs.DIT_STAGES:
+        return runs.load_streaming(run.dir, stage)
+    system = runs.load_streaming(run.dir)                               # any DiT stage of the run, streamed
+    return replace(system, model=run.model(stage).eval(), name=stage, stage=stage, steps=steps)
 
 
 def student(run, stage, n_steps, without_teacher=False):
@@ -96,12 +96,12 @@ def student(run, stage, n_steps, without_teacher=False):
         t0 = time.time()
         m = train.stage_dmd(run, without_teacher=without_teacher, name=stage, n_steps=n_steps)
         run.finish(stage, m, time.time() - t0)
-    models = train.load_streaming(run.dir, stage)
-    if models["steps"] != [n_steps]:        # a run from when one 4-step student served 1, 2 and 4 steps
-        raise ValueError(f"{run.path(stage + '.pt')} was distilled for {models['steps']} steps, not {n_steps}; "
+    system = runs.load_streaming(run.dir, stage)
+    if system.steps != n_steps:             # a run from when one 4-step student served 1, 2 and 4 steps
+        raise ValueError(f"{run.path(stage + '.pt')} was distilled for {system.steps} steps, not {n_steps}; "
                          f"distil it again: `python train.py --preset {run.cfg.preset} --out {run.dir} "
                          f"--force dmd,deploy,sample`")
-    return models
+    return system
 
 
 def ar_students(run):
@@ -122,16 +122,16 @@ def table1_a1(run, n, seed):
     a1, students = {}, ar_students(run)
     for steps, ar in students.items():                                 # each student at its own step count
         v = sample_ar(ar, prompts, steps, seed=seed)
-        a1[f"{steps} step{'s' * (steps > 1)}"] = {"student": ar["stage"], **score(v, prompts, seed)}
+        a1[f"{steps} step{'s' * (steps > 1)}"] = {"student": ar.stage, **score(v, prompts, seed)}
         videos[f"S2DiT-AR {steps}-step"] = v
     k = run.cfg.sample_steps                                            # Tab. 1's AR row: the pipeline's student
     if os.path.exists(run.path("dmd_ode.pt")):                          # the same student before DMD
-        ode = streaming_models(run, "dmd_ode", steps=[k])
+        ode = streaming_models(run, "dmd_ode", steps=k)
         v = sample_ar(ode, prompts, k, seed=seed)
         videos[f"S2DiT-AR {k}-step, ODE init only"] = v
-        rows[f"S2DiT-AR before DMD (ODE init only, {k} steps)"] = {"params": count_params(ode["model"]),
+        rows[f"S2DiT-AR before DMD (ODE init only, {k} steps)"] = {"params": count_params(ode.model),
                                                                    "setting": "streaming", **score(v, prompts, seed)}
-    rows[f"S2DiT-AR ({k} steps, streaming)"] = {"params": count_params(students[k]["model"]), "setting": "streaming",
+    rows[f"S2DiT-AR ({k} steps, streaming)"] = {"params": count_params(students[k].model), "setting": "streaming",
                                                 **{c: v for c, v in a1[f"{k} steps"].items() if c != "student"}}
     return rows, a1, videos, prompts
 
@@ -184,14 +184,14 @@ def ablate(run, stage, make, steps, seed):
 
 @torch.no_grad()
 def heldout_fm_loss(run, model, seed, batches=6):
-    fn = train.dit_batches(run, 6, 424_242)
+    fn = runs.dit_batches(run, 6, 424_242)
     g = torch.Generator().manual_seed(seed)
-    return round(sum(distill.fm_loss(model, *fn(i), p_uncond=0.0, generator=g).item() for i in range(batches)) / batches, 5)
+    return round(sum(flow.fm_loss(model, *fn(i), p_uncond=0.0, generator=g).item() for i in range(batches)) / batches, 5)
 
 
 @torch.no_grad()
 def chunk_ms(model, run, repeats=5):
-    hw = train.data_cfg(run.cfg).size // 4
+    hw = runs.latent_hw(run.cfg)
     x, t = torch.randn(1, model.cfg.in_channels, 3, hw, hw), torch.rand(1, 3)
     text, mask = torch.randn(1, 8, model.cfg.text_dim), torch.ones(1, 8, dtype=torch.bool)
     model.eval()(x, t, text, mask)
@@ -220,7 +220,7 @@ def table_a3(run, chunks, seed):
     rows = {}
     for steps, ar in ar_students(run).items():
         r = stream.run(ar, prompts_for(1)[0], chunks, steps, seed, progress=False)
-        rows[f"{steps} step{'s' * (steps > 1)}"] = {"student": ar["stage"],
+        rows[f"{steps} step{'s' * (steps > 1)}"] = {"student": ar.stage,
                                                     "text_encoder_ms": round(r["breakdown_ms"]["text_encoder"], 2),
                                                     "dit_per_step_ms": round(r["breakdown_ms"]["dit_per_step"], 2),
                                                     "commit_ms": round(r["breakdown_ms"]["commit"], 2),
@@ -234,7 +234,7 @@ def table_a6(run, n, chunks, seed):
     rows = {}
     ar = student(run, "dmd", run.cfg.sample_steps)
     base = streaming_models(run, "base")
-    for label, models, steps in ((f"S2DiT-AR ({ar['steps'][0]} steps)", ar, ar["steps"][0]),
+    for label, models, steps in ((f"S2DiT-AR ({ar.steps} steps)", ar, ar.steps),
                                  ("all-attention AR (T_theta, no DMD, 8 steps)", base, 8)):
         v = sample_ar(models, prompts, steps, chunks=chunks, seed=seed)
         s = evaluate.score_videos(v, prompts, seed=seed)
@@ -403,7 +403,7 @@ def main(argv=None):
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         safeio.check_writable_file(args.out)
-        run = train.open_run(args.run)
+        run = runs.open_run(args.run)
         res = safeio.read_json(store, "table store") if os.path.exists(store) else {}
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))

@@ -9,6 +9,8 @@
                             renamed into place on success, removed on an exception, Ctrl-C or SIGTERM
     atomic_dir(target)      the same for a whole directory; an existing `target` is replaced only if
                             it carries this tool's marker file (a directory it wrote itself)
+    save_checkpoint(path)   {"config", "state_dict", "metrics"} written atomically, + a JSON for people
+    load_checkpoint(path)   the model back, or an error naming the file and the train.py stage to re-run
 
 Why a unique temporary name (tempfile.mkstemp) and not "<target>.tmp": two processes writing the same
 target would share the fixed name and corrupt each other's file. Why the rename: a reader (or a
@@ -23,6 +25,9 @@ import signal
 import sys
 import tempfile
 import threading
+from dataclasses import asdict
+
+import torch
 
 
 class UsageError(ValueError):
@@ -149,6 +154,14 @@ def write_json(path, obj, **kw):
     write_text(path, json.dumps(obj, **kw))
 
 
+def write_bytes(path, data: bytes):
+    """Atomic, and flushed to the disk before the rename (a KD cache shard must survive a power cut)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def check_dir_target(target, marker, tool, unmarked=()):
     """`target` may be written as a directory by `tool`: missing, empty, or marked as its own. `unmarked`:
     the exact entries of an output the tool wrote before it marked its outputs (also its own)."""
@@ -187,6 +200,42 @@ def atomic_dir(target, marker, tool, unmarked=()):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one format for every trained module ({"config", "state_dict", "metrics"})
+# ----------------------------------------------------------------------------------------------
+def save_checkpoint(path, model, cfg, metrics=None):
+    """Atomic torch.save({"config", "state_dict", "metrics"}) plus a JSON of config + metrics."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    blob = {"config": asdict(cfg), "state_dict": model.state_dict(), "metrics": dict(metrics or {})}
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+    write_json(os.path.splitext(path)[0] + ".json", {"config": asdict(cfg), "metrics": dict(metrics or {})},
+               indent=2, default=str)
+
+
+def load_checkpoint(path, cfg_cls, model_cls, stage):
+    """model_cls(cfg_cls(**config)) with the saved weights, in eval mode. A missing, truncated or
+    mismatched file is an error naming it and the train.py stage to re-run."""
+    hint = f"re-run the `{stage}` stage of train.py"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found; {hint}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / not a torch file
+        why = str(e).split("\n")[0][:200]
+        raise BadFileError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {why}); {hint}") from e
+    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        raise BadFileError(f"checkpoint {path} lacks 'config'/'state_dict'; {hint}")
+    try:
+        cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in blob["config"].items()})
+        model = model_cls(cfg)
+        model.load_state_dict(blob["state_dict"])
+    except (TypeError, RuntimeError) as e:  # keep the first lines of torch's long report
+        why = " ".join(str(e).split("\n")[:3])[:300]
+        raise BadFileError(f"checkpoint {path} does not match {model_cls.__name__} ({why} ...); {hint}") from e
+    return model.eval()
 
 
 if __name__ == "__main__":

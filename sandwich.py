@@ -109,6 +109,12 @@ class S2DiT(Backbone):
         self.up = nn.ModuleDict({str(n): PixelShuffleUp(D, stride) for n, (d, u) in enumerate(sw) if u})
 
     def run_blocks(self, tokens, c, grid, txt, text_mask, causal, t0, window, state):
+        # Alg. 1 is written out three times, each as the paper's lines: here with hard m_n (only the
+        # chosen branch exists and runs), in SuperNet.run_blocks with soft m_n (both branches run and
+        # are blended, so gradients reach the routers) and in chunk_step.ChunkStep.forward (static
+        # shapes and explicit fixed-size caches, which torch.jit.trace needs). One shared loop would
+        # hide either the branch skipping or the blending behind flags; instead
+        # tests/test_search.py::test_alg1_three_forms_agree holds the three equal.
         cfg, d = self.cfg, self.cfg.dim // self.cfg.heads
         lo = low_res_grid(grid, self.stride)
         rope_hi = rope_tables(grid, d, t0=t0, theta=cfg.rope_theta, device=tokens.device)  # (N, d/2) x 2
@@ -153,6 +159,85 @@ def inherit_from(student: nn.Module, teacher: nn.Module, name_map=block_name_map
             else:
                 fresh.append(name)
     return {"inherited": inherited, "fresh": fresh}
+
+
+class SuperNet(Backbone):
+    """Both branches of every group, and down_n / up_n for every group; `forward(..., m=...)` runs
+    Alg. 1 with (possibly soft) routers. m: (M,) tensor with m_1 = m_M = 1."""
+
+    def __init__(self, cfg: DiTConfig, stride=STRIDE):
+        super().__init__(cfg)
+        D, H, M = cfg.dim, cfg.heads, cfg.depth // 2
+        self.M, self.stride = M, stride
+        self.lcha = nn.ModuleList([nn.ModuleList([Block(D, H, make_attention("lcha", D, H),
+                                                        make_ffn("lcha", D, cfg.mlp_ratio), cfg.mlp_ratio)
+                                                  for _ in range(2)]) for _ in range(M)])
+        self.ssa = nn.ModuleList([nn.ModuleList([Block(D, H, Attention(D, H), mlp_ratio=cfg.mlp_ratio)
+                                                 for _ in range(2)]) for _ in range(M)])
+        self.down = nn.ModuleList([PatchMerge(D, stride) for _ in range(M)])
+        self.up = nn.ModuleList([PixelShuffleUp(D, stride) for _ in range(M)])
+        self.router = nn.Parameter(torch.zeros(M - 2))               # logits of m_2..m_{M-1}
+        self.m = None                                                 # routers used by the next forward
+
+    def run_blocks(self, tokens, c, grid, txt, text_mask, causal, t0, window, state):
+        cfg, d = self.cfg, self.cfg.dim // self.cfg.heads
+        lo = low_res_grid(grid, self.stride)
+        rope_hi = rope_tables(grid, d, t0=t0, theta=cfg.rope_theta, device=tokens.device)
+        rope_lo = rope_tables(lo, d, t0=t0, stride=self.stride, theta=cfg.rope_theta, device=tokens.device)
+        args = (txt, text_mask, causal, cfg.chunk, window, state, cfg.sink)
+        m = self.m
+        # Alg. 1 with soft m_n (S2DiT.run_blocks says why it is written out again)
+        # line 1 (x_S, S_down start as zeros; with hard routers they are only read after line 5)
+        x_L, S = tokens, tokens
+        x_S = S_down = tokens.new_zeros(tokens.shape[0], math.prod(lo), tokens.shape[2])
+        for n in range(self.M):
+            m_prev = m[n - 1] if n > 0 else 1.0
+            d_n, u_n = m_prev * (1 - m[n]), (1 - m_prev) * m[n]      # lines 3-4, soft or hard
+            # line 5, blended: S <- x_L; x_S <- down_n(x_L); S_down <- x_S   (when d_n = 1)
+            S = d_n * x_L + (1 - d_n) * S
+            x_S = d_n * self.down[n](x_L, grid) + (1 - d_n) * x_S
+            S_down = d_n * x_S + (1 - d_n) * S_down
+            # line 6, blended: x_L <- S + up_n(x_S - S_down)   (when u_n = 1)
+            x_L = u_n * (S + self.up[n](x_S - S_down, grid)) + (1 - u_n) * x_L
+            # line 7, both branches: y_L = LCHA_n(x_L), y_S = SSA_n(x_S)
+            y_L, y_S = x_L, x_S
+            for b_L, b_S in zip(self.lcha[n], self.ssa[n]):
+                y_L = b_L(y_L, c, grid, rope_hi, *args)             # (B, N, D)
+                if 0 < n < self.M - 1:                              # m_1 = m_M = 1: no SSA branch at the ends
+                    y_S = b_S(y_S, c, lo, rope_lo, *args)           # (B, N/s^2, D)
+            x_L = m[n] * y_L + (1 - m[n]) * x_L                     # the unchosen stream passes unchanged
+            x_S = (1 - m[n]) * y_S + m[n] * x_S
+        return x_L                                                  # line 8
+
+    def layout(self, k):
+        """The hard layout the routers rank: m_1 = m_M = 1 and the k middle groups of largest logit
+        (search.gumbel_top_k without the noise)."""
+        mid = torch.zeros(self.M - 2)
+        mid[self.router.detach().argsort(descending=True)[:k]] = 1.0
+        return (1,) + tuple(int(v) for v in mid.tolist()) + (1,)
+
+    def inherit(self, base: nn.Module):
+        """Both branches of group n inherit T_theta's blocks 2n, 2n+1 wherever compatible."""
+        def name_map(name):
+            p = name.split(".")
+            if p[0] in ("lcha", "ssa"):
+                return ".".join(["blocks", str(2 * int(p[1]) + int(p[2]))] + p[3:])
+            return name
+        return inherit_from(self, base, name_map)
+
+    def extract(self, layout) -> S2DiT:
+        """The S2DiT of `layout` with this supernet's weights (chosen branches, their switches)."""
+        layout = check_layout(layout, self.M)
+        model = S2DiT(self.cfg, layout, self.stride)
+
+        def name_map(name):
+            p = name.split(".")
+            if p[0] == "groups":
+                return ".".join(["lcha" if layout[int(p[1])] else "ssa"] + p[1:])
+            return name
+        rep = inherit_from(model, self, name_map)
+        assert not rep["fresh"], f"extract left tensors fresh: {rep['fresh']}"
+        return model
 
 
 def short_name(name):

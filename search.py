@@ -31,12 +31,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import dit
+import flow
+import runs
 import safeio
-from dit import Attention, Backbone, Block, DiTConfig, rope_tables
+from dit import Attention, Block, DiTConfig, rope_tables
 from lcha import make_attention, make_ffn
-from sandwich import S2DiT, STRIDE, PAPER_CFG, check_layout, inherit_from, switches
+from sandwich import PAPER_CFG, STRIDE, SuperNet, switches
 from ssa import PatchMerge, PixelShuffleUp, low_res_grid
 
 
@@ -215,19 +218,16 @@ def choose_k(n, table, budget_ms):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Differentiable routing: the supernet of Alg. 1
+# 4. Differentiable routing: Alg. 1's routers on the supernet (sandwich.SuperNet)
 # ----------------------------------------------------------------------------------------------
-def gumbel_top_k(logits, k, tau, generator=None, hard_only=False):
+def gumbel_top_k(logits, k, tau, generator=None):
     """m for the middle groups: forward = exactly k ones (top-k of logits + Gumbel noise), backward =
     gradient of the soft relaxation sigmoid((score - theta) / tau) (straight-through estimator);
     theta sits halfway between the k-th and (k+1)-th score, so soft > 0.5 exactly on the hard top-k.
     # ASSUMPTION: this top-k relaxation; the paper names Gumbel-Softmax + STE, not the k-constraint's form."""
     n = logits.numel()
-    if hard_only:
-        score = logits
-    else:
-        u = torch.rand(n, generator=generator).clamp(1e-6, 1 - 1e-6)
-        score = logits - torch.log(-torch.log(u))                    # Gumbel(0, 1) perturbation
+    u = torch.rand(n, generator=generator).clamp(1e-6, 1 - 1e-6)
+    score = logits - torch.log(-torch.log(u))                        # Gumbel(0, 1) perturbation
     order = score.detach().argsort(descending=True)
     hard = torch.zeros(n)
     hard[order[:k]] = 1.0
@@ -238,87 +238,14 @@ def gumbel_top_k(logits, k, tau, generator=None, hard_only=False):
     return hard + (soft - soft.detach())                              # straight-through: exactly hard forward
 
 
-class SuperNet(Backbone):
-    """Both branches of every group, and down_n / up_n for every group; `forward(..., m=...)` runs
-    Alg. 1 with (possibly soft) routers. m: (M,) tensor with m_1 = m_M = 1."""
-
-    def __init__(self, cfg: DiTConfig, stride=STRIDE):
-        super().__init__(cfg)
-        D, H, M = cfg.dim, cfg.heads, cfg.depth // 2
-        self.M, self.stride = M, stride
-        self.lcha = nn.ModuleList([nn.ModuleList([Block(D, H, make_attention("lcha", D, H),
-                                                        make_ffn("lcha", D, cfg.mlp_ratio), cfg.mlp_ratio)
-                                                  for _ in range(2)]) for _ in range(M)])
-        self.ssa = nn.ModuleList([nn.ModuleList([Block(D, H, Attention(D, H), mlp_ratio=cfg.mlp_ratio)
-                                                 for _ in range(2)]) for _ in range(M)])
-        self.down = nn.ModuleList([PatchMerge(D, stride) for _ in range(M)])
-        self.up = nn.ModuleList([PixelShuffleUp(D, stride) for _ in range(M)])
-        self.router = nn.Parameter(torch.zeros(M - 2))               # logits of m_2..m_{M-1}
-        self.m = None                                                 # routers used by the next forward
-
-    def run_blocks(self, tokens, c, grid, txt, text_mask, causal, t0, window, state):
-        cfg, d = self.cfg, self.cfg.dim // self.cfg.heads
-        lo = low_res_grid(grid, self.stride)
-        rope_hi = rope_tables(grid, d, t0=t0, theta=cfg.rope_theta, device=tokens.device)
-        rope_lo = rope_tables(lo, d, t0=t0, stride=self.stride, theta=cfg.rope_theta, device=tokens.device)
-        args = (txt, text_mask, causal, cfg.chunk, window, state, cfg.sink)
-        m = self.m
-        # Alg. 1, line 1 (x_S, S_down start as zeros; with hard routers they are only read after line 5)
-        x_L, S = tokens, tokens
-        x_S = S_down = tokens.new_zeros(tokens.shape[0], math.prod(lo), tokens.shape[2])
-        for n in range(self.M):
-            m_prev = m[n - 1] if n > 0 else 1.0
-            d_n, u_n = m_prev * (1 - m[n]), (1 - m_prev) * m[n]      # lines 3-4, soft or hard
-            # line 5, blended: S <- x_L; x_S <- down_n(x_L); S_down <- x_S   (when d_n = 1)
-            S = d_n * x_L + (1 - d_n) * S
-            x_S = d_n * self.down[n](x_L, grid) + (1 - d_n) * x_S
-            S_down = d_n * x_S + (1 - d_n) * S_down
-            # line 6, blended: x_L <- S + up_n(x_S - S_down)   (when u_n = 1)
-            x_L = u_n * (S + self.up[n](x_S - S_down, grid)) + (1 - u_n) * x_L
-            # line 7, both branches: y_L = LCHA_n(x_L), y_S = SSA_n(x_S)
-            y_L, y_S = x_L, x_S
-            for b_L, b_S in zip(self.lcha[n], self.ssa[n]):
-                y_L = b_L(y_L, c, grid, rope_hi, *args)             # (B, N, D)
-                if 0 < n < self.M - 1:                              # m_1 = m_M = 1: no SSA branch at the ends
-                    y_S = b_S(y_S, c, lo, rope_lo, *args)           # (B, N/s^2, D)
-            x_L = m[n] * y_L + (1 - m[n]) * x_L                     # the unchosen stream passes unchanged
-            x_S = (1 - m[n]) * y_S + m[n] * x_S
-        return x_L                                                  # line 8
-
-    def routers(self, k, tau, generator=None, hard_only=False):
-        mid = gumbel_top_k(self.router, k, tau, generator, hard_only)
-        return torch.cat([torch.ones(1), mid, torch.ones(1)])
-
-    def layout(self, k):
-        return tuple(int(v) for v in self.routers(k, 1.0, hard_only=True).tolist())
-
-    def inherit(self, base: nn.Module):
-        """Both branches of group n inherit T_theta's blocks 2n, 2n+1 wherever compatible."""
-        def name_map(name):
-            p = name.split(".")
-            if p[0] in ("lcha", "ssa"):
-                return ".".join(["blocks", str(2 * int(p[1]) + int(p[2]))] + p[3:])
-            return name
-        return inherit_from(self, base, name_map)
-
-    def extract(self, layout) -> S2DiT:
-        """The S2DiT of `layout` with this supernet's weights (chosen branches, their switches)."""
-        layout = check_layout(layout, self.M)
-        model = S2DiT(self.cfg, layout, self.stride)
-
-        def name_map(name):
-            p = name.split(".")
-            if p[0] == "groups":
-                return ".".join(["lcha" if layout[int(p[1])] else "ssa"] + p[1:])
-            return name
-        rep = inherit_from(model, self, name_map)
-        assert not rep["fresh"], f"extract left tensors fresh: {rep['fresh']}"
-        return model
+def sample_routers(supernet, k, tau, generator=None):
+    """m = (1, Gumbel-top-k of the router logits, 1): Alg. 1's routers for one supernet update."""
+    mid = gumbel_top_k(supernet.router, k, tau, generator)
+    return torch.cat([torch.ones(1), mid, torch.ones(1)])
 
 
 def eq10_loss(student, teacher, x0, text, mask, generator=None):
     """Eq. 10: || S(x_t, t, e) - T(x_t, t, e) ||^2 on flow-matching inputs (per-chunk t)."""
-    import flow
     B, C, T = x0.shape[:3]
     t = flow.sample_t(B, T, chunk=teacher.cfg.chunk, generator=generator)
     eps = torch.randn(x0.shape, generator=generator)
@@ -331,7 +258,6 @@ def eq10_loss(student, teacher, x0, text, mask, generator=None):
 def run_search(supernet: SuperNet, teacher: nn.Module, batch_fn, k, cfg: SearchConfig, progress=True,
                train_weights=True):
     """Train routers (and supernet weights) with Eq. 10; returns (layout, history)."""
-    from tqdm import tqdm
     g = torch.Generator().manual_seed(cfg.seed)
     params = [{"params": [supernet.router], "lr": cfg.router_lr}]
     if train_weights:
@@ -342,7 +268,7 @@ def run_search(supernet: SuperNet, teacher: nn.Module, batch_fn, k, cfg: SearchC
     bar = tqdm(range(cfg.steps), desc=f"search k={k}", disable=not progress)
     for step in bar:
         tau = cfg.tau * (cfg.tau_end / cfg.tau) ** (step / max(1, cfg.steps - 1))   # annealed temperature
-        supernet.m = supernet.routers(k, tau, g)
+        supernet.m = sample_routers(supernet, k, tau, g)
         x0, text, mask = batch_fn(step)
         loss = eq10_loss(supernet, teacher, x0, text, mask, g)
         opt.zero_grad()
@@ -377,6 +303,39 @@ def alternatives(M, k, table, budget_ms, seed=0):
                    "fits": layout_latency(lay, table) <= budget_ms} for name, lay in rows.items()}
 
 
+# ----------------------------------------------------------------------------------------------
+# The toy Tab. 3 of a run: the searched layout against the alternatives at one budget
+# ----------------------------------------------------------------------------------------------
+HELD_OUT_SEED = 999_983            # the held-out batches every layout is scored on
+
+
+def search_rows(run, sup, base, layout, k, table, budget):
+    """Eq. 10 loss (shared supernet weights, held-out batches) of the chosen layout and the alternatives."""
+    M = sup.M
+    held = [b for b in map(runs.dit_batches(run, 4, HELD_OUT_SEED, with_null=False), range(4))]
+    rows = {"searched": {"layout": layout, "latency_ms": layout_latency(layout, table),
+                         "fits": layout_latency(layout, table) <= budget + 1e-9}}
+    rows.update(alternatives(M, k, table, budget, seed=run.cfg.seed))
+    hw = runs.latent_hw(run.cfg)
+    for name, row in rows.items():
+        row["eq10_loss"] = layout_loss(sup, base, row["layout"], held)
+        row["peak_act_mb"] = layout_memory(row["layout"], sup.cfg, 3 * (hw // 2) ** 2)
+    return rows
+
+
+def search_report(run_dir, budget_ms=None):
+    """For `python py --run DIR --budget-ms N`: the chosen layout at that budget and its rivals."""
+    run = runs.open_run(run_dir)
+    m = run.metrics("search")
+    sup, base = run.model("search"), run.model("base")
+    table = m["latency_table_ms"]
+    budget = m["budget_ms"] if budget_ms is None else budget_ms
+    k, _ = choose_k(sup.M, table, budget)
+    layout = sup.layout(k)                      # the routers' ranking, cut at the k this budget allows
+    return {"budget_ms": budget, "k": k, "layout": layout, "latency_table_ms": table,
+            "search_space": search_space(sup.M, k), "rows": search_rows(run, sup, base, layout, k, table, budget)}
+
+
 def main(argv=None):
     p = safeio.Parser(prog="search.py", description="Budget-aware sandwich search (Alg. 1, Eq. 10)")
     p.add_argument("--run", default=None, help="a run directory with base.pt and search.pt (train.py --stages base,search)")
@@ -385,20 +344,18 @@ def main(argv=None):
     p.add_argument("--measure", default=None, help="time the latency table of a preset on this CPU (for LATENCY_MS)")
     args = p.parse_args(argv)
     if args.measure:
-        import train
-        if args.measure not in train.PRESETS:
-            p.error(f"--measure: unknown preset {args.measure!r}; known presets: {sorted(train.PRESETS)}")
+        if args.measure not in LATENCY_MS:
+            p.error(f"--measure: unknown preset {args.measure!r}; known presets: {sorted(LATENCY_MS)}")
         torch.set_num_threads(1)
-        cfg = train.get_config(args.measure)
-        print(json.dumps(latency_table(train.dit_cfg(cfg), train.data_cfg(cfg).size // 4, repeats=15)))
+        cfg = runs.PipelineConfig(preset=args.measure)
+        print(json.dumps(latency_table(runs.dit_cfg(cfg), runs.latent_hw(cfg), repeats=15)))
         return
     if args.run is None:
         return demo()
-    import train
     if args.budget_ms is not None and not args.budget_ms > 0:
         p.error(f"--budget-ms must be > 0, got {args.budget_ms}")
     try:
-        res = train.search_report(args.run, args.budget_ms)
+        res = search_report(args.run, args.budget_ms)
     except ValueError as e:                      # the budget no layout meets, a broken run file: one line
         p.error(str(e))
     if not args.json:

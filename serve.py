@@ -37,7 +37,10 @@ import time
 import traceback
 from dataclasses import dataclass
 
+import data
+import runs
 import stream
+import text as text_mod
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 
@@ -69,8 +72,7 @@ def find_students(run_dir):
     it was distilled for (stream.check_request), so each count needs its own student (train.py's dmd,
     reproduce.py's dmd_1step / dmd_4step); a run without one streams its flow-matching stage (kd,
     pretrain) at any count."""
-    import train
-    run = train.open_run(run_dir)
+    run = runs.open_run(run_dir)
     done = [f[:-len(".done.json")] for f in os.listdir(run_dir) if f.endswith(".done.json")]
     extra = sorted(s for s in done if s.startswith("dmd_"))          # reproduce.py's students
     students = {}
@@ -78,7 +80,7 @@ def find_students(run_dir):
         if run.done(stage):
             students.setdefault(run.metrics(stage)["config"]["n_steps"], stage)
     if not students:
-        flow_stage = next((s for s in train.DIT_STAGES if run.done(s)), None)
+        flow_stage = next((s for s in runs.DIT_STAGES if run.done(s)), None)
         if flow_stage is None:
             raise FileNotFoundError(f"{run_dir} has no trained S2DiT; run `python train.py --out {run_dir}`")
         students = {n: flow_stage for n in (1, 2, 4, 8)}
@@ -88,9 +90,8 @@ def find_students(run_dir):
 def png_frames(frames):
     """(3, F, H, W) in [-1, 1] -> F base64 PNG strings, the form a page's <img> / createImageBitmap reads."""
     from PIL import Image
-    from data import _to_uint8
     out = []
-    for f in _to_uint8(frames):                             # (H, W, 3) uint8 each
+    for f in data._to_uint8(frames):                             # (H, W, 3) uint8 each
         buf = io.BytesIO()
         Image.fromarray(f).save(buf, format="PNG")
         out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
@@ -117,7 +118,7 @@ class App:
         self.loaded = {}                                    # stage -> stream.load_models(run, stage)
         default = self.models_for(None)
         self.default_steps = stream.default_steps(default, None)
-        self.tokenizer, self.fps = default["tokenizer"], default["fps"]   # the run's, shared by its students
+        self.tokenizer, self.fps = default.tokenizer, default.fps   # the run's, shared by its students
         self.prompt = prompt or "a red circle moves right"
         stream.check_prompt(default, self.prompt)
         self.lock = threading.Condition()
@@ -135,8 +136,8 @@ class App:
     def info(self):
         words = self.tokenizer.itos[2:]                     # without <pad>, <unk>
         m = self.models_for(None)
-        return {"run": self.run, "model": m["name"], "steps": list(self.students), "default_steps": self.default_steps,
-                "fps": self.fps, "size": m["latent_hw"] * 4, "vocabulary": len(words), "words": words,
+        return {"run": self.run, "model": m.name, "steps": list(self.students), "default_steps": self.default_steps,
+                "fps": self.fps, "size": m.latent_hw * 4, "vocabulary": len(words), "words": words,
                 "prompt": self.prompt, "examples": ["a red circle moves right", "a blue square moves up",
                                                     "a yellow triangle moves left", "a green diamond moves down"],
                 "max_chunks": self.limits.max_chunks, "lead_s": self.limits.lead_s}
@@ -230,7 +231,7 @@ class App:
         Returns why it ended. Pacing: the page plays a chunk of F frames in F / fps seconds from the
         moment it arrives (or from the end of the previous one), so `play_end` is when the page will
         have played everything sent; the next chunk starts when that is at most lead_s away."""
-        lim, fps = self.limits, models["fps"]
+        lim, fps = self.limits, models.fps
         gen = stream.stream(models, session.prompt, lim.max_chunks, session.steps, seed)
         play_end, frames_total, ms_total = time.monotonic(), 0, 0.0
         try:
@@ -369,7 +370,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
             self.send_line({"type": "start", "id": session.id, "prompt": prompt, "ignored": ignored, "steps": steps,
-                            "model": models["name"], "fps": models["fps"], "max_chunks": app.limits.max_chunks})
+                            "model": models.name, "fps": models.fps, "max_chunks": app.limits.max_chunks})
             log(f"stream {session.id}: \"{prompt}\", {steps} step(s)")
             reason = app.generate(session, models, seed, self.send_line, self.client_gone)
             self.send_line({"type": "end", "reason": reason, "chunks": session.chunks})
@@ -413,7 +414,6 @@ def make_server(run, host="127.0.0.1", port=8000, prompt=None, seed=0, limits=No
                                 f"with `python train.py --out {run}`")
     vocab = os.path.join(run, "vocab.json")
     if prompt is not None and os.path.isfile(vocab):
-        import text as text_mod
         stream.unknown_words(text_mod.Tokenizer.from_json(vocab), prompt)
     server_class = Server6 if ":" in host else Server      # "::1", "::": an IPv6 address
     try:

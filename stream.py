@@ -18,6 +18,7 @@ default of --steps); `--stage dmd_1step` / `dmd_4step` stream the students repro
 Python / notebook: `for chunk in stream(load_models("runs/small"), "a red circle moves right", 8): ...`
 `python stream.py --serve` starts the live page (serve.py): type a prompt, watch the chunks arrive with
 their timings, switch the prompt mid-stream (gen.send, the mechanism of --then).
+(load_models returns a runs.StreamingSystem: the models and the numbers that go with them)
 """
 import contextlib
 import json
@@ -27,12 +28,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import imageio
 import torch
+from tqdm import tqdm
 
+import data
 import dit
 import flow
+import runs
 import safeio
-from distill import commit_chunk, denoise_chunk
+import text as text_mod
+from streaming import commit_chunk, denoise_chunk
 
 MAX_SEED = 2 ** 63 - 1                   # torch.Generator.manual_seed takes a 64-bit integer
 
@@ -51,16 +57,14 @@ def load_models(run, stage=None):
 
     Preference: the DMD student (S2DiT-AR, EMA weights), else S2DiT-KD, else S2DiT-Pretrained; the
     efficient decoder, else the VAE decoder. `stage` picks another student (e.g. dmd_4step)."""
-    import train
     if not os.path.isdir(run):
         raise FileNotFoundError(f"run directory {run} not found; train one with `python train.py --out {run}` "
                                 f"(or `python train.py --preset tiny --out {run}` for a minutes-long one)")
-    return train.load_streaming(run, stage)
+    return runs.load_streaming(run, stage)
 
 
 def prompt_words(prompt, what="prompt"):
     """The words the tokenizer will see (text.normalize); none -> ValueError (emoji or punctuation only)."""
-    import text as text_mod
     words = text_mod.normalize(prompt) if isinstance(prompt, str) else []
     if not words:
         raise ValueError(f"empty {what} {prompt!r}: it has no words once punctuation and symbols are dropped; "
@@ -108,12 +112,12 @@ def check_request(models, prompt, chunks, steps, out=None, then=(), seed=0):
     """Every user error is raised here, before any work starts."""
     check_args(prompt, chunks, steps, seed, out, then)
     for i, p in enumerate([prompt] + [p for _, p in then]):
-        unknown_words(models["tokenizer"], p, "prompt" if i == 0 else "--then prompt")
-    if models["steps"] is not None and steps not in models["steps"]:
+        unknown_words(models.tokenizer, p, "prompt" if i == 0 else "--then prompt")
+    if models.steps is not None and steps != models.steps:
         # A DMD student learns to denoise from the times of ITS schedule only (Tab. A1 distils one
         # student per step count): off that schedule it is a model never trained for the task.
-        n = models["steps"][0]
-        raise ValueError(f"`{models['name']}` was distilled for {n} denoising step{'s' * (n > 1)} only, not {steps}: "
+        n = models.steps
+        raise ValueError(f"`{models.name}` was distilled for {n} denoising step{'s' * (n > 1)} only, not {steps}: "
                          f"run it with --steps {n} (or without --steps). Each step count has its own DMD student: "
                          f"train.py's `dmd` stage distils for 2 steps; `python reproduce.py --run RUN --tables tab1` "
                          f"adds dmd_1step and dmd_4step to a train.py run RUN (e.g. runs/small), streamed with "
@@ -122,19 +126,18 @@ def check_request(models, prompt, chunks, steps, out=None, then=(), seed=0):
 
 def default_steps(models, steps):
     """None -> the count the student was distilled for (4 for the flow-matching stages); 0 stays 0 (an error)."""
-    return (models["steps"] or [4])[-1] if steps is None else steps
+    return models.default_steps if steps is None else steps
 
 
 def encode_prompt(models, prompt):
-    import text as text_mod
-    tokens, _, mask = text_mod.encode_text(models["text"], models["tokenizer"], [prompt])
+    tokens, _, mask = text_mod.encode_text(models.text, models.tokenizer, [prompt])
     return tokens, mask                                                 # (1, L, Dt), (1, L)
 
 
 def check_prompt(models, prompt, what="prompt"):
     """A prompt the model can follow: it has words and knows at least one of them. Returns the unknown
     words (ignored), for a warning; ValueError otherwise."""
-    return unknown_words(models["tokenizer"], prompt, what)
+    return unknown_words(models.tokenizer, prompt, what)
 
 
 def stream(models, prompt, chunks, steps=None, seed=0, then=(), window=None, t_ctx=None):
@@ -147,14 +150,14 @@ def stream(models, prompt, chunks, steps=None, seed=0, then=(), window=None, t_c
     without a known word raises ValueError and ends the stream (check it first with check_prompt)."""
     steps = default_steps(models, steps)
     check_request(models, prompt, chunks, steps, then=then, seed=seed)
-    model, decoder, cfg = models["model"], models["decoder"], models["model"].cfg
-    ts = flow.few_step_schedule(steps, models["shift"])
-    t_ctx = models["t_ctx"] if t_ctx is None else t_ctx
+    model, decoder, cfg = models.model, models.decoder, models.model.cfg
+    ts = flow.few_step_schedule(steps, models.shift)
+    t_ctx = models.t_ctx if t_ctx is None else t_ctx
     g = torch.Generator().manual_seed(seed)
     switches = dict(then)
     state = dit.StreamState(window=window or cfg.window, sink=cfg.sink)
     dec_cache = None
-    C, h, w = cfg.in_channels, models["latent_hw"], models["latent_hw"]
+    C, h, w = cfg.in_channels, models.latent_hw, models.latent_hw
     pending = prompt                      # a prompt to encode before the next chunk: the first, a switch
     with torch.no_grad():
         for i in range(chunks):
@@ -208,14 +211,12 @@ def progressive_writer(path, fps=16):
     temporary file next to `path` (safeio.atomic_path), renamed to `path` when the block ends: the file
     appears complete or not at all; two streams writing the same path never share a temporary file;
     an exception, Ctrl-C or SIGTERM removes it."""
-    import imageio
-    from data import _to_uint8
     kw = {"fps": fps, "codec": "libx264", "macro_block_size": 1} if path.lower().endswith(".mp4") else \
         {"duration": 1000 / fps, "loop": 0}
     with safeio.atomic_path(path) as tmp:
         writer = imageio.get_writer(tmp, **kw)
         try:
-            yield lambda frames: [writer.append_data(f) for f in _to_uint8(frames)]
+            yield lambda frames: [writer.append_data(f) for f in data._to_uint8(frames)]
         finally:
             writer.close()
 
@@ -227,12 +228,11 @@ def peak_rss_mb():
 def run(models, prompt, chunks, steps, seed=0, out=None, then=(), progress=True, strip=None):
     """Stream to a file (optional) and return the JSON summary. strip: also save a PNG of every
     4th frame in one row (data.save_strip), the picture a page shows instead of the video."""
-    from tqdm import tqdm
     steps = default_steps(models, steps)
     check_request(models, prompt, chunks, steps, out, then, seed)
     per_chunk, frames, kept = [], 0, []
     with contextlib.ExitStack() as files:
-        append = files.enter_context(progressive_writer(out, models["fps"])) if out else None
+        append = files.enter_context(progressive_writer(out, models.fps)) if out else None
         for c in tqdm(stream(models, prompt, chunks, steps, seed, then), total=chunks, desc="stream",
                       disable=not progress, file=sys.stderr):
             frames += c.frames.shape[1]
@@ -242,17 +242,16 @@ def run(models, prompt, chunks, steps, seed=0, out=None, then=(), progress=True,
             if strip:
                 kept.append(c.frames)
     if strip:
-        import data
         label = prompt + "".join(f"; from chunk {i}: {q}" for i, q in then)
         data.save_strip(strip, torch.cat(kept, 1)[None], [label], every=4)
     mean = lambda k: sum(m[k] for m in per_chunk) / len(per_chunk)
     total_s = sum(m["total"] for m in per_chunk) / 1e3
-    return {"run_model": models["name"], "prompt": prompt, "then": list(then), "chunks": chunks, "frames": frames,
+    return {"run_model": models.name, "prompt": prompt, "then": list(then), "chunks": chunks, "frames": frames,
             "steps": steps, "seed": seed, "fps": frames / total_s, "chunk_ms": mean("total"),
             "breakdown_ms": {"text_encoder": per_chunk[0]["text_encoder"], "dit_per_step": mean("dit_per_step"),
                              "dit_total": mean("dit_steps"), "commit": mean("commit"), "decoder": mean("decoder")},
             "chunk_ms_first_last": [per_chunk[0]["total"], per_chunk[-1]["total"]],
-            "playback_fps": models["fps"], "peak_rss_mb": peak_rss_mb(), "out": out, "strip": strip}
+            "playback_fps": models.fps, "peak_rss_mb": peak_rss_mb(), "out": out, "strip": strip}
 
 
 def parse_then(items):
@@ -340,19 +339,18 @@ def main(argv=None):
     try:   # everything that can be checked without the models first, then with them: no work is wasted
         then = parse_then(args.then)
         check_args(args.prompt, args.chunks, args.steps, args.seed, args.out, then, args.strip)
-        import train
-        train.check_dit_stage(args.stage)
+        runs.check_dit_stage(args.stage)
         vocab = os.path.join(args.run, "vocab.json")
         if os.path.isfile(vocab):                 # the unknown-word check before seconds of model loading
-            import text as text_mod
-            check_request({"tokenizer": text_mod.Tokenizer.from_json(vocab), "steps": None}, args.prompt,
-                          args.chunks, args.steps, args.out, then, args.seed)
+            tokenizer = text_mod.Tokenizer.from_json(vocab)
+            for i, q in enumerate([args.prompt] + [q for _, q in then]):
+                unknown_words(tokenizer, q, "prompt" if i == 0 else "--then prompt")
         models = load_models(args.run, args.stage)
         check_request(models, args.prompt, args.chunks, default_steps(models, args.steps), args.out, then, args.seed)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         p.error(str(e))
     for q in [args.prompt] + [q for _, q in then]:       # known words drive the video; say which are ignored
-        unknown = unknown_words(models["tokenizer"], q)
+        unknown = unknown_words(models.tokenizer, q)
         if unknown:
             print(f"warning: the model does not know the words {unknown} of {q!r}; they are ignored", file=sys.stderr)
     try:

@@ -19,8 +19,7 @@ marker `<stage>.done.json`; a stage with a marker is skipped, so an interrupted 
 it stopped (an interrupted stage restarts from its beginning with the same seeds, which gives the
 same result as an uninterrupted run).
 
-    python train.py                          # the `small` preset, everything (46.6 min measured on 2 idle CPU
-                                             # cores in the width-128 run (commit 8ea73bc); commit 2afb0a5's run's cores ran ~1.7x slower)
+    python train.py                          # the `small` preset, everything (under an hour on 2 idle CPU cores)
     python train.py --preset tiny --out runs/tiny        # minutes: what the tests run
     python train.py --stages base,search     # only some stages (earlier ones must exist)
 """
@@ -28,68 +27,30 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 
 import torch
+from tqdm import tqdm
 
 import data
-import dit
+import decoder as dec_mod
+import deploy
 import distill
+import dit
+import evaluate
 import flow
+import kdcache
 import safeio
 import search
+import stream
 import text as text_mod
 import vae as vae_mod
-from sandwich import S2DiT
-from vae import load_model, save_checkpoint
+from runs import (STAGES, PipelineConfig, Run, data_cfg, dit_batches, dit_cfg, fm_batches, latent_hw,
+                  load_streaming, read_pipeline, ship_weights, spec_of)
+from safeio import save_checkpoint
+from sandwich import SuperNet
 
-STAGES = ["text", "vae", "latents", "base", "search", "pretrain", "teacher", "cache", "kd", "dmd",
-          "decoder", "deploy", "sample"]
-
-
-@dataclass
-class PipelineConfig:
-    preset: str = "small"          # tiny (CI, minutes) | small (the workshop run, <= 1 h)
-    seed: int = 0                  # every stage derives its seeds from this one
-    threads: int = 2               # torch CPU threads
-    clip_frames: int = 33          # training clip length: 33 pixel frames = 9 latent frames = 3 chunks
-    text_batch: int = 32           # contrastive batch of the text stage
-    text_steps: int = 600          # contrastive updates of the text stage (held-out linear probe 1.00 from 300)
-    vae_steps: int = 3600          # VAE updates (on 17-frame windows, 32-px crops: vae.fit_vae); held-out
-                                   # PSNR 25.5 dB at 1800, 28.3 dB at 3600 (small, the width-64 run (commit 0581615))
-    vae_batch: int = 4
-    vae_lr: float = 1e-3
-    pool_clips: int = 2048         # clips encoded once for the DiT stages
-    dit_batch: int = 6             # clips per DiT update
-    dit_chunks: int = 3            # chunks per DiT training window (a random, chunk-aligned cut of the pool's
-                                   # 3-chunk clips; 3 = the current chunk + the KV window of 2, everything a
-                                   # streaming chunk attends to; 2 is 1.5x cheaper but never shows the oldest)
-    first_chunk_frac: float = 0.0  # share of each flow-matching stage's updates (the first ones) on the clips'
-                                   # FIRST chunk alone, `first_chunk_batch` clips per update; the rest on the
-                                   # dit_chunks window. A one-chunk update costs ~2.7x less per token (no long
-                                   # block-causal attention) and the first chunk is where the prompt alone
-                                   # sets colour, shape and direction (curves.py measures it)
-    first_chunk_batch: int = 18    # 18 one-chunk clips = the tokens of 6 three-chunk clips
-    dit_lr: float = 1e-3
-    dit_warmup: int = 50           # linear lr warm-up of the flow-matching stages
-    dit_decay: str = "none"        # lr after warm-up: "none" (constant) or "cosine" (to 10 % at the end)
-    base_steps: int = 1200         # T_theta: every student and the teacher inherit it, so it gets the most
-    search_steps: int = 80         # Alg. 1 router + supernet updates
-    pretrain_steps: int = 400      # S2DiT-Pretrained (continues T_theta through the searched supernet)
-    teacher_dim: int = 128         # expert width; = the student's width: each expert is grown from T_theta
-                                   # (dit.MoETeacher.grow_from); another width trains it from scratch
-    teacher_depth: int = 12        # expert depth: 2 experts x 12 blocks = 3x the student's blocks
-    teacher_steps: int = 300
-    cache_samples: int = 256       # teacher tuples cached for KD
-    cache_shard: int = 64
-    kd_steps: int = 300            # offline KD updates (Eq. 12)
-    dmd_steps: int = 150           # Self-Forcing DMD generator updates (GAN from half way)
-    decoder_steps: int = 400        # small: 2000 (crop steps, 4x cheaper: decoder.PRESETS)
-    eval_prompts: int = 12         # held-out prompts for VBench-lite
-    sample_chunks: int = 8         # length of the sample video (chunks of 12 frames)
-    sample_steps: int = 2          # denoising steps of the sample video
-    ema: float = 0.995             # EMA of the flow-matching stages (half-life ~140 updates)
-
+# The fields of a pipeline preset, each with its comment: runs.PipelineConfig (pipeline.json holds one).
 
 PRESETS = {
     # Most flow-matching updates on first chunks (where the prompt alone sets colour, shape and
@@ -102,149 +63,25 @@ PRESETS = {
 }
 
 
+# Seeds. Each stage draws its data and noise from the run's seed through its own offset (seed + k) or
+# stride (seed * k + step), so no two stages share a random stream and a re-run stage draws exactly
+# what it drew the first time (resume). The values are arbitrary; distinct is what matters.
+STAGE_SEED_STRIDE = 1_000          # the global torch seed of a stage: seed * stride + its index
+VAE_CLIP_STRIDE = 7919             # VAE update s trains on the clips of seed * stride + s
+POOL_CLIP_STRIDE = 104_729         # latent-pool batch i: clips of seed * stride + i
+DECODER_CLIP_STRIDE = 6007         # decoder update s: clips of seed * stride + s
+HELD_OUT_CLIPS = 10_000_019        # the held-out clips of the VAE and decoder PSNR, the same in every run
+SEARCH_BATCHES = 77                # seed + k: the search's Eq. 10 batches
+CACHE_BATCHES = 555                # the clips the teacher's tuples are cached for
+KD_SPEED_BATCHES = 3               # the on-the-fly KD of the cached-vs-on-the-fly measurement
+DMD_PROMPTS = 11                   # the prompts of the ODE pairs, the critic warm-up and DMD
+ODE_NOISE = 13                     # the noise of the ODE trajectories and the regression batches
+
+
 def get_config(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown pipeline preset {name!r}; known presets: {sorted(PRESETS)}")
     return replace(PRESETS[name], **overrides)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints of the DiT family (DiT, MoE teacher, S2DiT, search supernet): one spec, one loader
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class ModelSpec:
-    kind: str                      # "dit" | "moe" | "s2dit" | "supernet"
-    dit: dict                      # dit.DiTConfig fields
-    layout: tuple = ()             # S2DiT layout m_1..m_M
-    boundary: float = 0.5          # MoE expert boundary
-    steps: tuple = ()              # few-step counts a DMD student was distilled for (stream.py checks)
-
-
-def build_model(spec: ModelSpec):
-    cfg = dit.DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.dit.items()})
-    if spec.kind == "dit":
-        return dit.DiT(cfg)
-    if spec.kind == "moe":
-        return dit.MoETeacher(cfg, spec.boundary)
-    if spec.kind == "s2dit":
-        return S2DiT(cfg, spec.layout)
-    if spec.kind == "supernet":
-        return search.SuperNet(cfg)
-    raise ValueError(f"unknown model kind {spec.kind!r}")
-
-
-def spec_of(model, kind, **kw):
-    return ModelSpec(kind=kind, dit=asdict(model.cfg), **kw)
-
-
-class Run:
-    """A run directory: stage files, completion markers, the pipeline config."""
-
-    def __init__(self, out, cfg: PipelineConfig):
-        self.dir, self.cfg = out, cfg
-        os.makedirs(out, exist_ok=True)
-        self._cache = {}
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
-
-    def done(self, stage):
-        return os.path.exists(self.path(f"{stage}.done.json"))
-
-    def finish(self, stage, metrics, seconds):
-        blob = {"stage": stage, "seconds": seconds, "config": asdict(self.cfg), "metrics": metrics}
-        safeio.write_json(self.path(f"{stage}.done.json"), blob, indent=1, default=str)
-
-    def marker(self, stage):
-        """The stage's <stage>.done.json, checked: bad JSON or a missing field names the file."""
-        p = self.path(f"{stage}.done.json")
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p} not found; run the `{stage}` stage of train.py (--out {self.dir})")
-        blob = safeio.read_json(p, "stage marker")
-        if not isinstance(blob, dict) or not {"metrics", "seconds"} <= set(blob):
-            raise safeio.UsageError(f"stage marker {p} lacks 'metrics' / 'seconds'; delete it and re-run the "
-                                    f"`{stage}` stage: python train.py --out {self.dir}")
-        return blob
-
-    def metrics(self, stage):
-        return self.marker(stage)["metrics"]
-
-    def model(self, stage):
-        if stage not in self._cache:
-            self._cache[stage] = load_model(self.path(f"{stage}.pt"), ModelSpec, build_model, stage).requires_grad_(False)
-        return self._cache[stage]
-
-    def text(self):
-        if "text" not in self._cache:
-            self._cache["text"] = text_mod.load_text(self.path("text.pt"))
-        return self._cache["text"]
-
-    def vae(self):
-        if "vae" not in self._cache:
-            self._cache["vae"] = vae_mod.load_vae(self.path("vae.pt")).requires_grad_(False)
-        return self._cache["vae"]
-
-
-def data_cfg(cfg):
-    return replace(data.get_config(cfg.preset), frames=cfg.clip_frames)
-
-
-def dit_cfg(cfg):
-    return dit.get_config(cfg.preset)
-
-
-# ----------------------------------------------------------------------------------------------
-# Batches for the DiT stages: latents from the pool, text from the frozen encoder
-# ----------------------------------------------------------------------------------------------
-def pool(run):
-    if "pool" not in run._cache:
-        p = run.path("latents.pt")
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p} not found; run the `latents` stage of train.py")
-        blob = torch.load(p, weights_only=True)
-        run._cache["pool"] = (blob["z"].float(), blob["captions"])
-    return run._cache["pool"]
-
-
-def null_text(run):
-    encoder, _ = run.text()
-    with torch.no_grad():
-        tokens, _, mask = encoder.null_embedding(1)
-    return tokens, mask                                                  # (1, L, Dt), (1, L)
-
-
-def dit_batches(run, batch, seed, with_null=True, chunks=None):
-    """batch_fn(step) -> (x0, text, mask[, null_text, null_mask]) sampled from the latent pool:
-    `batch` clips, each cut to a window of `chunks` whole chunks (default dit_chunks, see
-    PipelineConfig) at a random chunk-aligned start; a one-chunk window is always the clip's first
-    chunk, the one a stream starts with (its first latent frame is the VAE's single-frame one)."""
-    z, captions = pool(run)
-    encoder, tokenizer = run.text()
-    n_text, n_mask = null_text(run)
-    chunk, T = dit_cfg(run.cfg).chunk, z.shape[2]
-    win = min((chunks or run.cfg.dit_chunks) * chunk, T)                 # latent frames per window
-    starts = 1 if win == chunk else (T - win) // chunk + 1
-
-    def fn(step):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(z.shape[0], (batch,), generator=g)
-        f0 = int(torch.randint(starts, (1,), generator=g)) * chunk       # chunk-aligned start
-        tokens, _, mask = text_mod.encode_text(encoder, tokenizer, [captions[i] for i in idx])
-        out = (z[idx, :, f0:f0 + win], tokens, mask)
-        return out + (n_text, n_mask) if with_null else out
-    return fn
-
-
-def fm_batches(run, seed, steps):
-    """The batches of a flow-matching stage of `steps` updates: the first first_chunk_frac of them
-    on one-chunk windows (first_chunk_batch clips), the rest on dit_chunks windows (dit_batch clips)."""
-    cfg = run.cfg
-    n1 = int(cfg.first_chunk_frac * steps)
-    long = dit_batches(run, cfg.dit_batch, seed)
-    if n1 == 0:
-        return long
-    short = dit_batches(run, cfg.first_chunk_batch, seed, chunks=1)
-    return lambda step: short(step) if step < n1 else long(step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,9 +107,9 @@ def stage_vae(run):
     torch.manual_seed(cfg.seed)
     model = vae_mod.VAE(vae_mod.get_config(cfg.preset))
     dcfg = data_cfg(cfg)
-    m = vae_mod.fit_vae(model, lambda s: data.make_batch(dcfg, cfg.vae_batch, cfg.seed * 7919 + s)[0],
+    m = vae_mod.fit_vae(model, lambda s: data.make_batch(dcfg, cfg.vae_batch, cfg.seed * VAE_CLIP_STRIDE + s)[0],
                         cfg.vae_steps, cfg.vae_lr, cfg.seed, ckpt=run.path("vae.ckpt.pt"))
-    held_out = data.make_batch(dcfg, 16, seed=10_000_019, split="eval")[0]
+    held_out = data.make_batch(dcfg, 16, seed=HELD_OUT_CLIPS, split="eval")[0]
     m["heldout_psnr"] = vae_mod.reconstruct_psnr(model, held_out)
     print(f"VAE held-out reconstruction PSNR: {m['heldout_psnr']:.2f} dB")
     save_checkpoint(run.path("vae.pt"), model, model.cfg, m)
@@ -280,12 +117,11 @@ def stage_vae(run):
 
 
 def stage_latents(run):
-    from tqdm import tqdm
     cfg, vae = run.cfg, run.vae()
     dcfg = data_cfg(cfg)
     zs, caps = [], []
     for i in tqdm(range(0, cfg.pool_clips, 16), desc="latents"):
-        video, captions, _ = data.make_batch(dcfg, min(16, cfg.pool_clips - i), seed=cfg.seed * 104_729 + i)
+        video, captions, _ = data.make_batch(dcfg, min(16, cfg.pool_clips - i), seed=cfg.seed * POOL_CLIP_STRIDE + i)
         zs.append(vae.encode(video).half())
         caps += captions
     z = torch.cat(zs)
@@ -298,7 +134,7 @@ def fm_stage(run, model, steps, name, lr=None, boundary=None, ema=True):
     cfg = run.cfg
     batch_fn = fm_batches(run, cfg.seed + STAGES.index(name), steps)
     fcfg = flow.get_config(cfg.preset)
-    trained, m = distill.train_fm(model, batch_fn, steps, lr or cfg.dit_lr, p_uncond=fcfg.cfg_dropout,
+    trained, m = flow.train_fm(model, batch_fn, steps, lr or cfg.dit_lr, p_uncond=fcfg.cfg_dropout,
                                   shift=fcfg.train_shift, seed=cfg.seed, ema_decay=cfg.ema if ema else None, desc=name,
                                   boundary=boundary, warmup=cfg.dit_warmup, decay=cfg.dit_decay,
                                   ckpt=run.path(f"{name}.ckpt.pt"))
@@ -328,45 +164,18 @@ def stage_search(run, budget_ms=None):
     k, (cheapest_cost, _) = search.choose_k(M, table, budget)
     base = run.model("base")
     torch.manual_seed(cfg.seed)
-    sup = search.SuperNet(dcfg)
+    sup = SuperNet(dcfg)
     inh = sup.inherit(base)
-    batch_fn = dit_batches(run, scfg.batch, cfg.seed + 77, with_null=False)
+    batch_fn = dit_batches(run, scfg.batch, cfg.seed + SEARCH_BATCHES, with_null=False)
     layout, hist = search.run_search(sup, base, batch_fn, k, replace(scfg, steps=cfg.search_steps, seed=cfg.seed))
     save_checkpoint(run.path("search.pt"), sup, spec_of(sup, "supernet"), {"layout": layout, "k": k})
     safeio.write_json(run.path("layout.json"), {"layout": layout, "k": k, "budget_ms": budget})
-    rep = search_rows(run, sup, base, layout, k, table, budget)
+    rep = search.search_rows(run, sup, base, layout, k, table, budget)
     return {"layout": layout, "k": k, "budget_ms": budget, "latency_table_ms": table,
             "iphone_estimate_ms": search.iphone_estimate(), "search_space": search.search_space(M, k),
             "eq10_first": hist[0], "eq10_last": hist[-1], "rows": rep,
             "inherited_tensors": len(inh["inherited"]), "fresh_tensors": len(inh["fresh"]),
             "router_logits": sup.router.tolist()}
-
-
-def search_rows(run, sup, base, layout, k, table, budget):
-    """Eq. 10 loss (shared supernet weights, held-out batches) of the chosen layout and the alternatives."""
-    M = sup.M
-    held = [b for b in map(dit_batches(run, 4, 999_983, with_null=False), range(4))]
-    rows = {"searched": {"layout": layout, "latency_ms": search.layout_latency(layout, table),
-                         "fits": search.layout_latency(layout, table) <= budget + 1e-9}}
-    rows.update(search.alternatives(M, k, table, budget, seed=run.cfg.seed))
-    hw = data_cfg(run.cfg).size // 4
-    for name, row in rows.items():
-        row["eq10_loss"] = search.layout_loss(sup, base, row["layout"], held)
-        row["peak_act_mb"] = search.layout_memory(row["layout"], sup.cfg, 3 * (hw // 2) ** 2)
-    return rows
-
-
-def search_report(run_dir, budget_ms=None):
-    """For `python search.py --run DIR --budget-ms N`: the chosen layout at that budget and its rivals."""
-    run = open_run(run_dir)
-    m = run.metrics("search")
-    sup, base = run.model("search"), run.model("base")
-    table = m["latency_table_ms"]
-    budget = m["budget_ms"] if budget_ms is None else budget_ms
-    k, _ = search.choose_k(sup.M, table, budget)
-    layout = sup.layout(k)                      # the routers' ranking, cut at the k this budget allows
-    return {"budget_ms": budget, "k": k, "layout": layout, "latency_table_ms": table,
-            "search_space": search.search_space(sup.M, k), "rows": search_rows(run, sup, base, layout, k, table, budget)}
 
 
 def stage_pretrain(run):
@@ -394,23 +203,23 @@ def stage_teacher(run):
 def stage_cache(run):
     cfg, fcfg = run.cfg, flow.get_config(run.cfg.preset)
     teacher = run.model("teacher")
-    fn = dit_batches(run, cfg.cache_shard, cfg.seed + 555)
-    return distill.build_cache(teacher, fn, cfg.cache_samples, run.path("cache"), cfg.cache_shard,
+    fn = dit_batches(run, cfg.cache_shard, cfg.seed + CACHE_BATCHES)
+    return kdcache.build_cache(teacher, fn, cfg.cache_samples, run.path("cache"), cfg.cache_shard,
                                teacher.boundary, fcfg.cfg_scale, cfg.seed)
 
 
 def stage_kd(run):
     cfg = run.cfg
     student = copy.deepcopy(run.model("pretrain")).requires_grad_(True)
-    cache = distill.CachedKD(run.path("cache"))
-    dcfg = distill.get_config(cfg.preset, seed=cfg.seed, kd_steps=cfg.kd_steps)
-    trained, m = distill.train_kd(student, cache, dcfg, ckpt=run.path("kd.ckpt.pt"))
+    cache = kdcache.CachedKD(run.path("cache"))
+    kcfg = distill.get_kd_config(cfg.preset, seed=cfg.seed, steps=cfg.kd_steps)
+    trained, m = distill.train_kd(student, cache, kcfg, ckpt=run.path("kd.ckpt.pt"))
     m.pop("kd_losses", None)
     # Sec. C.1's point, measured in one run: cached KD vs KD with the teacher in the loop.
     fcfg = flow.get_config(cfg.preset)
-    m["speed"] = distill.kd_speed_comparison(copy.deepcopy(run.model("pretrain")).requires_grad_(True),
+    m["speed"] = kdcache.kd_speed_comparison(copy.deepcopy(run.model("pretrain")).requires_grad_(True),
                                              run.model("teacher"), cache,
-                                             dit_batches(run, dcfg.kd_batch, cfg.seed + 3),
+                                             dit_batches(run, kcfg.batch, cfg.seed + KD_SPEED_BATCHES),
                                              steps=5 if cfg.preset == "tiny" else 20,
                                              boundary=run.model("teacher").boundary, cfg_scale=fcfg.cfg_scale)
     layout = run.model("pretrain").layout
@@ -429,23 +238,23 @@ def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
     kd = run.model("kd")
     student = copy.deepcopy(kd).requires_grad_(True)
     critic = copy.deepcopy(kd).requires_grad_(True)
-    n_text, n_mask = null_text(run)
+    n_text, n_mask = run.null_text()
     real_model = run.model("pretrain") if without_teacher else run.model("teacher")
     real = distill.make_real_score(real_model, n_text, n_mask, fcfg.cfg_scale)
-    hw = data_cfg(cfg).size // 4
+    hw = latent_hw(cfg)
     dcfg = distill.get_config(cfg.preset, seed=cfg.seed, latent_hw=(hw, hw), shift=fcfg.shift, n_steps=n_steps,
-                              without_teacher=without_teacher, steps=cfg.dmd_steps, gan_start=cfg.dmd_steps // 2)
+                              steps=cfg.dmd_steps, gan_start=cfg.dmd_steps // 2)
     # The progressive GAN's "real" samples take T' > T steps. ASSUMPTION: T' >= 2 T, so the tiny
     # preset's T' = 4 becomes 8 for a 4-step student (small: T' = 8 for every T <= 4).
     dcfg = replace(dcfg, gan_real_steps=max(dcfg.gan_real_steps, 2 * n_steps),
                    ode_steps=-(-dcfg.ode_steps // n_steps) * n_steps)  # the student's times on the ODE grid
-    batch = dit_batches(run, dcfg.batch, cfg.seed + 11)
+    batch = dit_batches(run, dcfg.batch, cfg.seed + DMD_PROMPTS)
     text_fn = lambda s: batch(s)[1:]
     ode, ckpt, ode_path = {}, run.path(f"{name}.ckpt.pt"), run.path(f"{name}_ode.pt")
     if dcfg.ode_updates > 0 and os.path.exists(ckpt) and os.path.exists(ode_path):
         ode = torch.load(ode_path, weights_only=True)["metrics"]    # resumed: the checkpoint holds the student
     elif dcfg.ode_updates > 0:   # Self-Forcing's starting point; kept as <name>_ode.pt (Tab. 1: before DMD)
-        ode = distill.ode_init(student, real, text_fn, dcfg, torch.Generator().manual_seed(cfg.seed + 13))
+        ode = distill.ode_init(student, real, text_fn, dcfg, torch.Generator().manual_seed(cfg.seed + ODE_NOISE))
         save_checkpoint(ode_path, student, spec_of(student, "s2dit", layout=kd.layout, steps=(n_steps,)), ode)
     trained, m = distill.train_dmd(student, real, critic, text_fn, dcfg, ckpt=ckpt)
     m.pop("curves", None)
@@ -456,152 +265,43 @@ def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
 
 
 def stage_decoder(run):
-    import decoder as dec_mod
     cfg = run.cfg
     torch.manual_seed(cfg.seed)
     dec = dec_mod.EfficientDecoder(dec_mod.get_config(cfg.preset))
     dcfg = data_cfg(cfg)
     vae = run.vae()
     short = replace(dcfg, frames=17)                                 # 17-frame clips: 2x cheaper steps
-    m = dec_mod.fit_decoder(dec, vae, lambda s: data.make_batch(short, cfg.vae_batch, cfg.seed * 6007 + s)[0],
+    m = dec_mod.fit_decoder(dec, vae, lambda s: data.make_batch(short, cfg.vae_batch, cfg.seed * DECODER_CLIP_STRIDE + s)[0],
                             cfg.decoder_steps, seed=cfg.seed, ckpt=run.path("decoder.ckpt.pt"))
-    held_out = data.make_batch(dcfg, 8, seed=10_000_019, split="eval")[0]
+    held_out = data.make_batch(dcfg, 8, seed=HELD_OUT_CLIPS, split="eval")[0]
     m["table_a2"] = dec_mod.compare_decoders(vae, dec, held_out)
     save_checkpoint(run.path("decoder.pt"), dec, dec.cfg, m)
     return m
 
 
 def stage_deploy(run):
-    import deploy
     return deploy.build_bundle(load_streaming(run.dir), run.path("S2DiTResources"))
 
 
 def stage_sample(run):
-    import stream
     cfg = run.cfg
-    models = load_streaming(run.dir)
+    system = load_streaming(run.dir)
     colour, shape, motion = data.eval_prompts()[0]
     prompt = data.canonical_prompt(colour, shape, motion)
-    res = stream.run(models, prompt, cfg.sample_chunks, cfg.sample_steps, cfg.seed, out=run.path("sample.mp4"))
-    scores = evaluate_model(models, cfg.eval_prompts, cfg.sample_steps, seed=cfg.seed)
+    res = stream.run(system, prompt, cfg.sample_chunks, cfg.sample_steps, cfg.seed, out=run.path("sample.mp4"))
+    scores = evaluate_model(system, cfg.eval_prompts, cfg.sample_steps, seed=cfg.seed)
     return {"stream": res, "vbench_lite": scores, "video": run.path("sample.mp4")}
 
 
-def evaluate_model(models, n_prompts, steps, seed=0, chunks=3):
+def evaluate_model(system, n_prompts, steps, seed=0, chunks=3):
     """VBench-lite of streamed videos (3 chunks = 33 frames) for n held-out prompts."""
-    import stream
-    import evaluate
     attrs = data.eval_prompts(n_prompts)
     prompts = [data.canonical_prompt(*a) for a in attrs]
     videos = []
     for i, p in enumerate(prompts):
-        frames = [c.frames for c in stream.stream(models, p, chunks, steps, seed + i)]
+        frames = [c.frames for c in stream.stream(system, p, chunks, steps, seed + i)]
         videos.append(torch.cat(frames, dim=1))
     return evaluate.score_videos(torch.stack(videos), prompts, seed=seed)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading a run for streaming (stream.py, deploy.py, reproduce.py)
-# ----------------------------------------------------------------------------------------------
-def read_pipeline(p):
-    """pipeline.json -> PipelineConfig; bad JSON, unknown or mistyped fields name the file."""
-    blob = safeio.read_json(p, "run configuration")
-    fields = PipelineConfig.__dataclass_fields__
-    extra = sorted(set(blob) - set(fields)) if isinstance(blob, dict) else None
-    if extra is None or extra:
-        what = f"unknown fields {extra}" if extra else "not a JSON object"
-        raise safeio.UsageError(f"run configuration {p} has {what}; it must hold exactly train.PipelineConfig's "
-                                f"fields (restore the file, or train a new run with another --out)")
-    wrong = [k for k, v in blob.items() if not isinstance(v, type(getattr(PipelineConfig, k)))
-             and not (isinstance(v, int) and isinstance(getattr(PipelineConfig, k), float))]
-    if wrong:
-        raise safeio.UsageError(f"run configuration {p}: fields {wrong} have the wrong type; restore the file")
-    return PipelineConfig(**blob)
-
-
-def open_run(run_dir):
-    p = os.path.join(run_dir, "pipeline.json")
-    if not os.path.exists(p):
-        raise FileNotFoundError(f"{p} not found: {run_dir} is not a train.py run; train one with "
-                                f"`python train.py --out {run_dir}`")
-    return Run(run_dir, read_pipeline(p))
-
-
-DIT_STAGES = ("dmd", "kd", "pretrain")          # what stream.py / deploy.py can stream (+ reproduce.py's dmd_*)
-
-
-def check_dit_stage(stage):
-    if stage is not None and stage not in DIT_STAGES and not stage.startswith("dmd_"):
-        raise safeio.UsageError(f"--stage {stage} is not a stage with a streaming DiT; choose one of "
-                                f"{', '.join(DIT_STAGES)} (or a reproduce.py student: dmd_1step, dmd_4step, dmd_noteacher)")
-
-
-def load_streaming(run_dir, stage=None):
-    """The streaming system of a run: {"name", "model", "text", "tokenizer", "decoder", "steps",
-    "shift", "t_ctx", "latent_hw", "fps", "preset"}. `stage` forces a DiT stage (dmd, kd, pretrain, or a
-    student reproduce.py distilled: dmd_1step, dmd_4step, dmd_noteacher). "steps" is [n] for a DMD student
-    distilled for n steps, None for the flow-matching stages (any step count)."""
-    check_dit_stage(stage)
-    run = open_run(run_dir)
-    candidates = [stage] if stage else list(DIT_STAGES)
-    found = [s for s in candidates if run.done(s)]
-    if not found:
-        how = (f"`python reproduce.py --run {run_dir} --tables tab1` distils dmd_1step and dmd_4step, "
-               f"`--tables taba7` dmd_noteacher" if stage and stage.startswith("dmd_") else
-               f"run `python train.py --out {run_dir}`")
-        raise FileNotFoundError(f"{run_dir} has no trained S2DiT (stages {candidates}); {how}")
-    name = found[0]
-    blob_steps = None
-    if name.startswith("dmd"):   # the schedule it was distilled on (older files also listed 1, 2, 4 in "steps")
-        blob_steps = [run.metrics(name)["config"]["n_steps"]]
-    model = run.model(name)
-    encoder, tokenizer = run.text()
-    if run.done("decoder"):
-        import decoder as dec_mod
-        dec = dec_mod.load_decoder(run.path("decoder.pt"))
-    else:
-        dec = run.vae()
-    pcfg = run.cfg
-    label = {"dmd": "AR", "kd": "KD", "pretrain": "Pretrained"}.get(name, f"AR ({name})" if name.startswith("dmd") else name)
-    return {"name": f"S2DiT-{label}", "stage": name,
-            "model": model.eval(), "text": encoder, "tokenizer": tokenizer, "decoder": dec.eval(),
-            "steps": blob_steps, "shift": flow.get_config(pcfg.preset).shift,
-            "t_ctx": distill.get_config(pcfg.preset).t_ctx, "latent_hw": data_cfg(pcfg).size // 4,
-            "fps": data_cfg(pcfg).fps, "preset": pcfg.preset, "run": run_dir}
-
-
-def ship_weights(run_dir, out_dir):
-    """Copy what streaming needs (text encoder, S2DiT-AR, decoder, their metrics) into `out_dir`, a
-    run directory of its own that stream.py / deploy.py load like any other. The DiT's weights are
-    stored in fp16 (6.6 MB instead of 13 MB for the small student); its videos differ from the run's
-    by fp16 rounding only."""
-    import shutil
-    run = open_run(run_dir)
-    stage = next((s for s in DIT_STAGES if run.done(s)), None)
-    if stage is None:
-        raise FileNotFoundError(f"{run_dir} has no trained S2DiT to ship (none of {DIT_STAGES} is done); "
-                                f"finish the run first: python train.py --out {run_dir}")
-    files = ["pipeline.json", "text.pt", "vocab.json", f"{stage}.pt", f"{stage}.done.json", "decoder.pt",
-             "decoder.done.json", "sample.done.json"]
-    shippable = set(files) | {f"{s}.{x}" for s in DIT_STAGES for x in ("pt", "done.json")}
-    if os.path.abspath(out_dir) == os.path.abspath(run_dir):
-        raise safeio.UsageError(f"--ship {out_dir} is the run itself; give another directory")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise safeio.UsageError(f"--ship {out_dir} is a file; give a directory")
-    if os.path.isdir(out_dir) and not set(os.listdir(out_dir)) <= shippable:   # only an earlier ship is replaced
-        raise safeio.UsageError(f"--ship {out_dir} holds files a ship does not write "
-                                f"({sorted(set(os.listdir(out_dir)) - shippable)[:3]}...); give a new or empty directory")
-    for f in files:
-        if not os.path.exists(run.path(f)):
-            continue
-        with safeio.atomic_path(os.path.join(out_dir, f)) as tmp:
-            if f == f"{stage}.pt":    # the DiT in fp16: half the bytes in git, loads back into fp32 parameters
-                blob = torch.load(run.path(f), map_location="cpu", weights_only=True)
-                blob["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
-                torch.save(blob, tmp)
-            else:
-                shutil.copyfile(run.path(f), tmp)
-    return sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -638,7 +338,7 @@ def check_out(out, cfg: PipelineConfig):
 
 
 def stage_seed(cfg: PipelineConfig, stage):
-    return cfg.seed * 1_000 + STAGES.index(stage)
+    return cfg.seed * STAGE_SEED_STRIDE + STAGES.index(stage)
 
 
 def run_pipeline(out, cfg: PipelineConfig, stages=None, force=()):

@@ -29,8 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
+import data
+import evaluate
 from resume import Checkpoint
-from safeio import BadFileError, Parser, read_json, run_cli
+from safeio import Parser, load_checkpoint, read_json, run_cli, save_checkpoint  # noqa: F401 (save_checkpoint re-exported)
 
 
 @dataclass
@@ -446,41 +448,8 @@ def fit_vae(vae, batch_fn, steps, lr=5e-4, seed=0, progress=True, stats_batches=
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, model, cfg, metrics=None):
-    """Atomic torch.save({"config", "state_dict", "metrics"}) plus a JSON of config + metrics."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    import safeio                                   # unique temporary names, renamed into place
-    blob = {"config": asdict(cfg), "state_dict": model.state_dict(), "metrics": dict(metrics or {})}
-    with safeio.atomic_path(path) as tmp:
-        torch.save(blob, tmp)
-    safeio.write_json(os.path.splitext(path)[0] + ".json", {"config": asdict(cfg), "metrics": dict(metrics or {})},
-                      indent=2, default=str)
-
-
-def load_model(path, cfg_cls, model_cls, stage):
-    """Shared loader: clear errors naming the file and the train.py stage to re-run."""
-    hint = f"re-run the `{stage}` stage of train.py"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found; {hint}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated / not a torch file
-        why = str(e).split("\n")[0][:200]
-        raise BadFileError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {why}); {hint}") from e
-    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
-        raise BadFileError(f"checkpoint {path} lacks 'config'/'state_dict'; {hint}")
-    try:
-        cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in blob["config"].items()})
-        model = model_cls(cfg)
-        model.load_state_dict(blob["state_dict"])
-    except (TypeError, RuntimeError) as e:  # keep the first lines of torch's long report
-        why = " ".join(str(e).split("\n")[:3])[:300]
-        raise BadFileError(f"checkpoint {path} does not match {model_cls.__name__} ({why} ...); {hint}") from e
-    return model.eval()
-
-
 def load_vae(path):
-    return load_model(path, VAEConfig, VAE, "vae")
+    return load_checkpoint(path, VAEConfig, VAE, "vae")
 
 
 # ----------------------------------------------------------------------------- demo
@@ -509,8 +478,6 @@ def judge_reconstructions(vae_path, preset, n=24, seed=5):
     """What the VAE lets through: PSNR and VBench-lite (evaluate.py) of the reconstructions of n
     held-out single-object clips, beside the same clips unreconstructed. A DiT that draws perfect
     latents can score no higher than the reconstructions."""
-    import data
-    import evaluate
     vae = load_vae(vae_path).eval()
     attrs = data.eval_prompts(n)
     video, _ = data.make_clips(data.get_config(preset), attrs, seed=seed, frames=33)  # (n, 3, 33, H, W)
@@ -545,7 +512,6 @@ def main(argv=None):
     size = 32 if args.preset == "tiny" else 64
     vae = VAE(cfg)
     if args.data:
-        import data  # lazy: vae.py does not depend on the toy world
         dcfg = data.get_config(args.preset)
         batch_fn = lambda s: data.make_batch(dcfg, 4, seed=s)[0]
         held = data.make_batch(dcfg, 4, seed=10_000, split="eval")[0]

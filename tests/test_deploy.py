@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import deploy
 import dit
 import mlpackage
 import quantize
+import runs
 import sandwich
 import text
 
@@ -24,7 +26,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_models_for_test(preset="tiny"):
-    """A load_streaming-like dict of random-weight models of a preset. Weights are perturbed so that the
+    """A StreamingSystem of random-weight models of a preset. Weights are perturbed so that the
     zero-initialised AdaLN gates and output head do not make the DiT the identity / v = 0."""
     torch.manual_seed(0)
     cfg = dit.get_config(preset)
@@ -35,8 +37,8 @@ def build_models_for_test(preset="tiny"):
     enc, tok, _ = text.build_text(preset)
     dec = decoder.EfficientDecoder(decoder.get_config(preset)).eval()
     hw = {"tiny": 8, "small": 16}[preset]
-    return {"name": "S2DiT-test", "model": model, "text": enc.eval(), "tokenizer": tok, "decoder": dec,
-            "steps": [2], "shift": 3.0, "t_ctx": 0.1, "latent_hw": hw, "fps": 16, "preset": preset}
+    return runs.StreamingSystem(name="S2DiT-test", model=model, text=enc.eval(), tokenizer=tok, decoder=dec,
+                                steps=2, shift=3.0, t_ctx=0.1, latent_hw=hw, fps=16, preset=preset)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def built(tmp_path_factory):
 def test_export_step_equals_streaming_path():
     """The static-shape ChunkStep + roll == dit.StreamState streaming over 4 chunks (window rolls twice)."""
     models = build_models_for_test()
-    m, cfg = models["model"], models["model"].cfg
+    m, cfg = models.model, models.model.cfg
     step = chunk_step.ChunkStep(m, 8).eval()
     g = torch.Generator().manual_seed(1)
     txt, mask = torch.randn(1, 16, cfg.text_dim, generator=g), torch.zeros(1, 16, dtype=torch.bool)
@@ -77,7 +79,7 @@ def test_export_step_equals_streaming_path():
 
 def test_stateful_wrapper_rolls_like_functional_roll():
     models = build_models_for_test()
-    step = chunk_step.ChunkStep(models["model"], 8).eval()
+    step = chunk_step.ChunkStep(models.model, 8).eval()
     sd = chunk_step.StatefulDiT(step, commit=True)
     caches = step.empty_caches()
     with torch.no_grad():
@@ -144,16 +146,16 @@ def test_emulation_differs_from_float_and_follows_bits():
     """The emulation is not the float model, and 8-bit everywhere is closer than the plan's W4."""
     models = build_models_for_test()
     calib = quantize.capture_calibration(models, quantize.DEFAULT_PROMPTS[:1], 2, 2)
-    scales = quantize.calibrate(chunk_step.ChunkStep(models["model"], 8).eval(), calib)
-    layers = quantize.quant_layers(models["model"])
+    scales = quantize.calibrate(chunk_step.ChunkStep(models.model, 8).eval(), calib)
+    layers = quantize.quant_layers(models.model)
     bs = quantize.get_config("tiny").block_size
     w4 = {n: {"bits": 4, "granularity": quantize.granularity(m, 4, bs)} for n, m in layers.items()}
     w8 = {n: {"bits": 8, "granularity": "per_channel"} for n in layers}
-    f = chunk_step.ChunkStep(models["model"], 8).eval()
+    f = chunk_step.ChunkStep(models.model, 8).eval()
     with torch.no_grad():
         ref = f(*calib[1])[0]
-        p4 = quantize.psnr(ref, quantize.emulate_quantized(models["model"], w4, scales, 8, bs)(*calib[1])[0])
-        p8 = quantize.psnr(ref, quantize.emulate_quantized(models["model"], w8, scales, 8, bs)(*calib[1])[0])
+        p4 = quantize.psnr(ref, quantize.emulate_quantized(models.model, w4, scales, 8, bs)(*calib[1])[0])
+        p8 = quantize.psnr(ref, quantize.emulate_quantized(models.model, w8, scales, 8, bs)(*calib[1])[0])
     assert 15 < p4 < p8 < 80, (p4, p8)
 
 
@@ -195,9 +197,9 @@ def test_compact_names_keeps_the_graph(tmp_path, monkeypatch):
     import shutil
     rename = mlpackage.compact_names
     models = build_models_for_test()
-    m = models["model"]
+    m = models.model
     calib = quantize.capture_calibration(models, quantize.DEFAULT_PROMPTS[:1], 1, 2)
-    scales = quantize.calibrate(chunk_step.ChunkStep(m, models["latent_hw"]).eval(), calib)
+    scales = quantize.calibrate(chunk_step.ChunkStep(m, models.latent_hw).eval(), calib)
     plan = quantize.make_plan(models, {n: float("inf") for n in quantize.quant_layers(m)}, deploy.get_config("tiny"))
     monkeypatch.setattr(deploy, "compact_names", lambda path: None)     # export with coremltools' names
     res = deploy.export_dit(models, str(tmp_path), plan, scales)
@@ -313,9 +315,9 @@ def test_quantized_dit_package_ratio(tmp_path):
     Measured 0.332x; the trained small run (layout L S L L, two switch projections promoted to 8 bits by
     PSNR) 0.343x (RESULTS.md, Core ML bundle)."""
     models = build_models_for_test("small")
-    m = models["model"]
+    m = models.model
     calib = quantize.capture_calibration(models, quantize.DEFAULT_PROMPTS[:1], 1, 2)
-    scales = quantize.calibrate(chunk_step.ChunkStep(m, models["latent_hw"]).eval(), calib)
+    scales = quantize.calibrate(chunk_step.ChunkStep(m, models.latent_hw).eval(), calib)
     plan = quantize.make_plan(models, {n: float("inf") for n in quantize.quant_layers(m)}, deploy.get_config("small"))
     os.makedirs(tmp_path / "fp16")
     res = deploy.export_dit(models, str(tmp_path), plan, scales, deploy.get_config("small").block_size,
@@ -327,8 +329,7 @@ def test_quantized_dit_package_ratio(tmp_path):
 
 
 def test_untraceable_shape_names_the_model(tmp_path):
-    models = build_models_for_test()
-    models["latent_hw"] = 6                     # 3 x 3 tokens: not divisible by the SSA stride
+    models = replace(build_models_for_test(), latent_hw=6)   # 3 x 3 tokens: not divisible by the SSA stride
     with pytest.raises(RuntimeError, match="DiT export failed"):
         deploy.export_dit(models, str(tmp_path), stateless=False)
 

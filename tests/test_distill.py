@@ -11,7 +11,12 @@ import torch.nn as nn
 import dit
 import distill
 import flow
+import kdcache
+import runs
 import sandwich
+import streaming
+import text as text_mod
+import train
 
 
 class Toy(nn.Module):
@@ -79,14 +84,14 @@ def build(d, teacher=None, n=5, calls=None):
         if calls is not None:
             calls.append(k)
         return toy_data(k)
-    return distill.build_cache(teacher, fn, n, str(d), shard_size=2, boundary=0.5, cfg_scale=2.0, seed=3, progress=False)
+    return kdcache.build_cache(teacher, fn, n, str(d), shard_size=2, boundary=0.5, cfg_scale=2.0, seed=3, progress=False)
 
 
 def test_cache_round_trip(tmp_path):
     teacher = Toy()
     info = build(tmp_path, teacher)
     assert info["shards"] == 3 and info["built"] == 3 and info["cache_bytes"] > 0
-    cache = distill.CachedKD(str(tmp_path))
+    cache = kdcache.CachedKD(str(tmp_path))
     assert len(cache) == 5
     with open(tmp_path / "index.json") as f:
         assert [s["count"] for s in json.load(f)["shards"]] == [2, 2, 1]
@@ -98,7 +103,7 @@ def test_cache_round_trip(tmp_path):
     assert torch.equal(b["t_h"][:, :3], b["t_h"][:, :1].expand(-1, 3))          # one t per chunk
     null, null_m = toy_data(0)[3:]
     for s in "hl":                                                              # v is the teacher's CFG velocity
-        v = distill.cfg_predict(teacher, b[f"n_{s}"], b[f"t_{s}"], b["text"], b["mask"], null, null_m, 2.0)
+        v = flow.cfg_predict(teacher, b[f"n_{s}"], b[f"t_{s}"], b["text"], b["mask"], null, null_m, 2.0)
         assert torch.allclose(v, b[f"v_{s}"], atol=1e-6)
     info2 = build(tmp_path / "again", teacher)                                  # same seed -> same bytes
     with open(tmp_path / "index.json") as f1, open(tmp_path / "again" / "index.json") as f2:
@@ -112,7 +117,7 @@ def test_flipped_byte_is_detected(tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    cache = distill.CachedKD(str(tmp_path))
+    cache = kdcache.CachedKD(str(tmp_path))
     cache[0]                                                                    # shard 0 is intact
     with pytest.raises(RuntimeError, match=r"shard_00001\.pt.*re-run the `cache` stage"):
         cache[2]
@@ -123,12 +128,12 @@ def test_truncated_shard_is_detected(tmp_path):
     path = tmp_path / "shard_00000.pt"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(RuntimeError, match=r"shard_00000\.pt.*(corrupt|truncated)"):
-        distill.CachedKD(str(tmp_path)).verify_all()
+        kdcache.CachedKD(str(tmp_path)).verify_all()
 
 
 def test_missing_index_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="index.json"):
-        distill.CachedKD(str(tmp_path))
+        kdcache.CachedKD(str(tmp_path))
 
 
 def test_resume_skips_complete_shards(tmp_path):
@@ -141,12 +146,12 @@ def test_resume_skips_complete_shards(tmp_path):
     assert calls == [1] and info["built"] == 1 and info["skipped"] == 2
     assert os.stat(s0).st_mtime_ns == mtime0                                    # untouched
     assert s1.read_bytes() == bytes1                                            # rebuilt bit for bit
-    distill.CachedKD(str(tmp_path)).verify_all()
+    kdcache.CachedKD(str(tmp_path)).verify_all()
 
 
 def test_kd_speed_comparison_reports_both(tmp_path):
     build(tmp_path)
-    res = distill.kd_speed_comparison(Toy(), Toy(), distill.CachedKD(str(tmp_path)), toy_data, steps=2)
+    res = kdcache.kd_speed_comparison(Toy(), Toy(), kdcache.CachedKD(str(tmp_path)), toy_data, steps=2)
     for k in ("cached", "on_the_fly"):
         assert res[k]["steps_per_s"] > 0 and res[k]["peak_rss_delta_mb"] >= 0
     assert res["speedup"] > 0 and res["weights_ratio"] == pytest.approx(2.0)
@@ -226,7 +231,7 @@ def test_rollout_gradients_reach_only_the_exit_step():
     model = Recorder(tiny_s2dit())
     text, mask = text_inputs()
     ts = flow.few_step_schedule(4, 3.0)
-    out = distill.rollout(model, text, mask, 2, ts, (4, 4, 4), torch.Generator().manual_seed(0), exit_step=2)
+    out = streaming.rollout(model, text, mask, 2, ts, (4, 4, 4), torch.Generator().manual_seed(0), exit_step=2)
     grad_calls = [c for c in model.calls if c[0]]
     assert len(model.calls) == 2 * (3 + 1)                                       # 3 steps + 1 commit per chunk
     assert len(grad_calls) == 2 and all(not c[2] for c in grad_calls)           # the 2 exits, no commit
@@ -243,7 +248,7 @@ def test_rollout_shape_and_seed():
     text, mask = text_inputs(B=2)
     ts = flow.few_step_schedule(2, 3.0)
     with torch.no_grad():
-        run = lambda s: distill.rollout(model, text, mask, 3, ts, (4, 4, 4), torch.Generator().manual_seed(s))
+        run = lambda s: streaming.rollout(model, text, mask, 3, ts, (4, 4, 4), torch.Generator().manual_seed(s))
         a, b, c = run(1), run(1), run(2)
     assert a.shape == (2, 4, 9, 4, 4)
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -255,7 +260,7 @@ def test_rollout_uses_its_cache():
     text, mask = text_inputs()
     ts = flow.few_step_schedule(1, 3.0)
     with torch.no_grad():
-        run = lambda t_ctx: distill.rollout(model, text, mask, 2, ts, (4, 4, 4), torch.Generator().manual_seed(0), t_ctx=t_ctx)
+        run = lambda t_ctx: streaming.rollout(model, text, mask, 2, ts, (4, 4, 4), torch.Generator().manual_seed(0), t_ctx=t_ctx)
         a, b = run(0.0), run(0.5)
     assert torch.equal(a[:, :, :3], b[:, :, :3]) and not torch.allclose(a[:, :, 3:], b[:, :, 3:])
 
@@ -264,7 +269,7 @@ def test_rollout_uses_its_cache():
 def test_ema_matches_formula():
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
-    ema = distill.EMA(model, decay=0.9)
+    ema = flow.EMA(model, decay=0.9)
     expect = {k: p.detach().clone() for k, p in model.named_parameters()}
     for _ in range(3):
         with torch.no_grad():
@@ -290,7 +295,7 @@ def test_fm_loss_cfg_dropout():
             return super().forward(x, t, text, mask)
     for p, expect in ((1.0, null.expand_as(text)), (0.0, text)):
         seen.clear()
-        distill.fm_loss(Spy(), x0, text, mask, null, null_m, p_uncond=p, generator=torch.Generator().manual_seed(0))
+        flow.fm_loss(Spy(), x0, text, mask, null, null_m, p_uncond=p, generator=torch.Generator().manual_seed(0))
         assert torch.equal(seen[0], expect)
 
 
@@ -317,10 +322,8 @@ def test_dmd_stage_distils_one_student_for_its_step_count(tmp_path, monkeypatch,
     """train.py's `dmd` stage distils the student for cfg.sample_steps (n_steps=None); reproduce.py's
     dmd_4step passes 4. Every rollout that trains it runs that schedule (or the GAN's longer T' one),
     and the checkpoint records that one count, the only one stream.py will run it at."""
-    import text as text_mod
-    import train
     cfg = train.get_config("tiny", dmd_steps=2)                                 # GAN on from update 1
-    run = train.Run(str(tmp_path), cfg)
+    run = runs.Run(str(tmp_path), cfg)
     dcfg = dit.get_config("tiny", depth=4)
     encoder, tokenizer, _ = text_mod.build_text("tiny", seed=0)
     torch.manual_seed(0)
@@ -384,12 +387,12 @@ def test_ode_init_teaches_the_student_the_real_scores_ode():
 
     def errors():
         with torch.no_grad():
-            reg = distill.ode_regression_loss(student, xs, x0, text.expand(2, -1, -1), mask.expand(2, -1), ts, cfg.window).item()
-            state, outs = dit.StreamState(cfg.window), []
+            reg = distill.ode_regression_loss(student, xs, x0, text.expand(2, -1, -1), mask.expand(2, -1), ts).item()
+            state, outs = dit.StreamState(student.cfg.window), []
             for f0 in (0, 3):
-                out = distill.denoise_chunk(student, state, xs[:1, 0, :, f0:f0 + 3], text, mask, ts,
+                out = streaming.denoise_chunk(student, state, xs[:1, 0, :, f0:f0 + 3], text, mask, ts,
                                             torch.Generator().manual_seed(1))
-                distill.commit_chunk(student, state, out, text, mask)
+                streaming.commit_chunk(student, state, out, text, mask)
                 outs.append(out)
             return reg, (torch.cat(outs, 2) - x0[:1]).pow(2).mean().item()
     reg0, gen0 = errors()
@@ -416,7 +419,7 @@ def test_train_fm_killed_and_resumed_equals_uninterrupted(tmp_path):
         def hook(step, _):
             if step == kill_at:
                 raise KeyboardInterrupt                                          # as if the process died here
-        return distill.train_fm(model, batch_fn, 6, 1e-3, seed=3, ema_decay=0.9, progress=False, warmup=2,
+        return flow.train_fm(model, batch_fn, 6, 1e-3, seed=3, ema_decay=0.9, progress=False, warmup=2,
                                 decay="cosine", ckpt=ckpt, ckpt_every_s=0.0, hook=hook, hook_every=1)[0]
 
     def toy_inputs(step):
@@ -436,16 +439,16 @@ def test_train_fm_killed_and_resumed_equals_uninterrupted(tmp_path):
 
 
 def test_lr_factor_warmup_then_cosine():
-    assert distill.lr_factor(0, 4, 100, "none") == 0.25 and distill.lr_factor(50, 4, 100, "none") == 1.0
-    assert distill.lr_factor(4, 4, 100, "cosine") == pytest.approx(1.0)
-    assert distill.lr_factor(100, 4, 100, "cosine") == pytest.approx(0.1)
-    assert 0.1 < distill.lr_factor(52, 4, 100, "cosine") < 1.0
+    assert flow.lr_factor(0, 4, 100, "none") == 0.25 and flow.lr_factor(50, 4, 100, "none") == 1.0
+    assert flow.lr_factor(4, 4, 100, "cosine") == pytest.approx(1.0)
+    assert flow.lr_factor(100, 4, 100, "cosine") == pytest.approx(0.1)
+    assert 0.1 < flow.lr_factor(52, 4, 100, "cosine") < 1.0
 
 
 def test_train_kd_killed_and_resumed_equals_uninterrupted(tmp_path):
     build(tmp_path / "cache")
-    cache = distill.CachedKD(str(tmp_path / "cache"))
-    cfg = distill.get_config("tiny", kd_steps=5, kd_batch=2)
+    cache = kdcache.CachedKD(str(tmp_path / "cache"))
+    cfg = distill.get_kd_config("tiny", steps=5, batch=2)
 
     def fit(ckpt=None, kill_at=None, a=0.5):
         student = Toy(a=a)

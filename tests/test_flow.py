@@ -6,6 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dit  # noqa: E402
 import flow  # noqa: E402
 
 MU, SIGMA = 2.0, 0.5
@@ -141,7 +142,7 @@ def test_sample_few_step_one_step_is_posterior_mean_and_seeded():
 
 
 def test_get_config():
-    assert flow.get_config("tiny").chunk == 3
+    assert dit.get_config("tiny").chunk == 3                        # the stream's geometry: the model's config
     assert flow.get_config("small").sample_steps >= flow.get_config("tiny").sample_steps
     with pytest.raises(ValueError, match="tiny"):
         flow.get_config("huge")

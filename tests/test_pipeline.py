@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import runs
 import train
 
 
@@ -12,7 +13,7 @@ import train
 def tiny_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run") / "tiny")
     cfg = train.get_config("tiny")
-    stages = [s for s in train.STAGES if s != "deploy"]   # the Core ML bundle has its own tests (test_deploy.py)
+    stages = [s for s in runs.STAGES if s != "deploy"]   # the Core ML bundle has its own tests (test_deploy.py)
     run, times = train.run_pipeline(out, cfg, stages)
     return run, times, stages
 
@@ -66,7 +67,7 @@ def test_search_budget_comes_from_the_stored_latency_table(tiny_run):
     run, _, _ = tiny_run
     m = run.metrics("search")
     assert m["latency_table_ms"] == search.LATENCY_MS["tiny"]
-    M = train.dit_cfg(run.cfg).depth // 2
+    M = runs.dit_cfg(run.cfg).depth // 2
     t = search.LATENCY_MS["tiny"]
     assert m["budget_ms"] == search.dp_cheapest(M, t["lcha_group_ms"], t["ssa_group_ms"], t["switch_ms"])[(M - 2) // 2][0]
 
@@ -76,22 +77,22 @@ def test_corrupt_or_missing_checkpoint_names_the_stage(tiny_run, tmp_path):
     bad = tmp_path / "pretrain.pt"
     bad.write_bytes(b"garbage")
     with pytest.raises(RuntimeError, match="pretrain"):
-        train.load_model(str(bad), train.ModelSpec, train.build_model, "pretrain")
+        runs.load_model(str(bad), "pretrain")
     with pytest.raises(FileNotFoundError, match="teacher"):
-        train.load_model(str(tmp_path / "teacher.pt"), train.ModelSpec, train.build_model, "teacher")
+        runs.load_model(str(tmp_path / "teacher.pt"), "teacher")
 
 
 def test_streaming_system_of_the_run(tiny_run):
     run, _, _ = tiny_run
-    models = train.load_streaming(run.dir)
+    system = runs.load_streaming(run.dir)
     n = run.cfg.sample_steps                               # the pipeline's student: distilled for sample_steps
-    assert models["name"] == "S2DiT-AR" and models["steps"] == [n] and run.metrics("dmd")["config"]["n_steps"] == n
+    assert system.name == "S2DiT-AR" and system.steps == n and run.metrics("dmd")["config"]["n_steps"] == n
     import stream
-    a = torch.cat([c.frames for c in stream.stream(models, "a red circle moves left", 2, seed=1)], 1)   # default: n
-    b = torch.cat([c.frames for c in stream.stream(models, "a red circle moves left", 2, n, seed=1)], 1)
+    a = torch.cat([c.frames for c in stream.stream(system, "a red circle moves left", 2, seed=1)], 1)   # default: n
+    b = torch.cat([c.frames for c in stream.stream(system, "a red circle moves left", 2, n, seed=1)], 1)
     assert torch.equal(a, b) and a.shape[1] == 21
     with pytest.raises(ValueError, match=f"distilled for {n} denoising steps only, not 4"):
-        stream.check_request(models, "a red circle moves left", 2, 4)
+        stream.check_request(system, "a red circle moves left", 2, 4)
 
 
 def test_shipped_copy_stores_the_dit_in_fp16_and_loads_back(tiny_run, tmp_path):
@@ -99,10 +100,10 @@ def test_shipped_copy_stores_the_dit_in_fp16_and_loads_back(tiny_run, tmp_path):
     up to fp16 rounding, and the copy is a run that load_streaming opens."""
     run, _, _ = tiny_run
     out = str(tmp_path / "shipped")
-    train.ship_weights(run.dir, out)
+    runs.ship_weights(run.dir, out)
     sd = torch.load(os.path.join(out, "dmd.pt"), weights_only=True)["state_dict"]
     assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float16}
-    a, b = train.load_streaming(run.dir)["model"], train.load_streaming(out)["model"]
+    a, b = runs.load_streaming(run.dir).model, runs.load_streaming(out).model
     for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert q.dtype == p.dtype and torch.allclose(p, q, rtol=1e-3, atol=1e-4), k
     assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))

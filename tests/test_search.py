@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import chunk_step
 import dit
 import search
 from search import SuperNet, all_layouts, dp_cheapest, layout_latency
@@ -86,7 +87,7 @@ def test_ste_gradients_reach_router_and_count_constraint_holds():
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam([sup.router], lr=0.2)
     for step in range(4):
-        sup.m = sup.routers(k=2, tau=0.5, generator=g)
+        sup.m = search.sample_routers(sup, k=2, tau=0.5, generator=g)
         assert sup.m[0] == 1 and sup.m[-1] == 1 and sup.m[1:-1].sum().item() == 2     # exactly k in the middle
         assert set(sup.m.detach().tolist()) <= {0.0, 1.0}                           # hard in the forward
         x, t, text, mask = tiny_inputs(cfg, step)
@@ -123,3 +124,24 @@ def test_search_finds_a_planted_layout():
     found, hist = search.run_search(sup, teacher, batch, 1, search.SearchConfig(steps=30, router_lr=0.1),
                                     progress=False, train_weights=False)
     assert found == planted
+
+
+def test_alg1_three_forms_agree():
+    """Alg. 1 is written out three times (sandwich.py says why): the supernet with hard routers, the
+    S2DiT it extracts, and the traced chunk step deploy.py converts. On the same weights and one chunk
+    they give the same velocity (the chunk step returns x0 = x - t v)."""
+    cfg = dit.get_config("tiny")
+    layout = (1, 0, 0, 1)
+    sup = randomise(SuperNet(cfg)).eval()
+    model = sup.extract(layout).eval()
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(1, cfg.in_channels, cfg.chunk, 8, 8, generator=g), 0.7
+    text, mask = torch.randn(1, 5, cfg.text_dim, generator=g), torch.ones(1, 5, dtype=torch.bool)
+    sup.m = torch.tensor(layout, dtype=torch.float32)
+    step = chunk_step.ChunkStep(model, 8).eval()
+    with torch.no_grad():
+        v_sup = sup(x, torch.full((1, cfg.chunk), t), text, mask)
+        v = model(x, torch.full((1, cfg.chunk), t), text, mask)
+        x0, _ = step(x, torch.tensor([t]), text, mask.int(), *step.empty_caches())
+    assert torch.allclose(v_sup, v, atol=1e-6), (v_sup - v).abs().max()
+    assert torch.allclose(x0, x - t * v, atol=1e-5), (x0 - (x - t * v)).abs().max()

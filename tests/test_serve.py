@@ -149,8 +149,8 @@ def test_each_student_is_offered_by_its_step_count(tmp_path):
         c = s.next("chunk")
         assert c["ms"]["dit_per_step"] == pytest.approx(c["ms"]["dit_steps"] / 4, abs=0.1)
         s.close()
-        assert wait_idle(srv) and srv.app.loaded[None]["stage"] == "dmd"
-        assert srv.app.loaded["dmd_4step"]["steps"] == [4]
+        assert wait_idle(srv) and srv.app.loaded[None].stage == "dmd"
+        assert srv.app.loaded["dmd_4step"].steps == 4
     finally:
         srv.app.close()
         srv.shutdown()
@@ -268,7 +268,7 @@ def test_a_stream_ends_at_max_chunks(tiny):
 
 
 def test_a_failing_generation_is_an_error_line_and_the_server_goes_on(tiny, monkeypatch):
-    dec = tiny.app.loaded[tiny.app.students[2]]["decoder"]
+    dec = tiny.app.loaded[tiny.app.students[2]].decoder
 
     def broken(*a, **k):
         raise RuntimeError("decoder exploded")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import runs
 import stream
 import train
 
@@ -20,12 +21,12 @@ def test_shipped_weights_are_small_enough():
 
 
 def test_shipped_weights_load_and_stream_deterministic_prompt_dependent_video():
-    models = train.load_streaming(WEIGHTS)
+    system = runs.load_streaming(WEIGHTS)
     # the shipped student was distilled for the pipeline's sample_steps = 2; stream.py's default --steps
-    assert models["name"] == "S2DiT-AR" and models["steps"] == [2]
+    assert system.name == "S2DiT-AR" and system.steps == 2
     prompts = [data.canonical_prompt(*a) for a in data.eval_prompts(2)]
     with torch.no_grad():
-        run = lambda p, seed: torch.cat([c.frames for c in stream.stream(models, p, 3, seed=seed)], dim=1)
+        run = lambda p, seed: torch.cat([c.frames for c in stream.stream(system, p, 3, seed=seed)], dim=1)
         a, a2, b = run(prompts[0], 0), run(prompts[0], 0), run(prompts[1], 0)
     assert a.shape == (3, 33, 64, 64) and torch.isfinite(a).all()
     assert torch.equal(a, a2)                        # same seed, same video
@@ -46,10 +47,10 @@ def test_readme_commands_stream_the_shipped_weights_and_refuse_other_step_counts
 def test_shipped_weights_follow_their_prompts_above_chance():
     """The floor is chance level, derived from the toy world, not tuned: (1/7 + 1/4 + 1/6) / 3 = 0.19.
     The same measurement as train.py's `sample` stage (12 held-out prompts, 3 chunks, 2 steps, seed 0)."""
-    models = train.load_streaming(WEIGHTS)
+    system = runs.load_streaming(WEIGHTS)
     chance = (1 / len(data.COLORS) + 1 / len(data.SHAPES) + 1 / len(data.MOTIONS)) / 3
     with torch.no_grad():
-        s = train.evaluate_model(models, 12, 2, seed=0)
+        s = train.evaluate_model(system, 12, 2, seed=0)
     assert s["semantic"] > chance, (s["semantic"], chance)
     assert s["color_acc"] > 2 / len(data.COLORS), s["color_acc"]   # colour, the easiest attribute: twice chance
 

@@ -1,6 +1,8 @@
 """stream.py: streamed generation == non-streamed block-causal generation; constant memory and time per
 chunk; determinism; clear errors before any work."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn as nn
@@ -8,13 +10,14 @@ import torch.nn as nn
 import decoder as dec_mod
 import dit
 import flow
+import runs
 import sandwich
 import stream
 import text as text_mod
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def tiny_models(layout=(1, 0, 0, 1), steps=(2,)):                    # a student distilled for 2 steps
+def tiny_models(layout=(1, 0, 0, 1), steps=2):                    # a student distilled for 2 steps
     torch.manual_seed(0)
     cfg = dit.get_config("tiny")
     model = sandwich.S2DiT(cfg, layout)
@@ -23,9 +26,8 @@ def tiny_models(layout=(1, 0, 0, 1), steps=(2,)):                    # a student
             nn.init.normal_(p, std=0.05)
     encoder, tokenizer, _ = text_mod.build_text("tiny", seed=0)
     dec = dec_mod.EfficientDecoder(dec_mod.get_config("tiny"))
-    return {"name": "test", "model": model.eval(), "text": encoder.eval(), "tokenizer": tokenizer,
-            "decoder": dec.eval(), "steps": list(steps), "shift": 3.0, "t_ctx": 0.0, "latent_hw": 8,
-            "fps": 16, "preset": "tiny"}
+    return runs.StreamingSystem(name="test", model=model.eval(), text=encoder.eval(), tokenizer=tokenizer,
+                                decoder=dec.eval(), steps=steps, shift=3.0, t_ctx=0.0, latent_hw=8, fps=16, preset="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,9 @@ def test_stream_equals_non_streamed_block_causal_generation(models):
     chunks = list(stream.stream(models, "a red circle moves left", n, steps, seed=3, window=n))
     streamed = torch.stack([c.latents for c in chunks], 0)              # (n, C, 3, h, w)
     text, mask = stream.encode_prompt(models, "a red circle moves left")
-    ts = flow.few_step_schedule(steps, models["shift"])
+    ts = flow.few_step_schedule(steps, models.shift)
     with torch.no_grad():
-        ref = stream.reference_generation(models["model"], text, mask, n, ts, 8, seed=3)  # (1, C, 3n, h, w)
+        ref = stream.reference_generation(models.model, text, mask, n, ts, 8, seed=3)  # (1, C, 3n, h, w)
     ref = ref[0].reshape(ref.shape[1], n, 3, 8, 8).transpose(0, 1)      # (n, C, 3, h, w)
     assert torch.allclose(streamed, ref, atol=1e-4), (streamed - ref).abs().max()
     # the first chunk decodes to 9 frames (1 + 4 + 4), later ones to 12
@@ -77,8 +79,8 @@ def test_constant_memory_and_time_per_chunk(models):
     FLOPs at chunk 100 as at chunk 5, and the same wall-clock time within 15% (timed alternately,
     best of 9 each, so a load spike on the machine hits both alike)."""
     import copy
-    from distill import commit_chunk, denoise_chunk
-    model, cfg = models["model"], models["model"].cfg
+    from streaming import commit_chunk, denoise_chunk
+    model, cfg = models.model, models.model.cfg
     text, mask = stream.encode_prompt(models, "a red circle moves left")
     ts = flow.few_step_schedule(2, 3.0)
     state = dit.StreamState(window=2)
@@ -145,7 +147,7 @@ def test_errors_before_any_work(models, tmp_path):
         assert "--steps 2" in str(e.value) and "--stage dmd_1step / dmd_4step" in str(e.value)   # what to do instead
     with pytest.raises(ValueError, match="not 4"):
         next(stream.stream(models, "a red circle moves left", 3, 4))
-    stream.check_request({**models, "steps": None}, "a red circle moves left", 3, 4)   # KD / Pretrained: any count
+    stream.check_request(replace(models, steps=None), "a red circle moves left", 3, 4)   # KD / Pretrained: any count
     with pytest.raises(ValueError, match=".gif or .mp4"):
         stream.check_request(models, "a red circle moves left", 3, 2, out=str(tmp_path / "x.avi"))
     blocker = tmp_path / "file"
