@@ -113,11 +113,11 @@ def test_reproduce_distils_a_student_per_step_count_once_and_drops_stale_tables(
     import reproduce
     run, _, _ = tiny_run
     one = reproduce.student(run, "dmd_1step", 1)                       # Tab. A1's 1-step student, trained here
-    assert one["steps"] == [1] and one["name"] == "S2DiT-AR (dmd_1step)"
+    assert one.steps == 1 and one.name == "S2DiT-AR (dmd_1step)"
     assert run.metrics("dmd_1step")["config"]["n_steps"] == 1
     marker = run.path("dmd_1step.done.json")
     stamp = os.path.getmtime(marker)
-    assert reproduce.student(run, "dmd_1step", 1)["steps"] == [1] and os.path.getmtime(marker) == stamp  # reused
+    assert reproduce.student(run, "dmd_1step", 1).steps == 1 and os.path.getmtime(marker) == stamp  # reused
     with pytest.raises(ValueError, match="not 4"):                     # the pipeline's student is never re-purposed
         reproduce.student(run, "dmd", 4)
     # a reproduce.json from the single-student days: the tables that streamed it are dropped, the rest kept
