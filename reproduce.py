@@ -28,6 +28,7 @@ import os
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import replace
 
@@ -328,6 +329,13 @@ def md(head, rows):
                      + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
+def wrapped(paragraph):
+    """Prose wrapped at 100 columns as the report's; a table as it is."""
+    if paragraph.startswith("|"):
+        return paragraph
+    return textwrap.fill(paragraph, 100, break_on_hyphens=False, break_long_words=False)
+
+
 def millions(params):
     return f"{params / 1e6:.2f}M"
 
@@ -554,7 +562,7 @@ def write_results(path, res):
     written = [name for name, (table, _, _) in BLOCKS.items() if table in res]
     for name in written:
         _, heading, paragraphs = BLOCKS[name]
-        body = "\n\n".join(p for p in paragraphs(res) if p)
+        body = "\n\n".join(wrapped(p) for p in paragraphs(res) if p)
         begin, end = marker(name), marker(name, end=True)
         if begin in text:
             text = text[:text.index(begin) + len(begin)] + f"\n{body}\n" + text[text.index(end):]

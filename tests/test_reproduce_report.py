@@ -2,6 +2,9 @@
 
 A small synthetic `res` (the shape reproduce.compute stores in <run>/reproduce.json) stands for a run, so
 these tests take well under a second."""
+import os
+import re
+
 import pytest
 
 import reproduce
@@ -74,11 +77,14 @@ def test_a_block_is_replaced_and_the_text_around_it_kept_byte_for_byte(res, tmp_
     assert text.startswith(BEFORE + begin) and CURVES in text and "old toy table" not in text
     assert text[text.index(end):].startswith(end + AFTER)          # the paper's table and curves.py's block follow
     body = text[text.index(begin) + len(begin):text.index(end)]
+    assert body.startswith("\nn = 12 held-out prompts") and body.endswith("(1/12 = 0.08).\n")
+    assert max(len(line) for line in body.splitlines() if not line.startswith("|")) <= 100   # prose wrapped
+    prose = " ".join(body.split())
     assert "n = 12 held-out prompts, one video each. Made by `python reproduce.py --run runs/small` on 2026-12-03, " \
-           "commit abc1234." in body
+           "commit abc1234." in prose
     assert "| S2DiT-AR | 3.30M | streaming, 2 steps | 0.67 [0.39, 0.86] | 0.25 [0.09, 0.53] | 0.00 [0.00, 0.24] | 0.31 |" in body
     assert "| S2DiT-KD | 0.64 | 0.87 | 0.67 [0.39, 0.86] | 0.18 | 0.76 | 0.76 |" in body
-    assert "Toy: total 0.76 vs 0.72, a tie, within one video's change (1/12 = 0.08)." in body
+    assert "Toy: total 0.76 vs 0.72, a tie, within one video's change (1/12 = 0.08)." in prose
     reproduce.write_results(str(path), res)                          # again: nothing appended twice
     assert path.read_text() == text
 
@@ -131,6 +137,7 @@ def test_every_block_rounds_and_states_its_sample_count(res, tmp_path):
     path = tmp_path / "RESULTS.md"
     reproduce.write_results(str(path), res)
     text = path.read_text()
+    prose = " ".join(text.split())
     for row in ("| 1 | `dmd_1step` | 0.67 [0.39, 0.86] | 0.25 [0.09, 0.53] | 0.00 [0.00, 0.24] | 0.67 [0.39, 0.86] |",
                 "| searched = hourglass | `L S L L` | 14.9 | yes | **0.24** |", "| all-LCHA | `L L L L` | 17.8 | no | 0.32 |",
                 "| LCHA | 3.30M | 0.38 | **0.361** | 22.8 |",
@@ -142,11 +149,25 @@ def test_every_block_rounds_and_states_its_sample_count(res, tmp_path):
         assert row in text, row
     for line in ("n = 8 held-out clips of 33 frames. Made by", "n = 4 held-out prompts, one stream of 357 frames each.",
                  "8 chunks of the first held-out prompt, mean per chunk.", "Budget 14.9 ms, k = 1. Made by"):
-        assert line in text, line
+        assert line in prose, line
     assert "Toy: total 0.68 / 0.67 / 0.62, a tie, within one video's change (1/12 = 0.08); dynamic degree " \
-           "0.67 / 0.67 / 0.67, a tie (the 95% intervals overlap)." in text
-    assert "Toy: total 0.67 vs 0.66, a tie, within one video's change" in text      # Tab. A7
-    assert "holds: " not in text                                     # the old "holds: ..." verdicts are gone
+           "0.67 / 0.67 / 0.67, a tie (the 95% intervals overlap)." in prose
+    assert "Toy: total 0.67 vs 0.66, a tie, within one video's change" in prose     # Tab. A7
+    assert "holds: " not in prose                                    # the old "holds: ..." verdicts are gone
+
+
+def test_the_report_has_every_block_and_keeps_its_prose(res, tmp_path):
+    """RESULTS.md itself: every block is marked (a run appends nothing), and writing a run into a copy
+    changes nothing outside the blocks, the paper's tables and curves.py's blocks included."""
+    with open(os.path.join(os.path.dirname(reproduce.__file__), "RESULTS.md")) as f:
+        before = f.read()
+    path = tmp_path / "RESULTS.md"
+    path.write_text(before)
+    reproduce.write_results(str(path), res)
+    after = path.read_text()
+    blocks = re.compile(r"(<!-- reproduce.py (\w+): begin -->).*?(<!-- reproduce.py \2: end -->)", re.S)
+    assert sorted(m[2] for m in blocks.finditer(before)) == sorted(reproduce.BLOCKS)
+    assert blocks.sub(r"\1\3", after) == blocks.sub(r"\1\3", before) and after != before
 
 
 def test_an_ordering_is_a_tie_inside_the_noise_only():
