@@ -4,6 +4,7 @@ A small synthetic `res` (the shape reproduce.compute stores in <run>/reproduce.j
 these tests take well under a second."""
 import os
 import re
+import shutil
 
 import pytest
 
@@ -154,6 +155,27 @@ def test_every_block_rounds_and_states_its_sample_count(res, tmp_path):
            "0.67 / 0.67 / 0.67, a tie (the 95% intervals overlap)." in prose
     assert "Toy: total 0.67 vs 0.66, a tie, within one video's change" in prose     # Tab. A7
     assert "holds: " not in prose                                    # the old "holds: ..." verdicts are gone
+
+
+def test_reproduce_writes_the_blocks_of_the_tables_it_has(tmp_path):
+    """main() on a run of which only JSON is read (Tab. A2 is the decoder stage's metrics: the shipped
+    weights' files): the block comes with the command, today's date and the run's numbers, and the other
+    blocks wait for their tables."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in ("pipeline.json", "decoder.done.json"):
+        shutil.copy(os.path.join(os.path.dirname(reproduce.__file__), "weights", "small", f), run / f)
+    out = tmp_path / "RESULTS.md"
+    out.write_text(report("\nold\n"))
+    reproduce.main(["--run", str(run), "--tables", "taba2", "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith(report("\nold\n").split(reproduce.marker("tab1", end=True))[0])   # Tab. 1 not computed
+    block = text[text.index(reproduce.marker("taba2")):]
+    assert "| this run's (`small` preset) | 2000 | 0.25M vs 1.00M (3.9x fewer) | 56.3 / 24.5 (2.3x faster) | " \
+           "28.2 / 24.5 | 0.91 / 0.88 |" in block
+    made = reproduce.stamp(["--run", str(run), "--tables", "taba2", "--out", str(out)])
+    assert f"Made by `{made['cmd']}` on {made['date']}" in " ".join(block.split())
+    assert re.fullmatch(r"[0-9a-f]{4,}|", made["commit"])
 
 
 def test_the_report_has_every_block_and_keeps_its_prose(res, tmp_path):
