@@ -81,10 +81,11 @@ def sample_ar(models, prompts, steps, chunks=3, seed=0):
 
 
 def score(videos, prompts, seed=0):
+    """VBench-lite to 3 decimals, and n, the videos scored (the report's intervals need it)."""
     s = evaluate.score_videos(videos, prompts, seed=seed)
-    return {"n": s["n"]} | {k: round(float(s[k]), 3) for k in ("color_acc", "shape_acc", "direction_acc", "semantic",
-                                                 "quality", "total", "fvd", "subject_consistency",
-                                                 "background_consistency", "dynamic_degree") if k in s}
+    return {"n": s["n"], **{k: round(float(s[k]), 3) for k in ("color_acc", "shape_acc", "direction_acc", "semantic",
+                                                                 "quality", "total", "fvd", "subject_consistency",
+                                                                 "background_consistency", "dynamic_degree") if k in s}}
 
 
 def streaming_models(run, stage, steps=None):
@@ -244,7 +245,8 @@ def table_a6(run, n, chunks, seed):
                                  ("all-attention AR (T_theta, no DMD, 8 steps)", base, 8)):
         v = sample_ar(models, prompts, steps, chunks=chunks, seed=seed)
         s = evaluate.score_videos(v, prompts, seed=seed)
-        rows[label] = {"streams": len(prompts), "frames": v.shape[2], "subject_consistency": round(s["subject_consistency"], 3),
+        rows[label] = {"streams": len(prompts), "frames": v.shape[2],
+                       "subject_consistency": round(s["subject_consistency"], 3),
                        "background_consistency": round(s["background_consistency"], 3),
                        "semantic": round(s["semantic"], 3)}
     return rows
@@ -298,7 +300,8 @@ def compute(name, run, args, out_dir):
 # around the blocks (its prose, the paper's tables, curves.py's blocks) stays byte for byte; a block not
 # yet in the file is appended at its end under a heading. Rates carry their 95% Wilson interval; the
 # line above a table gives its sample count, the command, the date and the commit.
-RATES = {"color_acc": "colour", "shape_acc": "shape", "direction_acc": "direction", "dynamic_degree": "dynamic degree"}
+RATES = {"color_acc": "colour", "shape_acc": "shape", "direction_acc": "direction",         # fractions of n videos
+         "dynamic_degree": "dynamic degree"}
 SCORES = {"subject_consistency": "subject consistency", "background_consistency": "background consistency",
           "fvd": "FVD-lite (lower is better)", "semantic": "semantic", "quality": "quality", "total": "total"}
 VBENCH = [*RATES, "subject_consistency", "background_consistency", "fvd", "semantic", "quality", "total"]
@@ -317,15 +320,19 @@ def n_videos(rows, res):
 
 def vbench(r, keys, n):
     """One row's VBench-lite cells: rates with their interval, composite scores to 2 decimals."""
-    return [rate(r[k], r.get("n", n)) if k in RATES else "" if r.get(k) is None else f"{r[k]:.2f}" for k in keys]
+    def cell(k):
+        if r.get(k) is None:                                            # FVD-lite of a single video
+            return ""
+        return rate(r[k], r.get("n", n)) if k in RATES else f"{r[k]:.2f}"
+    return [cell(k) for k in keys]
 
 
 def head(keys):
     return [RATES.get(k) or SCORES[k] for k in keys]
 
 
-def md(head, rows):
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def md(columns, rows):
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
                      + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
@@ -362,7 +369,9 @@ def ordering(values, n, is_rate=False):
         return "does not hold"
     if all(b > a and apart(a, b) for a, b in steps):
         return "holds"
-    return "a tie (the 95% intervals overlap)" if is_rate else f"a tie, within one video's change (1/{n} = {1 / n:.2f})"
+    if is_rate:
+        return "a tie (the 95% intervals overlap)"
+    return f"a tie, within one video's change (1/{n} = {1 / n:.2f})"
 
 
 def holds(cond):
@@ -422,23 +431,24 @@ def block_taba7(res):
     with_teacher, without = (r["total"] for r in a7.values())
     return [made(res, "taba7", f"n = {n} held-out prompts, one video each"),
             md(["model", *head(VBENCH)], [[name, *vbench(r, VBENCH, n)] for name, r in a7.items()]),
-            f"*Paper's ordering:* with the teacher > without (total 83.26 vs 83.04). Toy: total {with_teacher:.2f} vs "
-            f"{without:.2f}, {ordering([without, with_teacher], n)}."]
+            "*Paper's ordering:* with the teacher > without (total 83.26 vs 83.04). Toy: total "
+            f"{with_teacher:.2f} vs {without:.2f}, {ordering([without, with_teacher], n)}."]
 
 
 def block_tab3a(res):
     t3 = res["tab3"]
-    names = {}                                                          # one row per layout: "searched = hourglass"
+    rows = {}                                                           # one row per layout: "searched = hourglass"
     for name, r in t3["layouts"].items():
-        names.setdefault(r["layout"], []).append(name)
-    rows = [t3["layouts"][same[0]] for same in names.values()]
-    searched = t3["layouts"]["searched"]["eq10_loss"]
+        rows.setdefault(r["layout"], {**r, "names": []})["names"].append(name)
+    rows = list(rows.values())
+    best_within_budget = min(r["eq10_loss"] for r in rows if r["fits_budget"])
     return [made(res, "tab3", f"Budget {t3['budget_ms']:.1f} ms, k = {t3['k']}"),
             md(["layout", "groups", "latency (ms)", "within budget", "Eq. 10 loss"],
-               [[" = ".join(same), f"`{' '.join(layout)}`", f"{r['latency_ms']:.1f}", "yes" if r["fits_budget"] else "no", loss]
-                for (layout, same), r, loss in zip(names.items(), rows, lowest_in_bold([r["eq10_loss"] for r in rows], 2))]),
+               [[" = ".join(r["names"]), f"`{' '.join(r['layout'])}`", f"{r['latency_ms']:.1f}",
+                 "yes" if r["fits_budget"] else "no", loss]
+                for r, loss in zip(rows, lowest_in_bold([r["eq10_loss"] for r in rows], 2))]),
             "*Paper's claim:* the searched sandwich beats single-attention and hourglass layouts at equal latency "
-            f"(numbers not available to us). Toy: {holds(searched <= min(r['eq10_loss'] for r in rows if r['fits_budget']))}, "
+            f"(numbers not available to us). Toy: {holds(t3['layouts']['searched']['eq10_loss'] <= best_within_budget)}, "
             "the searched layout has the lowest Eq. 10 loss within budget (one evaluation)."]
 
 
@@ -475,8 +485,9 @@ def block_bench(res):
     label = {"attention": "all-attention DiT", "sana": "SANA-style linear DiT",
              "s2dit": f"S2DiT (`{' '.join('L' if m else 'S' for m in sandwich.DEFAULT_LAYOUT[b['preset']])}`)"}
     slope = b["loglog_slope"]
+    sizes = [f"{tokens} tokens ({px} px), ms" for tokens, px in zip(b["tokens"], b["frame_px"])]
     return [made(res, "bench", f"One forward of one chunk, median of 5, {b['threads']} threads"),
-            md(["model", *(f"{tok} tokens ({px} px), ms" for tok, px in zip(b["tokens"], b["frame_px"])), "log-log slope"],
+            md(["model", *sizes, "log-log slope"],
                [[label.get(k, k), *(f"{ms:.1f}" for ms in v), f"{slope[k]:.2f}"] for k, v in b["latency_ms"].items()]),
             "*Paper:* full attention runs out of memory on the phone where LCHA takes 900 ms (Tab. A5). Toy: "
             f"{holds(slope['s2dit'] <= 1.2 and slope['s2dit'] < slope['attention'])}, S2DiT grows near-linearly "
@@ -495,8 +506,8 @@ def block_taba2(res):
                  f"{millions(eff['params'])} vs {millions(ref['params'])} ({fewer:.1f}x fewer)",
                  f"{ref['latency_ms_per_chunk']:.1f} / {eff['latency_ms_per_chunk']:.1f} ({faster:.1f}x faster)",
                  f"{ref['psnr']:.1f} / {eff['psnr']:.1f}", f"{ref['ssim']:.2f} / {eff['ssim']:.2f}"]]),
-            "*Paper:* the efficient decoder is 4x smaller, real time, 0.45 dB below the VAE decoder (31.71 vs 32.16 dB). "
-            f"Toy: {fewer:.1f}x smaller, {faster:.1f}x faster, {ref['psnr'] - eff['psnr']:.1f} dB below."]
+            "*Paper:* the efficient decoder is 4x smaller, real time, 0.45 dB below the VAE decoder (31.71 vs "
+            f"32.16 dB). Toy: {fewer:.1f}x smaller, {faster:.1f}x faster, {ref['psnr'] - eff['psnr']:.1f} dB below."]
 
 
 def block_taba3(res):
@@ -508,17 +519,18 @@ def block_taba3(res):
                [[k.split()[0], f"`{r['student']}`", *(f"{r[c]:.1f}" for c in ("text_encoder_ms", "dit_per_step_ms",
                  "commit_ms", "decoder_ms", "chunk_ms")), f"{r['fps']:.0f}"] for k, r in a3.items()]),
             "*Paper:* 1124 ms per chunk at 4 steps on an iPhone 16 Pro Max, 10.7 FPS. Toy: "
-            f"{holds(all(r['fps'] > 16 for r in a3.values()))}, every student streams faster than the 16 FPS playback."]
+            f"{holds(all(r['fps'] > 16 for r in a3.values()))}, every student streams faster than the 16 FPS "
+            "playback."]
 
 
 def block_taba6(res):
     a6 = res["taba6"]
-    first = next(iter(a6.values()))
+    first = next(iter(a6.values()))                                     # streams: not in stores before it was kept
     count = "streams" in first and f"n = {first['streams']} held-out prompts, one stream of {first['frames']} frames each"
+    scores = ["subject_consistency", "background_consistency", "semantic"]
     return [made(res, "taba6", count),
-            md(["model", "streams", "frames", "subject consistency", "background consistency", "semantic"],
-               [[name, r.get("streams", ""), r["frames"], *vbench(r, ["subject_consistency", "background_consistency",
-                                                                       "semantic"], None)] for name, r in a6.items()]),
+            md(["model", "streams", "frames", *head(scores)],
+               [[name, r.get("streams", ""), r["frames"], *vbench(r, scores, None)] for name, r in a6.items()]),
             "*Paper:* S2DiT-AR keeps 30-second videos as consistent as the server-side AR model (subject consistency "
             "95.03 vs 95.05); compare the rows."]
 
