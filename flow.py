@@ -225,9 +225,12 @@ def cfg_predict(model, x, t, text, mask, null_text, null_mask, scale, **kw):
     return cfg_velocity(v_c, v_u, scale)
 
 
-def fm_loss(model, x0, text, mask, null_text, null_mask, p_uncond=0.1, generator=None, shift=1.0, boundary=None):
+def fm_loss(model, x0, text, mask, null_text, null_mask, weight=None, p_uncond=0.1, generator=None, shift=1.0,
+            boundary=None):
     """Flow matching with per-chunk t (diffusion forcing) and CFG dropout:
         L = E || V(x_t, t, e) - (eps - x0) ||^2,   x_t = (1 - t) x0 + t eps,  t independent per chunk.
+    weight (B, 1, T, h, w), optional: a per-latent-pixel weight of the squared error, normalised by
+    its mean so the loss keeps its scale (runs.PipelineConfig.object_weight).
     # DEVIATION: the paper's KD model is bidirectional; ours (teacher, T_theta, S2DiT-Pretrained) is
     # block-causal with per-chunk t from the start, so the same network can denoise a chunk next to
     # clean context (the DMD stage still starts with Self-Forcing's ODE regression, ode_init)."""
@@ -244,7 +247,9 @@ def fm_loss(model, x0, text, mask, null_text, null_mask, p_uncond=0.1, generator
     text = torch.where(drop[:, None, None], _batch_null(null_text, B), text)    # (B, L, Dt)
     mask = torch.where(drop[:, None], _batch_null(null_mask, B), mask)          # (B, L)
     v = model(x_t, t, text, mask, causal=True)                                  # (B, C, T, h, w)
-    return F.mse_loss(v, velocity_target(x0, eps))
+    if weight is None:
+        return F.mse_loss(v, velocity_target(x0, eps))
+    return (weight * (v - velocity_target(x0, eps)) ** 2).mean() / weight.mean()
 
 
 class EMA:
