@@ -71,8 +71,10 @@ def prompt_sets(n):
 
 
 @torch.no_grad()
-def sample_videos(model, run, combos, chunks, seeds, scale, steps, shift):
-    """Whole-window Euler + CFG (one t for every frame) -> decoded videos (B, 3, F, H, W), prompts."""
+def sample_videos(model, run, combos, chunks, seeds, scale, steps, shift, streamed=False):
+    """Euler + CFG -> decoded videos (B, 3, F, H, W), prompts. Whole window: one t for every frame.
+    streamed: chunk by chunk as a stream is made, each chunk denoised next to the clean chunks
+    before it (t = 0 there), so later chunks must continue the motion the first one started."""
     encoder, tokenizer = run.text()
     n_text, n_mask = run.null_text()
     prompts = [data.canonical_prompt(*c) for c in combos for _ in range(seeds)]
@@ -81,9 +83,19 @@ def sample_videos(model, run, combos, chunks, seeds, scale, steps, shift):
     g = torch.Generator().manual_seed(1234)                          # the same noise at every point
     noise = torch.randn(len(prompts), model.cfg.in_channels, T, hw, hw, generator=g)
     B = len(prompts)
-    v_fn = lambda x, t: flow.cfg_predict(model, x, t[:, None].expand(B, T), tokens, mask,  # noqa: E731
-                                            n_text, n_mask, scale, causal=True)
-    z = flow.sample_euler(v_fn, noise, steps, shift)                 # (B, C, T, h, w)
+    if not streamed:
+        v_fn = lambda x, t: flow.cfg_predict(model, x, t[:, None].expand(B, T), tokens, mask,  # noqa: E731
+                                                n_text, n_mask, scale, causal=True)
+        z = flow.sample_euler(v_fn, noise, steps, shift)             # (B, C, T, h, w)
+        return run.vae().decode(z).clamp(-1, 1), prompts
+    c, z = model.cfg.chunk, noise[:, :, :0]                          # the clean chunks so far
+    for k in range(chunks):
+        def v_fn(x, t, ctx=z):                                       # velocity of the new chunk only
+            tt = torch.cat([torch.zeros(B, ctx.shape[2]), t[:, None].expand(B, c)], 1)       # (B, T_k)
+            v = flow.cfg_predict(model, torch.cat([ctx, x], 2), tt, tokens, mask, n_text, n_mask, scale,
+                                 causal=True)
+            return v[:, :, ctx.shape[2]:]
+        z = torch.cat([z, flow.sample_euler(v_fn, noise[:, :, k * c:(k + 1) * c], steps, shift)], 2)
     return run.vae().decode(z).clamp(-1, 1), prompts
 
 
@@ -394,6 +406,8 @@ def main(argv=None):
     p.add_argument("--svg", default="assets/curves.svg", help="where --report writes the plot")
     p.add_argument("--results", default=None, help="with --report: also put the table and plot into this "
                    "Markdown file (RESULTS.md), between its curves markers")
+    p.add_argument("--block", default="curves", help="with --results: the name of the block (its markers) the "
+                   "report goes into, so curves of another protocol get their own")
     p.add_argument("--chain", default=None, help="score every stage of this run's chain (T_theta ... S2DiT-AR) "
                    "on the same seen and held-out prompts and exit")
     p.add_argument("--bench", action="store_true", help="print the training step's GFLOP/s against the matmul peak and exit")
@@ -418,8 +432,9 @@ def main(argv=None):
         print(f"\nplot: {args.svg}")
         if args.results:
             rel = os.path.relpath(args.svg, os.path.dirname(os.path.abspath(args.results)))
-            write_block(args.results, f"Made by `python curves.py --report {args.report} --results {args.results}` "
-                        f"on {time.strftime('%Y-%m-%d')}.\n\n![learning curves]({rel})\n\n{table(logs)}")
+            write_block(args.results, f"Made by `python curves.py --report {args.report} --results {args.results} "
+                        f"--block {args.block}` "
+                        f"on {time.strftime('%Y-%m-%d')}.\n\n![learning curves]({rel})\n\n{table(logs)}", args.block)
         return
     if not args.run:
         p.error("--run DIR is required (or --report FOLDER)")

@@ -242,33 +242,50 @@ def ode_regression_loss(student, xs, x0, text, mask, ts):
     return torch.stack(losses).mean()
 
 
-def ode_init(student, real_score, batch_fn_text, cfg, generator, progress=True):
+def ode_init(student, real_score, batch_fn_text, cfg, generator, progress=True, ckpt=None, ckpt_every_s=180.0):
     """Self-Forcing's initialisation: cfg.ode_pairs ODE trajectories of the real score (prompts from
     batch_fn_text, drawn at steps past the DMD loop's), then cfg.ode_updates regression updates.
-    Trains `student` in place; returns metrics."""
+    Trains `student` in place; returns metrics.
+    ckpt: a file both phases save themselves to every ckpt_every_s seconds (the pairs so far, then the
+    student and its optimizer, with the noise generator) and resume from, bit-identically."""
     shape = (student.cfg.in_channels, *cfg.latent_hw)
     ts = flow.few_step_schedule(cfg.n_steps, cfg.shift)
     n_frames = cfg.n_chunks * chunk_frames(student)
-    t0, xs, x0, texts, masks, i = time.time(), [], [], [], [], 0
-    bar = tqdm(total=cfg.ode_pairs, desc="ode pairs", disable=not progress)
-    while sum(len(x) for x in x0) < cfg.ode_pairs:
-        text, mask = batch_fn_text(ODE_BATCHES + i)[:2]
-        i += 1
+    saver = Checkpoint(ckpt, ckpt_every_s)
+    _, st = saver.load()
+    st = st or {"pairs": [], "update": 0, "losses": [], "seconds": 0.0}
+    if "generator" in st:
+        generator.set_state(st["generator"])
+    t0, pairs = time.time() - st["seconds"], st["pairs"]               # pairs: [(xs, x0, text, mask)] per batch
+    save = lambda **more: saver.maybe_save(len(pairs) + len(st["losses"]), lambda: {  # noqa: E731
+        "pairs": pairs, "generator": generator.get_state(), "seconds": time.time() - t0, **more})
+    done = lambda: sum(len(p[1]) for p in pairs)                        # noqa: E731
+    bar = tqdm(total=cfg.ode_pairs, initial=min(done(), cfg.ode_pairs), desc="ode pairs", disable=not progress)
+    while done() < cfg.ode_pairs:
+        text, mask = batch_fn_text(ODE_BATCHES + len(pairs))[:2]
         a, b = ode_trajectories(real_score, text, mask, shape, n_frames, ts, cfg.ode_steps, cfg.shift, generator)
-        xs.append(a), x0.append(b), texts.append(text), masks.append(mask)
+        pairs.append((a, b, text, mask))
         bar.update(len(b))
+        save(update=0, losses=[])
     bar.close()
-    xs, x0, texts, masks = (torch.cat(v)[:cfg.ode_pairs] for v in (xs, x0, texts, masks))
-    pair_seconds = time.time() - t0
+    xs, x0, texts, masks = (torch.cat([p[k] for p in pairs])[:cfg.ode_pairs] for k in range(4))
+    pair_seconds = st.get("pair_seconds", time.time() - t0)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.ode_lr, weight_decay=cfg.weight_decay)
-    losses = []
-    bar = tqdm(range(cfg.ode_updates), desc="ode regression", disable=not progress)
-    for _ in bar:
+    losses = st["losses"]
+    if st["update"] > 0:                                                # resumed inside the regression
+        student.load_state_dict(st["student"])
+        opt.load_state_dict(st["opt"])
+    bar = tqdm(range(st["update"], cfg.ode_updates), desc="ode regression", disable=not progress,
+               initial=st["update"], total=cfg.ode_updates)
+    for u in bar:
         idx = torch.randint(len(x0), (cfg.ode_batch,), generator=generator)
         loss = ode_regression_loss(student, xs[idx], x0[idx], texts[idx], masks[idx], ts)
         optimizer_step(opt, loss, list(student.parameters()), cfg.clip)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        save(update=u + 1, losses=losses, student=student.state_dict(), opt=opt.state_dict(),
+             pair_seconds=pair_seconds)
+    saver.finish()
     return {"ode_pairs": len(x0), "ode_pair_seconds": pair_seconds, "ode_seconds": time.time() - t0,
             "ode_loss_first": losses[0] if losses else None,
             "ode_loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}

@@ -56,6 +56,12 @@ PRESETS = {
     # Most flow-matching updates on first chunks (where the prompt alone sets colour, shape and
     # direction), the last 10 % on the streaming window; T_theta gets 2000 updates (curves.py)
     "small": PipelineConfig(first_chunk_frac=0.9, base_steps=2000, decoder_steps=2000),
+    # The shipped model (<= 2.5 h on 2 cores): every T_theta update on the 3-chunk streaming window,
+    # where a chunk learns to continue the motion of the chunks before it (curves.py, recipe
+    # window_only: 3-chunk direction 0.33 / 0.17 after 2000 updates, 0.54 / 0.29 after 3000), and 2.5x
+    # the small preset's updates. Estimated on an idle machine: T_theta 5000 x 0.71 s = 59 min, the
+    # whole run ~2.2 h.
+    "ship": PipelineConfig(first_chunk_frac=0.0, base_steps=5000, decoder_steps=2000),
     "tiny": PipelineConfig(preset="tiny", threads=1, text_batch=16, text_steps=20, vae_steps=150, vae_batch=4, pool_clips=64, dit_batch=4, base_steps=40,
                            search_steps=10, pretrain_steps=40, teacher_dim=32, teacher_depth=10, teacher_steps=40,
                            cache_samples=16, cache_shard=8, kd_steps=20, dmd_steps=6, decoder_steps=30, eval_prompts=4, sample_chunks=3,
@@ -255,7 +261,8 @@ def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
     if dcfg.ode_updates > 0 and os.path.exists(ckpt) and os.path.exists(ode_path):
         ode = torch.load(ode_path, weights_only=True)["metrics"]    # resumed: the checkpoint holds the student
     elif dcfg.ode_updates > 0:   # Self-Forcing's starting point; kept as <name>_ode.pt (Tab. 1: before DMD)
-        ode = distill.ode_init(student, real, text_fn, dcfg, torch.Generator().manual_seed(cfg.seed + ODE_NOISE))
+        ode = distill.ode_init(student, real, text_fn, dcfg, torch.Generator().manual_seed(cfg.seed + ODE_NOISE),
+                               ckpt=run.path(f"{name}_ode.ckpt.pt"))
         save_checkpoint(ode_path, student, spec_of(student, "s2dit", layout=kd.layout, steps=(n_steps,)), ode)
     trained, m = distill.train_dmd(student, real, critic, text_fn, dcfg, ckpt=ckpt)
     m.pop("curves", None)
@@ -390,7 +397,8 @@ def parse_sets(items):
 
 def main(argv=None):
     p = safeio.Parser(prog="train.py", description="Train the toy S2DiT pipeline end to end (resumable).")
-    p.add_argument("--preset", default="small", help="tiny (minutes) or small (the workshop run, about an hour)")
+    p.add_argument("--preset", default="small", help="tiny (minutes), small (the workshop run, about an "
+                   "hour) or ship (the shipped model, ~2.2 h)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--force", default="", help="comma-separated stages to re-run even if done")

@@ -403,6 +403,55 @@ def test_ode_init_teaches_the_student_the_real_scores_ode():
     assert gen1 < gen0, (gen0, gen1)
 
 
+def test_ode_init_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """ode_init saves itself in both phases (the pairs so far; then the student, its optimizer and the
+    noise generator) and resumes where it stopped: killed while making pairs, and killed again inside
+    the regression, it ends with the uninterrupted run's student, bit for bit."""
+    text, mask = text_inputs()
+    null, null_m = torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
+    real = distill.make_real_score(tiny_s2dit(seed=1), null, null_m, 2.0)
+    cfg = distill.get_config("tiny", n_chunks=2, latent_hw=(4, 4), ode_pairs=3, ode_steps=4, ode_updates=6,
+                             ode_batch=2, ode_lr=3e-3, shift=3.0)
+
+    class Kill(Exception):
+        pass
+
+    def fit(ckpt=None, kill=None, seed=0):
+        student, calls = tiny_s2dit(seed=seed), []
+
+        def prompts(s):                                   # killed at the `kill`-th prompt batch
+            calls.append(s)
+            if len(calls) == kill:
+                raise Kill
+            return text, mask
+        loss_fn = distill.ode_regression_loss
+
+        def regression(*a):                               # killed before regression update `kill` - 100
+            if kill is not None and kill > 100 and regression.n == kill - 100:
+                raise Kill
+            regression.n += 1
+            return loss_fn(*a)
+        regression.n = 0
+        distill.ode_regression_loss = regression
+        try:
+            distill.ode_init(student, real, prompts, cfg, torch.Generator().manual_seed(5), progress=False,
+                             ckpt=ckpt, ckpt_every_s=0.0)
+        finally:
+            distill.ode_regression_loss = loss_fn
+        return student
+
+    whole = fit()
+    ckpt = str(tmp_path / "ode.ckpt.pt")
+    with pytest.raises(Kill):
+        fit(ckpt, kill=2)                                 # inside the pairs: 1 of 3 made
+    with pytest.raises(Kill):
+        fit(ckpt, kill=103, seed=1)                       # inside the regression: 3 of 6 updates
+    resumed = fit(ckpt, seed=2)                           # other initial weights: only the checkpoint can make it equal
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert not os.path.exists(ckpt)                       # removed once the stage is done
+
+
 def test_get_config_unknown_preset():
     with pytest.raises(ValueError, match="tiny"):
         distill.get_config("huge")

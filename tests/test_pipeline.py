@@ -163,3 +163,22 @@ def test_learning_curve_scores_resumes_and_reports(tiny_run, tmp_path):
     assert text.startswith("# tables\n\nkeep me\n") and text.count("<!-- curves.py curves: begin -->") == 1
     assert "| first_chunk | 4 |" in text and open(svg).read().startswith("<svg")
     assert curves.wilson(0.5, 24) == pytest.approx((0.314, 0.686), abs=1e-3)
+
+
+def test_streamed_sampling_of_one_chunk_is_the_whole_window_and_later_chunks_see_the_first(tiny_run):
+    """curves.sample_videos(streamed=True) denoises chunk by chunk next to the clean chunks before:
+    with one chunk it is the whole-window sampler; with two, its first chunk is the one-chunk video
+    (block-causal: nothing later changes it) and its second differs from the whole-window one."""
+    import curves
+    import data
+    import dit
+    run, _, _ = tiny_run
+    model = run.model("base")
+    combos = [data.TRAIN_COMBOS[0]]
+    one = [curves.sample_videos(model, run, combos, 1, 1, 3.0, 2, 3.0, streamed=s)[0] for s in (False, True)]
+    torch.testing.assert_close(one[0], one[1])
+    two = [curves.sample_videos(model, run, combos, 2, 1, 3.0, 2, 3.0, streamed=s)[0] for s in (False, True)]
+    f1 = one[0].shape[2]                                   # pixel frames of the first chunk
+    torch.testing.assert_close(two[1][:, :, :f1], one[1], atol=1e-4, rtol=0)
+    assert not torch.allclose(two[0][:, :, f1:], two[1][:, :, f1:], atol=1e-3)
+    assert isinstance(model, dit.DiT)
