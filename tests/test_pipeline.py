@@ -167,8 +167,9 @@ def test_learning_curve_scores_resumes_and_reports(tiny_run, tmp_path):
 
 def test_streamed_sampling_of_one_chunk_is_the_whole_window_and_later_chunks_see_the_first(tiny_run):
     """curves.sample_videos(streamed=True) denoises chunk by chunk next to the clean chunks before:
-    with one chunk it is the whole-window sampler; with two, its first chunk is the one-chunk video
-    (block-causal: nothing later changes it) and its second differs from the whole-window one."""
+    with one chunk it is the whole-window sampler; with two, the first chunk is the whole-window one
+    (block-causal: the first chunk sees only itself, at the same t in both) and the second, which
+    sees a clean first chunk instead of a noisy one, differs."""
     import curves
     import data
     import dit
@@ -179,6 +180,19 @@ def test_streamed_sampling_of_one_chunk_is_the_whole_window_and_later_chunks_see
     torch.testing.assert_close(one[0], one[1])
     two = [curves.sample_videos(model, run, combos, 2, 1, 3.0, 2, 3.0, streamed=s)[0] for s in (False, True)]
     f1 = one[0].shape[2]                                   # pixel frames of the first chunk
-    torch.testing.assert_close(two[1][:, :, :f1], one[1], atol=1e-4, rtol=0)
-    assert not torch.allclose(two[0][:, :, f1:], two[1][:, :, f1:], atol=1e-3)
+    torch.testing.assert_close(two[1][:, :, :f1], two[0][:, :, :f1], atol=1e-4, rtol=0)
+    seen = []                                              # the t of every call: the context is clean
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.cfg = model, model.cfg
+
+        def forward(self, x, t, *a, **k):
+            seen.append(t.clone())
+            return self.inner(x, t, *a, **k)
+    curves.sample_videos(Spy(), run, combos, 2, 1, 3.0, 2, 3.0, streamed=True)
+    c = model.cfg.chunk
+    assert [t.shape[1] for t in seen] == [c] * 4 + [2 * c] * 4         # 2 Euler steps x (cond, uncond) per chunk
+    assert all((t[:, :c] == 0).all() and (t[:, c:] > 0).all() for t in seen[4:])
     assert isinstance(model, dit.DiT)
