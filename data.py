@@ -323,9 +323,12 @@ class one_thread(contextlib.ContextDecorator):
 
 
 @one_thread()
-def make_batch(cfg, batch_size, seed, split="train", single_object=False):
+def make_batch(cfg, batch_size, seed, split="train", single_object=False, rows=slice(None)):
     """-> video (B, 3, F, H, W) in [-1, 1], captions list[str], gt list[dict] ('objects': ...).
-    split="train" never uses HELD_OUT; split="eval" draws the primary object from HELD_OUT."""
+    split="train" never uses HELD_OUT; split="eval" draws the primary object from HELD_OUT.
+    rows: render only these clips of the batch (data-parallel training: each process renders its own,
+    dist.rows); every clip is still drawn, so a clip is the same whichever process renders it. The
+    captions and ground truth stay the whole batch's (the text stage contrasts every caption)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     rng = np.random.RandomState(seed)
@@ -348,7 +351,7 @@ def make_batch(cfg, batch_size, seed, split="train", single_object=False):
                     break
         objects.append(objs)
         captions.append(text)
-    video = _render(cfg, objects, bg, cfg.frames)
+    video = _render(cfg, objects[rows], bg[rows], cfg.frames)
     return video, captions, [{"objects": o, "textured": bool(t)} for o, t in zip(objects, textured)]
 
 

@@ -160,6 +160,8 @@ def kd_loss(student, batch, w_l=0.5, w_h=0.5):
     """Eq. 12:  L_KD = E[ w_l ||v_l - V_theta(t_l, n_l, e)||^2 + w_h ||v_h - V_theta(t_h, n_h, e)||^2 ]
     with a block-causal student forward.
     # ASSUMPTION: ||.||^2 is the mean over elements (MSE), so the loss does not scale with resolution."""
+    device = next(student.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}                       # the cache's tensors are on the CPU
     e, m = batch["text"], batch["mask"]                                         # (B, L, Dt), (B, L)
     V_l = student(batch["n_l"], batch["t_l"], e, m, causal=True)                # (B, C, T, h, w)
     V_h = student(batch["n_h"], batch["t_h"], e, m, causal=True)                # (B, C, T, h, w)
@@ -179,7 +181,8 @@ def train_kd(student, cache, cfg: KDConfig, progress=True, ckpt=None, ckpt_every
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         g.set_state(state["generator"])
-        ema.shadow, losses, run = state["ema"], state["losses"], state["run"]
+        ema.shadow = {k: v.to(ema.shadow[k]) for k, v in state["ema"].items()}   # onto the student's device
+        losses, run = state["losses"], state["run"]
     bar = tqdm(range(start, cfg.steps), desc="kd", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
         loss = kd_loss(student, cache.collate(torch.randint(len(cache), (cfg.batch,), generator=g)), cfg.w_l, cfg.w_h)
@@ -405,7 +408,7 @@ class DMDTrainer:
         # the process (other stages, or none after a resume), the same seed gives the same student.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + HEAD_SEED_OFFSET)
-            self.head = DiscHead(critic.cfg.dim)
+            self.head = DiscHead(critic.cfg.dim).to(next(critic.parameters()).device)
         self.opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.c_params = list(critic.parameters()) + list(self.head.parameters())
         self.opt_c = torch.optim.AdamW(self.c_params, lr=cfg.lr_c, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -421,7 +424,8 @@ class DMDTrainer:
     def load_state_dict(self, state):
         for key in ("student", "critic", "head", "opt_g", "opt_c"):
             getattr(self, key).load_state_dict(state[key])
-        self.ema.shadow, self.log = state["ema"], state["log"]
+        self.ema.shadow = {k: v.to(self.ema.shadow[k]) for k, v in state["ema"].items()}   # onto the device
+        self.log = state["log"]
         self.g.set_state(state["generator"])
 
     # --- pieces ----------------------------------------------------------------------------------
@@ -444,7 +448,7 @@ class DMDTrainer:
 
     def gan_terms(self, x_real, x_fake, text, mask):
         """Eq. 14 on a fresh t, real and fake re-noised to it: (L_D, L_G, t, n_real, n_fake)."""
-        t = _dmd_t(x_fake.shape[0], self.cfg, self.g)                           # (B,)
+        t = _dmd_t(x_fake.shape[0], self.cfg, self.g).to(x_fake.device)         # (B,)
         n_real, n_fake = _gan_pair(x_real, x_fake, t, self.g)
         L_D, L_G = rpgan_losses(self.D(n_real, t, text, mask), self.D(n_fake, t, text, mask))
         return L_D, L_G, t, n_real, n_fake
@@ -477,7 +481,7 @@ class DMDTrainer:
         x0 = self.simulate(text, mask, self.ts)                                 # (B, C, T, h, w), grad at exit steps
         loss = dmd_loss(x0, lambda x, t: self.real_score(x, self._frames(t), text, mask),
                         lambda x, t: self.critic(x, self._frames(t), text, mask, causal=True),
-                        _dmd_t(x0.shape[0], cfg, self.g), torch.randn(x0.shape, generator=self.g))
+                        _dmd_t(x0.shape[0], cfg, self.g).to(x0.device), torch.randn(x0.shape, generator=self.g).to(x0))
         self.log["dmd"].append(loss.item())
         if x_real is not None:
             _, L_G, _, _, _ = self.gan_terms(x_real, x0, text, mask)

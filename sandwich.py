@@ -213,7 +213,7 @@ class SuperNet(Backbone):
         """The hard layout the routers rank: m_1 = m_M = 1 and the k middle groups of largest logit
         (search.gumbel_top_k without the noise)."""
         mid = torch.zeros(self.M - 2)
-        mid[self.router.detach().argsort(descending=True)[:k]] = 1.0
+        mid[self.router.detach().argsort(descending=True)[:k].cpu()] = 1.0
         return (1,) + tuple(int(v) for v in mid.tolist()) + (1,)
 
     def inherit(self, base: nn.Module):

@@ -226,10 +226,10 @@ def gumbel_top_k(logits, k, tau, generator=None):
     theta sits halfway between the k-th and (k+1)-th score, so soft > 0.5 exactly on the hard top-k.
     # ASSUMPTION: this top-k relaxation; the paper names Gumbel-Softmax + STE, not the k-constraint's form."""
     n = logits.numel()
-    u = torch.rand(n, generator=generator).clamp(1e-6, 1 - 1e-6)
+    u = torch.rand(n, generator=generator).clamp(1e-6, 1 - 1e-6).to(logits.device)
     score = logits - torch.log(-torch.log(u))                        # Gumbel(0, 1) perturbation
     order = score.detach().argsort(descending=True)
-    hard = torch.zeros(n)
+    hard = torch.zeros(n, device=logits.device)
     hard[order[:k]] = 1.0
     if k == 0 or k == n:
         return hard
@@ -241,14 +241,14 @@ def gumbel_top_k(logits, k, tau, generator=None):
 def sample_routers(supernet, k, tau, generator=None):
     """m = (1, Gumbel-top-k of the router logits, 1): Alg. 1's routers for one supernet update."""
     mid = gumbel_top_k(supernet.router, k, tau, generator)
-    return torch.cat([torch.ones(1), mid, torch.ones(1)])
+    return torch.cat([mid.new_ones(1), mid, mid.new_ones(1)])
 
 
 def eq10_loss(student, teacher, x0, text, mask, generator=None):
     """Eq. 10: || S(x_t, t, e) - T(x_t, t, e) ||^2 on flow-matching inputs (per-chunk t)."""
     B, C, T = x0.shape[:3]
-    t = flow.sample_t(B, T, chunk=teacher.cfg.chunk, generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
+    t = flow.sample_t(B, T, chunk=teacher.cfg.chunk, generator=generator).to(x0)
+    eps = torch.randn(x0.shape, generator=generator).to(x0)
     x_t = flow.add_noise(x0, eps, t)
     with torch.no_grad():
         target = teacher(x_t, t, text, mask)
