@@ -224,11 +224,12 @@ def _coverage(shape_idx, dx, dy, r):
 def shape_coverage(shape_idx, cx, cy, rx, ry, H, W):
     """Coverage (..., H, W) of shapes inscribed in boxes [cx-rx, cx+rx] x [cy-ry, cy+ry] (pixels).
     shape_idx (long), cx, cy, rx, ry: tensors of one shape (...). Used by evaluate.py."""
-    e = lambda t: torch.as_tensor(t).float()[..., None, None]  # noqa: E731  (...) -> (..., 1, 1)
-    xs = torch.arange(W, dtype=torch.float32) + 0.5                    # (W,) pixel centres
-    ys = torch.arange(H, dtype=torch.float32)[:, None] + 0.5           # (H, 1)
+    dev = torch.as_tensor(cx).device                                   # the device of the boxes
+    e = lambda t: torch.as_tensor(t, device=dev).float()[..., None, None]  # noqa: E731  (...) -> (..., 1, 1)
+    xs = torch.arange(W, dtype=torch.float32, device=dev) + 0.5        # (W,) pixel centres
+    ys = torch.arange(H, dtype=torch.float32, device=dev)[:, None] + 0.5   # (H, 1)
     return _coverage(e(shape_idx), (xs - e(cx)) / e(rx), (ys - e(cy)) / e(ry),
-                     e(torch.minimum(torch.as_tensor(rx), torch.as_tensor(ry))))
+                     e(torch.minimum(torch.as_tensor(rx, device=dev), torch.as_tensor(ry, device=dev))))
 
 
 def _paint(shape_idx, c, r, w, size):
