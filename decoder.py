@@ -266,7 +266,7 @@ def chunk_latency_ms(decode_chunk, z, repeats=7):
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        decode_chunk(chunk, cache)
+        decode_chunk(chunk, cache)[0].cpu()     # .cpu(): waits for a GPU to finish (free on the CPU)
         times.append((time.perf_counter() - t) * 1000)
     return statistics.median(times)
 
@@ -284,7 +284,7 @@ def compare_decoders(vae, decoder, videos, batch_size=4):
         rows[name] = {"params": n, "latency_ms_per_chunk": chunk_latency_ms(dec.decode_chunk, z[:1]),
                       "psnr": psnr(rec, videos), "ssim": ssim(rec, videos)}
     try:  # FVD-lite from evaluate.py
-        net = evaluate.FeatureNet()
+        net = evaluate.FeatureNet().to(videos.device)
         real = net(videos)
         for name, rec in recs.items():
             rows[name]["fvd_lite"] = float(evaluate.frechet_distance(real, net(rec)))
@@ -327,7 +327,7 @@ def save_comparison_strip(path, vae, decoder, videos, every=4):
         ref, eff = vae.decode(z).clamp(-1, 1), decoder.decode(z).clamp(-1, 1)
         rows += [v, ref, eff]
         labels += ["clip", f"VAE decoder {psnr(ref, v):.1f} dB", f"efficient decoder {psnr(eff, v):.1f} dB"]
-    data.save_strip(path, torch.cat(rows), labels, every=every)
+    data.save_strip(path, torch.cat(rows).cpu(), labels, every=every)
 
 
 def main(argv=None):
@@ -338,7 +338,9 @@ def main(argv=None):
     ap.add_argument("--clips", type=int, default=8, help="held-out clips to evaluate")
     ap.add_argument("--strip", default=None, help="with --run: save the first 3 held-out clips and both "
                     "decoders' reconstructions side by side as this .png")
+    dist.add_device_arg(ap)
     args = ap.parse_args(argv)
+    device = dist.pick_device(args.device)
     if args.strip is not None:
         if args.run is None:
             raise safeio.UsageError("--strip needs --run (a run with vae.pt and decoder.pt)")
@@ -349,23 +351,23 @@ def main(argv=None):
         raise safeio.UsageError(f"--clips must be >= 1, got {args.clips}")
     torch.manual_seed(0)
     if args.run:
-        vae = vae_mod.load_vae(os.path.join(args.run, "vae.pt"))
-        dec = load_decoder(os.path.join(args.run, "decoder.pt"))
+        vae = vae_mod.load_vae(os.path.join(args.run, "vae.pt")).to(device)
+        dec = load_decoder(os.path.join(args.run, "decoder.pt")).to(device)
         preset = args.preset or next((n for n, c in vae_mod.PRESETS.items() if asdict(c) == asdict(vae.cfg)), None)
         if preset is None:
             raise safeio.UsageError("vae.pt matches no VAE preset; pass --preset tiny|small")
-        videos = data.make_batch(data.get_config(preset), args.clips, seed=0, split="eval")[0]
+        videos = data.make_batch(data.get_config(preset), args.clips, seed=0, split="eval")[0].to(device)
         res = compare_decoders(vae, dec, videos)
         print(json.dumps(res, indent=2) if args.json else format_table(res))
         if args.strip:
             save_comparison_strip(args.strip, vae, dec, videos[:3])
             print(f"wrote {args.strip}")
         return
-    vae = vae_mod.VAE(vae_mod.get_config("tiny"))
-    dec = EfficientDecoder(get_config("tiny"))
+    vae = vae_mod.VAE(vae_mod.get_config("tiny")).to(device)
+    dec = EfficientDecoder(get_config("tiny")).to(device)
     n_ref, n_eff = num_params(vae.decoder), num_params(dec)
     print(f"reference VAE decoder: {n_ref:,} params; efficient decoder: {n_eff:,} params ({n_ref / n_eff:.2f}x fewer)")
-    videos = vae_mod.blob_video(2, 33, 32, seed=0)
+    videos = vae_mod.blob_video(2, 33, 32, seed=0).to(device)
     with torch.no_grad():
         z = vae.encode(videos)  # (2, 4, 9, 8, 8): 3 chunks of 3 latent frames
     for name, d in (("vae", vae), ("efficient", dec)):

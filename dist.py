@@ -30,18 +30,20 @@ import torch
 import torch.distributed as td
 from torch.nn.parallel import DistributedDataParallel
 
+from safeio import UsageError
+
 DEVICES = ("cpu", "auto", "cuda", "mps")
 
 
 def pick_device(name="cpu"):
     """"auto" -> cuda, else mps (Apple silicon), else cpu; a named device must exist here."""
     if name not in DEVICES:
-        raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+        raise UsageError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
     has = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
         name = next(d for d in ("cuda", "mps", "cpu") if has[d])
     if not has[name]:
-        raise ValueError(f"--device {name}: this machine has no {name} device (torch {torch.__version__}); "
+        raise UsageError(f"--device {name}: this machine has no {name} device (torch {torch.__version__}); "
                          f"use --device cpu or auto")
     return torch.device(name)
 
@@ -78,7 +80,7 @@ def setup(device):
     if not launched() or td.is_initialized():
         return device
     if device.type == "mps":
-        raise ValueError("data-parallel training runs on cuda (NCCL) or cpu (gloo); on a Mac train in one "
+        raise UsageError("data-parallel training runs on cuda (NCCL) or cpu (gloo); on a Mac train in one "
                          "process (python train.py --device mps)")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -490,13 +490,14 @@ def blob_video(batch, frames, size, seed=0):
 
 
 @torch.no_grad()
-def judge_reconstructions(vae_path, preset, n=24, seed=5):
+def judge_reconstructions(vae_path, preset, n=24, seed=5, device="cpu"):
     """What the VAE lets through: PSNR and VBench-lite (evaluate.py) of the reconstructions of n
     held-out single-object clips, beside the same clips unreconstructed. A DiT that draws perfect
     latents can score no higher than the reconstructions."""
-    vae = load_vae(vae_path).eval()
+    vae = load_vae(vae_path).eval().to(device)
     attrs = data.eval_prompts(n)
     video, _ = data.make_clips(data.get_config(preset), attrs, seed=seed, frames=33)  # (n, 3, 33, H, W)
+    video = video.to(device)
     prompts = [data.canonical_prompt(*a) for a in attrs]
     rec = torch.cat([vae.decode(vae.encode(video[i:i + 4])).clamp(-1, 1) for i in range(0, n, 4)])
     keys = ("color_acc", "shape_acc", "direction_acc", "semantic", "total")
@@ -513,7 +514,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=40, help="training steps")
     ap.add_argument("--data", action="store_true", help="train on data.py clips instead of blobs")
     ap.add_argument("--run", default=None, help="a train.py run: PSNR and VBench-lite of its VAE's reconstructions")
+    dist.add_device_arg(ap)
     args = ap.parse_args(argv)
+    try:
+        device = dist.pick_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
     if args.run:
         spec = os.path.join(args.run, "pipeline.json")
         if not os.path.exists(spec):
@@ -521,19 +527,19 @@ def main(argv=None):
         preset = read_json(spec, "run configuration").get("preset")
         if preset not in PRESETS:
             ap.error(f"{spec}: unknown preset {preset!r}; known presets: {sorted(PRESETS)}")
-        print(json.dumps(judge_reconstructions(os.path.join(args.run, "vae.pt"), preset)))
+        print(json.dumps(judge_reconstructions(os.path.join(args.run, "vae.pt"), preset, device=device)))
         return
     torch.manual_seed(0)
     cfg = get_config(args.preset)
     size = 32 if args.preset == "tiny" else 64
-    vae = VAE(cfg)
+    vae = VAE(cfg).to(device)
     if args.data:
         dcfg = data.get_config(args.preset)
-        batch_fn = lambda s: data.make_batch(dcfg, 4, seed=s)[0]
-        held = data.make_batch(dcfg, 4, seed=10_000, split="eval")[0]
+        batch_fn = lambda s: data.make_batch(dcfg, 4, seed=s)[0].to(device)
+        held = data.make_batch(dcfg, 4, seed=10_000, split="eval")[0].to(device)
     else:
-        batch_fn = lambda s: blob_video(4, 9, size, seed=s)
-        held = blob_video(2, 17, size, seed=10_000)  # 5 latent frames: chunks of 3 + 2
+        batch_fn = lambda s: blob_video(4, 9, size, seed=s).to(device)
+        held = blob_video(2, 17, size, seed=10_000).to(device)  # 5 latent frames: chunks of 3 + 2
     print(f"VAE[{args.preset}] params: {sum(p.numel() for p in vae.parameters()):,}")
     print(f"held-out PSNR before: {reconstruct_psnr(vae, held):.2f} dB")
     m = fit_vae(vae, batch_fn, args.steps, lr=2e-3, seed=0)
