@@ -12,7 +12,8 @@ preset, which stays the *global* batch, into N equal shards:
   * every process draws the random numbers of the whole batch (clip seeds, crops, t, noise, caption
     dropout) from the same generators, so all processes hold the same generator states (one
     checkpoint resumes them all) and row i gets what it gets in a single process;
-  * each process renders or encodes and trains on its own rows only (`rows`);
+  * each process trains on its own rows only (`rows`), and renders only those clips (text, VAE and
+    decoder stages; the DiT stages cut their rows out of the latent pool);
   * DDP averages the processes' gradients: the mean over N shards of their mean losses is the mean
     loss of the whole batch, so one update equals the single-process update up to float rounding
     (tests/test_ddp.py measures it);

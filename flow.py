@@ -18,8 +18,8 @@ What lives here:
   * `few_step_schedule` + `sample_few_step`: Self-Forcing's warped [1000, 750, 500, 250]
     schedule and its predict-x0 / re-noise sampler, the one DMD students use (Tab. A1: 1, 2, 4).
   * `fm_loss` + `train_fm`: training a (block-causal) velocity model with these equations, t per
-    chunk and CFG dropout, warm-up + cosine lr, an EMA, resumable (train.py's base, teacher and
-    pretrain stages); `cfg_predict`: a model's guided velocity.
+    chunk and CFG dropout, warm-up + cosine lr, an EMA, resumable, data-parallel under torchrun
+    (dist.py) (train.py's base, teacher and pretrain stages); `cfg_predict`: a model's guided velocity.
 
 Legend: B batch, C latent channels, T latent frames, h, w latent height and width.
 

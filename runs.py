@@ -135,7 +135,8 @@ def load_model(path, stage):
 # ----------------------------------------------------------------------------------------------
 class Run:
     """A run directory: stage files, completion markers, the pipeline config; models loaded once,
-    onto `device` (dist.pick_device; the files themselves always hold CPU tensors)."""
+    onto `device` (dist.pick_device; every file is read with map_location="cpu" first, so a run
+    trained on a GPU opens on a machine without one)."""
 
     def __init__(self, out, cfg: PipelineConfig, device="cpu"):
         self.dir, self.cfg, self.device = out, cfg, torch.device(device)

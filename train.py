@@ -269,7 +269,7 @@ def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
     text_fn = lambda s: batch(s)[1:]
     ode, ckpt, ode_path = {}, run.path(f"{name}.ckpt.pt"), run.path(f"{name}_ode.pt")
     if dcfg.ode_updates > 0 and os.path.exists(ckpt) and os.path.exists(ode_path):
-        ode = torch.load(ode_path, weights_only=True)["metrics"]    # resumed: the checkpoint holds the student
+        ode = torch.load(ode_path, map_location="cpu", weights_only=True)["metrics"]    # resumed: the checkpoint holds the student
     elif dcfg.ode_updates > 0:   # Self-Forcing's starting point; kept as <name>_ode.pt (Tab. 1: before DMD)
         ode = distill.ode_init(student, real, text_fn, dcfg, torch.Generator().manual_seed(cfg.seed + ODE_NOISE))
         save_checkpoint(ode_path, student, spec_of(student, "s2dit", layout=kd.layout, steps=(n_steps,)), ode)
