@@ -215,7 +215,7 @@ def fit_decoder(decoder, vae, batch_fn, steps, lr=None, seed=0, gan_start=None, 
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
         opt_g.step()
         sched.step()
-        d_loss = torch.zeros(())
+        d_loss = torch.zeros((), device=device)
         if use_gan:  # hinge discriminator loss: relu(1 - D(real)) + relu(1 + D(fake))
             d_real, d_fake = judge(video, rec.detach())
             d_loss = F_.relu(1 - d_real).mean() + F_.relu(1 + d_fake).mean()
