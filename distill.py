@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+import dist
 import dit
 import flow
 import sandwich
@@ -170,7 +171,9 @@ def kd_loss(student, batch, w_l=0.5, w_h=0.5):
 
 def train_kd(student, cache, cfg: KDConfig, progress=True, ckpt=None, ckpt_every_s=180.0):
     """Offline KD loop on a kdcache.CachedKD: the teacher is not needed. Returns (EMA student, metrics).
-    ckpt: saved every ckpt_every_s seconds and resumed from, bit-identically (resume.py)."""
+    ckpt: saved every ckpt_every_s seconds and resumed from, bit-identically (resume.py).
+    Data-parallel under torchrun (dist.py): every process draws the whole batch's samples and trains
+    on its own rows of them; DDP averages the gradients."""
     g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(student, cfg.ema)
@@ -183,12 +186,15 @@ def train_kd(student, cache, cfg: KDConfig, progress=True, ckpt=None, ckpt_every
         g.set_state(state["generator"])
         ema.shadow = {k: v.to(ema.shadow[k]) for k, v in state["ema"].items()}   # onto the student's device
         losses, run = state["losses"], state["run"]
-    bar = tqdm(range(start, cfg.steps), desc="kd", disable=not progress, initial=start, total=cfg.steps)
+    loss_fn = dist.data_parallel(lambda batch: kd_loss(student, batch, cfg.w_l, cfg.w_h), student)
+    bar = tqdm(range(start, cfg.steps), desc="kd", disable=not (progress and dist.is_main()), initial=start,
+               total=cfg.steps)
     for step in bar:
-        loss = kd_loss(student, cache.collate(torch.randint(len(cache), (cfg.batch,), generator=g)), cfg.w_l, cfg.w_h)
+        idx = torch.randint(len(cache), (cfg.batch,), generator=g)             # the whole batch's samples
+        loss = loss_fn(cache.collate(idx[dist.rows(cfg.batch)]))
         optimizer_step(opt, loss, list(student.parameters()), cfg.clip)
         ema.update(student)
-        losses.append(loss.item())
+        losses.append(dist.mean(loss).item())                                   # the whole batch's loss
         run = losses[-1] if run is None else 0.95 * run + 0.05 * losses[-1]
         bar.set_postfix(loss=f"{run:.4f}")
         saver.maybe_save(step + 1, lambda: {"model": student.state_dict(), "opt": opt.state_dict(),

@@ -25,7 +25,7 @@ same result as an uninterrupted run).
     python train.py --device auto            # on a GPU (cuda) or an Apple-silicon Mac (mps)
     torchrun --nproc_per_node 2 train.py --preset tiny   # data-parallel over 2 processes (dist.py)
 
-Under torchrun the text, VAE, flow-matching (base, pretrain, teacher) and decoder stages are
+Under torchrun the text, VAE, flow-matching (base, pretrain, teacher), KD and decoder stages are
 data-parallel (PARALLEL): every process trains on its own rows of each batch, DDP averages the
 gradients. The other stages run in process 0 while the others wait. Process 0 alone writes files.
 """
@@ -232,6 +232,8 @@ def stage_kd(run):
     kcfg = distill.get_kd_config(cfg.preset, seed=cfg.seed, steps=cfg.kd_steps)
     trained, m = distill.train_kd(student, cache, kcfg, ckpt=run.path("kd.ckpt.pt"))
     m.pop("kd_losses", None)
+    if not dist.is_main():                           # process 0 alone measures and writes (torchrun)
+        return m
     # Sec. C.1's point, measured in one run: cached KD vs KD with the teacher in the loop.
     fcfg = flow.get_config(cfg.preset)
     m["speed"] = kdcache.kd_speed_comparison(copy.deepcopy(run.model("pretrain")).requires_grad_(True),
@@ -329,9 +331,9 @@ def evaluate_model(system, n_prompts, steps, seed=0, chunks=3):
 # The runner
 # ----------------------------------------------------------------------------------------------
 # Data-parallel under torchrun: each process trains on its own rows of every batch (dist.py). The others
-# run in process 0 alone: search, cache, KD and DMD are short next to these, latents/deploy/sample
-# are not training.
-PARALLEL = ("text", "vae", "base", "pretrain", "teacher", "decoder")
+# run in process 0 alone: search and cache are short, latents/deploy/sample are not training, and DMD
+# (rollouts, a critic and a GAN) stays a single-process loop.
+PARALLEL = ("text", "vae", "base", "pretrain", "teacher", "kd", "decoder")
 RUNNERS = {"text": stage_text, "vae": stage_vae, "latents": stage_latents, "base": stage_base,
            "search": stage_search, "pretrain": stage_pretrain, "teacher": stage_teacher, "cache": stage_cache,
            "kd": stage_kd, "dmd": stage_dmd, "decoder": stage_decoder, "deploy": stage_deploy,

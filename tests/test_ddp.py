@@ -7,13 +7,13 @@ The loops (flow.train_fm, text.fit_text_encoder) are compared by how far apart t
 weights, as a share of how far it moved them: ||a - b|| / ||a - w0|| over all float weights, w0 the
 initial ones:
 
-    FM_TOL   1e-4  flow matching, 4 updates: measured 5e-6
+    FM_TOL   1e-4  flow matching, 4 updates: measured 5e-6; cached KD, 3 updates: measured 2e-6
     TEXT_TOL 1e-2  text encoder, 3 updates: measured 3e-3. Its attention's key bias has a gradient
                    that is zero up to rounding (softmax does not change when a constant is added to
                    every key score); Adam scales such noise up to a full step, whose sign then differs.
 
-A wrong split (both processes training on the same rows) lands at 0.25 (text) and 1.3 (flow
-matching): the tests hold it above 10x the tolerance. The whole train.py under torchrun (VAE, flow
+A wrong split (both processes training on the same rows) lands at 0.25 (text), 0.6 (KD) and 1.3
+(flow matching): the tests hold it above 10x the tolerance. The whole train.py under torchrun (VAE, flow
 matching, MoE teacher, decoder) is compared by ||a - b|| / ||a|| < RTOL = 1e-5 (measured 2e-9 ..
 1.3e-7). A killed and resumed 2-process run ends equal, bit for bit, to one never interrupted."""
 import os
@@ -30,8 +30,11 @@ import torch.multiprocessing as mp
 
 import data
 import dist
+import distill
 import dit
 import flow
+import kdcache
+import sandwich
 import runs
 import safeio
 import text as text_mod
@@ -80,6 +83,28 @@ def fit_fm(ckpt=None, kill_at=None):
     return model.state_dict()
 
 
+def kd_student():
+    torch.manual_seed(1)
+    cfg = dit.get_config("tiny")
+    return sandwich.S2DiT(cfg, sandwich.DEFAULT_LAYOUT["tiny"])
+
+
+def build_kd_cache(out):
+    """8 teacher tuples of a random two-expert teacher (off its zero-initialised head and gates)."""
+    torch.manual_seed(2)
+    teacher = dit.MoETeacher(dit.get_config("tiny"), 0.5).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    kdcache.build_cache(teacher, fm_batches, 8, out, 4, 0.5, 3.0, seed=0, progress=False)
+
+
+def fit_kd(cache_dir):
+    cfg = distill.KDConfig(steps=3, batch=4, lr=1e-3, ema=0.0)                # ema 0: the raw weights
+    model, _ = distill.train_kd(kd_student(), kdcache.CachedKD(cache_dir), cfg, progress=False)
+    return model.state_dict()
+
+
 def text_encoder():
     return text_mod.build_text("tiny", words=data.vocabulary(), seed=0)
 
@@ -91,14 +116,14 @@ def fit_text():
     return encoder.state_dict()
 
 
-def _worker(rank, port, out):
+def _worker(rank, port, out, cache_dir):
     """One of 2 processes, as torchrun would start it."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.setup(torch.device("cpu"))
     try:
-        res = {"fm": fit_fm(), "text": fit_text()}
+        res = {"fm": fit_fm(), "text": fit_text(), "kd": fit_kd(cache_dir)}
         ckpt = os.path.join(out, "fm.ckpt.pt")
         try:
             fit_fm(ckpt, kill_at=2)                                  # process 0 saved update 2's state
@@ -110,7 +135,7 @@ def _worker(rank, port, out):
         rows = dist.rows
         dist.rows = lambda batch: slice(0, batch // 2)               # a wrong split: both train on rows 0, 1
         try:
-            res["fm_same_rows"], res["text_same_rows"] = fit_fm(), fit_text()
+            res["fm_same_rows"], res["text_same_rows"], res["kd_same_rows"] = fit_fm(), fit_text(), fit_kd(cache_dir)
         finally:
             dist.rows = rows
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
@@ -121,13 +146,14 @@ def _worker(rank, port, out):
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp"))
-    mp.spawn(_worker, args=(free_port(), out), nprocs=2)
-    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in (0, 1)]
+    build_kd_cache(os.path.join(out, "cache"))
+    mp.spawn(_worker, args=(free_port(), out, os.path.join(out, "cache")), nprocs=2)
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in (0, 1)] + [out]
 
 
 def test_both_processes_hold_the_same_weights(two_processes):
-    r0, r1 = two_processes
-    for key in ("fm", "text", "fm_resumed"):
+    r0, r1, _ = two_processes
+    for key in ("fm", "text", "kd", "fm_resumed"):
         for k in r0[key]:
             assert torch.equal(r0[key][k], r1[key][k]), (key, k)
 
@@ -137,6 +163,15 @@ def test_flow_matching_over_two_processes_equals_one_process(two_processes):
     d = rel_diff(one, two_processes[0]["fm"], w0)
     wrong = rel_diff(one, two_processes[0]["fm_same_rows"], w0)
     print(f"flow matching, 4 updates: two processes vs one {d:.1e} (tolerance {FM_TOL:.0e}); "
+          f"both on the same rows {wrong:.1e}")
+    assert d < FM_TOL < wrong / 10
+
+
+def test_cached_kd_over_two_processes_equals_one_process(two_processes):
+    one, w0 = fit_kd(os.path.join(two_processes[2], "cache")), kd_student().state_dict()
+    d = rel_diff(one, two_processes[0]["kd"], w0)
+    wrong = rel_diff(one, two_processes[0]["kd_same_rows"], w0)
+    print(f"cached KD, 3 updates: two processes vs one {d:.1e} (tolerance {FM_TOL:.0e}); "
           f"both on the same rows {wrong:.1e}")
     assert d < FM_TOL < wrong / 10
 
