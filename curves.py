@@ -45,6 +45,10 @@ RECIPES = {
     "first_chunk_cosine": {"first_chunk_frac": 1.0, "dit_decay": "cosine"},
     "first_chunk_abspos": {"first_chunk_frac": 1.0, "dit": {"abs_pos": True}},  # + (y, x) position (dit.py)
     "first_chunk_shift3": {"first_chunk_frac": 1.0, "flow": {"train_shift": 3.0}},  # train t as the sampler's
+    # Against the preset of train_shift 3 with 90 % first-chunk updates: more of the updates on the
+    # 3-chunk window, where a chunk learns to continue the motion of the chunks before it
+    "half_window": {"first_chunk_frac": 0.5},                        # first half first chunks, then windows
+    "window_only": {"first_chunk_frac": 0.0},                        # every update on the 3-chunk window
 }
 
 

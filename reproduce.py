@@ -18,11 +18,17 @@ sampler + CFG at a shared t (their "full-step" setting); the AR students stream 
 Extra training (Tab. 3 / A5 ablations, Tab. A1's 1- and 4-step students, Tab. A7's second DMD) is
 written into the run as stages `ablate_*`, `dmd_1step`, `dmd_4step` and `dmd_noteacher` and reused by
 later invocations; the 2-step student is the pipeline's own `dmd` stage.
+
+Each table goes into its own marked block of RESULTS.md (`<!-- reproduce.py tab1: begin -->` ... `end -->`);
+the report's prose around the blocks is left as it is (write_results below).
 """
 import copy
 import json
 import os
-import platform
+import shlex
+import subprocess
+import sys
+import textwrap
 import time
 from dataclasses import replace
 
@@ -76,10 +82,11 @@ def sample_ar(models, prompts, steps, chunks=3, seed=0):
 
 
 def score(videos, prompts, seed=0):
+    """VBench-lite to 3 decimals, and n, the videos scored (the report's intervals need it)."""
     s = evaluate.score_videos(videos, prompts, seed=seed)
-    return {k: round(float(s[k]), 3) for k in ("color_acc", "shape_acc", "direction_acc", "semantic",
-                                                 "quality", "total", "fvd", "subject_consistency",
-                                                 "background_consistency", "dynamic_degree") if k in s}
+    return {"n": s["n"], **{k: round(float(s[k]), 3) for k in ("color_acc", "shape_acc", "direction_acc", "semantic",
+                                                                 "quality", "total", "fvd", "subject_consistency",
+                                                                 "background_consistency", "dynamic_degree") if k in s}}
 
 
 def streaming_models(run, stage, steps=None):
@@ -130,10 +137,10 @@ def table1_a1(run, n, seed):
         ode = streaming_models(run, "dmd_ode", steps=k)
         v = sample_ar(ode, prompts, k, seed=seed)
         videos[f"S2DiT-AR {k}-step, ODE init only"] = v
-        rows[f"S2DiT-AR before DMD (ODE init only, {k} steps)"] = {"params": count_params(ode.model),
-                                                                   "setting": "streaming", **score(v, prompts, seed)}
-    rows[f"S2DiT-AR ({k} steps, streaming)"] = {"params": count_params(students[k].model), "setting": "streaming",
-                                                **{c: v for c, v in a1[f"{k} steps"].items() if c != "student"}}
+        rows["S2DiT-AR before DMD (ODE init only)"] = {"params": count_params(ode.model),
+                                                       "setting": f"streaming, {k} steps", **score(v, prompts, seed)}
+    rows["S2DiT-AR"] = {"params": count_params(students[k].model), "setting": f"streaming, {k} steps",
+                        **{c: v for c, v in a1[f"{k} steps"].items() if c != "student"}}
     return rows, a1, videos, prompts
 
 
@@ -208,13 +215,13 @@ def chunk_ms(model, run, repeats=5):
 def table_a5(run, n, steps, seed):
     prompts = prompts_for(n)
     rows = {}
-    for kind, label in (("attention", "full attention"), ("sana", "SANA-Video linear attention"), ("lcha", "LCHA")):
+    for kind, label in (("attention", "full attention"), ("sana", "SANA-style linear attention"), ("lcha", "LCHA")):
         stage = f"ablate_all_{kind}"
         res = ablate(run, stage, lambda: variant_all(run, kind), steps, seed)
         model = variant_all(run, kind)
         model.load_state_dict(torch.load(run.path(f"{stage}.pt"), map_location="cpu", weights_only=True))
         s = score(sample_full(run, model.eval(), prompts, seed), prompts, seed)
-        rows[label] = {**res, "semantic": s["semantic"], "fvd": s.get("fvd")}
+        rows[label] = {**res, "n": s["n"], "semantic": s["semantic"], "fvd": s.get("fvd")}
     return rows
 
 
@@ -222,7 +229,7 @@ def table_a3(run, chunks, seed):
     rows = {}
     for steps, ar in ar_students(run).items():
         r = stream.run(ar, prompts_for(1)[0], chunks, steps, seed, progress=False)
-        rows[f"{steps} step{'s' * (steps > 1)}"] = {"student": ar.stage,
+        rows[f"{steps} step{'s' * (steps > 1)}"] = {"student": ar.stage, "chunks": chunks,
                                                     "text_encoder_ms": round(r["breakdown_ms"]["text_encoder"], 2),
                                                     "dit_per_step_ms": round(r["breakdown_ms"]["dit_per_step"], 2),
                                                     "commit_ms": round(r["breakdown_ms"]["commit"], 2),
@@ -240,7 +247,8 @@ def table_a6(run, n, chunks, seed):
                                  ("all-attention AR (T_theta, no DMD, 8 steps)", base, 8)):
         v = sample_ar(models, prompts, steps, chunks=chunks, seed=seed)
         s = evaluate.score_videos(v, prompts, seed=seed)
-        rows[label] = {"frames": v.shape[2], "subject_consistency": round(s["subject_consistency"], 3),
+        rows[label] = {"streams": len(prompts), "frames": v.shape[2],
+                       "subject_consistency": round(s["subject_consistency"], 3),
                        "background_consistency": round(s["background_consistency"], 3),
                        "semantic": round(s["semantic"], 3)}
     return rows
@@ -250,72 +258,11 @@ def table_a7(run, n, seed):
     """Like with like: both students distilled for, and streamed at, the pipeline's sample_steps."""
     prompts, steps = prompts_for(n), run.cfg.sample_steps
     rows = {}
-    for label, stage in (("with teacher (S2DiT-AR)", "dmd"), ("without teacher", "dmd_noteacher")):
+    for label, stage in (("with the teacher (S2DiT-AR, `dmd`)", "dmd"),
+                         ("without the teacher (`dmd_noteacher`)", "dmd_noteacher")):
         models = student(run, stage, steps, without_teacher=stage == "dmd_noteacher")
         rows[label] = {"student": stage, "steps": steps, **score(sample_ar(models, prompts, steps, seed=seed), prompts, seed)}
     return rows
-
-
-# ----------------------------------------------------------------------------------------------
-def md_table(rows, first="model"):
-    rows = {k: v for k, v in rows.items() if isinstance(v, dict)}
-    cols = []
-    for r in rows.values():
-        cols += [c for c in r if c not in cols and not isinstance(r[c], (dict, list))]
-    out = [f"| {first} | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    for name, r in rows.items():
-        out.append(f"| {name} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-    return "\n".join(out)
-
-
-def write_results(path, res, cmd, seconds):
-    L = ["# RESULTS: the paper's tables at toy scale", "",
-         f"Produced by `{cmd}` (tables computed so far are reused from `<run>/reproduce.json`; "
-         f"together they took {seconds / 60:.1f} min: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in res["seconds"].items())
-         + f") on {platform.machine()} "
-         f"({os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-         f"device {res.get('device', 'cpu')}), "
-         f"seed {res['seed']}, preset `{res['preset']}`, {res['n_prompts']} held-out prompts "
-         "(colour, shape, motion combinations never seen in training).", "",
-         "The paper's own numbers are not reproduced here: its main text and tables were not available to us "
-         "(see README, 'Where the paper is silent'). For each table we state the ordering the paper reports or "
-         "implies, and whether it holds at toy scale.", ""]
-    checks = res["checks"]
-    sections = [
-        ("Tab. 1: VBench-lite of the pipeline's models", md_table(res["tab1"]), checks["tab1"]),
-        ("Tab. A1: S2DiT-AR, one student distilled per step count (1, 2, 4), each at its own count",
-         md_table(res["taba1"], "steps"), checks["taba1"]),
-        ("Tab. 3 (a): layouts at the search budget (Eq. 10 loss with the supernet's shared weights)",
-         f"budget {res['tab3']['budget_ms']:.2f} ms per chunk step on this CPU, k = {res['tab3']['k']}\n\n"
-         + md_table(res["tab3"]["layouts"], "layout"), checks["tab3a"]),
-        ("Tab. 3 (b): LCHA vs its two paths alone (S2DiT, searched layout, fine-tuned from T_theta)",
-         md_table(res["tab3"]["attention"], "attention"), checks["tab3b"]),
-        ("Tab. A2: decoders", md_table(res["taba2"], "decoder"), checks["taba2"]),
-        ("Tab. A3: latency of one chunk on this CPU (S2DiT-AR, each student at its own step count)",
-         md_table(res["taba3"], "steps"),
-         checks["taba3"]),
-        ("Tab. A5: full attention vs SANA-Video linear attention vs LCHA (every block, fine-tuned from T_theta)",
-         md_table(res["taba5"], "attention"), checks["taba5"]),
-        ("Tab. A6: 30-chunk streams", md_table(res["taba6"]), checks["taba6"]),
-        ("Tab. A7: DMD without the teacher (both students distilled for and streamed at the same steps)",
-         md_table(res["taba7"]), checks["taba7"]),
-        ("Latency vs tokens (one forward of one chunk, `python sandwich.py --bench --json`)",
-         md_table(res["latency_vs_tokens"], "model"), checks["bench"]),
-    ]
-    for title, table, check in sections:
-        L += [f"## {title}", "", table, "", f"*Paper's ordering:* {check}", ""]
-    L += ["## Pictures", "", f"![prompts x models]({os.path.relpath(res['grid'], os.path.dirname(os.path.abspath(path)))})", "",
-          "Rows: held-out prompts; columns: the models of Tab. 1 (with the 2-step student before DMD, when the run kept it) and the AR students of Tab. A1 (1, 2, 4 steps).", ""]
-    old = open(path).read() if os.path.exists(path) else ""
-    for name in ("curves", "chain"):                     # curves.py's blocks (learning curves, the chain) stay
-        begin, end = f"<!-- curves.py {name}: begin -->", f"<!-- curves.py {name}: end -->"
-        if begin in old and end in old:
-            L += [old[old.index(begin):old.index(end) + len(end)], ""]
-    safeio.write_text(path, "\n".join(L))
-
-
-def holds(cond, yes, no):
-    return ("holds: " + yes) if cond else ("does not hold: " + no)
 
 
 TABLES = ("tab1", "tab3", "taba2", "taba3", "taba5", "taba6", "taba7", "bench")
@@ -337,7 +284,7 @@ def compute(name, run, args, out_dir):
     if name == "tab3":
         return {"tab3": table3(run, args.ablate_steps, s)}
     if name == "taba2":
-        return {"taba2": run.metrics("decoder")["table_a2"]}
+        return {"taba2": run.metrics("decoder")["table_a2"], "decoder_updates": run.metrics("decoder").get("steps")}
     if name == "taba3":
         return {"taba3": table_a3(run, 8, s)}
     if name == "taba5":
@@ -346,42 +293,298 @@ def compute(name, run, args, out_dir):
         return {"taba6": table_a6(run, min(n, 4), args.a6_chunks, s)}
     if name == "taba7":
         return {"taba7": table_a7(run, n, s)}
-    bench = sandwich.bench(run.cfg.preset, device=run.device)
-    return {"bench": bench, "latency_vs_tokens": {
-        k: {f"{tok} tokens ({px}px)": round(ms, 1) for tok, px, ms in zip(bench["tokens"], bench["frame_px"], v)}
-        | {"log-log slope": round(bench["loglog_slope"][k], 2)} for k, v in bench["latency_ms"].items()}}
+    return {"bench": sandwich.bench(run.cfg.preset, device=run.device)}
 
 
-def checks(res):
-    t1, a1, t3, a5, bench = res["tab1"], res["taba1"], res["tab3"], res["taba5"], res["bench"]
+# ----------------------------------------------------------------------------------------------
+# RESULTS.md: each table sits in a block of its own, between `<!-- reproduce.py NAME: begin -->` and
+# `<!-- reproduce.py NAME: end -->`, and only the text between the markers is replaced. The report
+# around the blocks (its prose, the paper's tables, curves.py's blocks) stays byte for byte; a block not
+# yet in the file is appended at its end under a heading. Rates carry their 95% Wilson interval; the
+# line above a table gives its sample count, the command, the date and the commit.
+RATES = {"color_acc": "colour", "shape_acc": "shape", "direction_acc": "direction",         # fractions of n videos
+         "dynamic_degree": "dynamic degree"}
+SCORES = {"subject_consistency": "subject consistency", "background_consistency": "background consistency",
+          "fvd": "FVD-lite (lower is better)", "semantic": "semantic", "quality": "quality", "total": "total"}
+VBENCH = [*RATES, "subject_consistency", "background_consistency", "fvd", "semantic", "quality", "total"]
+ATTENTION = {"lcha": "LCHA", "local": "local path only", "linear": "linear path only"}     # Tab. 3 (b)'s rows
+
+
+def rate(p, n):
+    """A fraction of n videos with its 95% Wilson interval: '0.67 [0.39, 0.86]'."""
+    lo, hi = curves.wilson(p, n)
+    return f"{p:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def n_videos(rows, res):
+    return next(iter(rows.values())).get("n", res["n_prompts"])     # a store from before rows kept n
+
+
+def vbench(r, keys, n):
+    """One row's VBench-lite cells: rates with their interval, composite scores to 2 decimals."""
+    def cell(k):
+        if r.get(k) is None:                                            # FVD-lite of a single video
+            return ""
+        return rate(r[k], r.get("n", n)) if k in RATES else f"{r[k]:.2f}"
+    return [cell(k) for k in keys]
+
+
+def head(keys):
+    return [RATES.get(k) or SCORES[k] for k in keys]
+
+
+def md(columns, rows):
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def wrapped(paragraph):
+    """Prose wrapped at 100 columns as the report's; a table as it is."""
+    if paragraph.startswith("|"):
+        return paragraph
+    return textwrap.fill(paragraph, 100, break_on_hyphens=False, break_long_words=False)
+
+
+def millions(params):
+    return f"{params / 1e6:.2f}M"
+
+
+def lowest_in_bold(values, digits):
+    return [f"**{v:.{digits}f}**" if v == min(values) else f"{v:.{digits}f}" for v in values]
+
+
+def slashed(values):
+    return " / ".join(f"{v:.2f}" for v in values)
+
+
+def ordering(values, n, is_rate=False):
+    """The paper's ordering values[0] < values[1] < ... at toy scale, n videos per value: 'holds', 'does
+    not hold', or a tie when a step is inside the noise: rates whose 95% intervals overlap, composite
+    scores less than one video's change (1/n) apart."""
+    def apart(a, b):
+        if is_rate:
+            (lo_a, hi_a), (lo_b, hi_b) = curves.wilson(a, n), curves.wilson(b, n)
+            return hi_a < lo_b or hi_b < lo_a
+        return abs(b - a) >= 1 / n
+    steps = list(zip(values, values[1:]))
+    if any(b < a and apart(a, b) for a, b in steps):
+        return "does not hold"
+    if all(b > a and apart(a, b) for a, b in steps):
+        return "holds"
+    if is_rate:
+        return "a tie (the 95% intervals overlap)"
+    return f"a tie, within one video's change (1/{n} = {1 / n:.2f})"
+
+
+def holds(cond):
+    """For single measurements (a loss, a latency): no interval to tie in."""
+    return "holds" if cond else "does not hold"
+
+
+def made(res, table, count=None):
+    """The line above a table: its sample count, then the command, the date and the commit that made it."""
+    m = res.get("made", {}).get(table)
+    how = m and f"Made by `{m['cmd']}` on {m['date']}" + (f", commit {m['commit']}" if m["commit"] else "")
+    parts = [p for p in (count, how) if p]
+    return ". ".join(parts) + "." if parts else ""
+
+
+def stamp(argv):
+    """How a table is made now: the command, today's date and the checkout's commit ('' outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"cmd": shlex.join(["python", "reproduce.py", *(sys.argv[1:] if argv is None else argv)]),
+            "date": time.strftime("%Y-%m-%d"), "commit": commit}
+
+
+# One function per block, each a list of paragraphs: the line above, the table(s), the paper's ordering.
+def block_tab1(res):
+    t1 = res["tab1"]
+    n = n_videos(t1, res)
+    semantic = ["color_acc", "shape_acc", "direction_acc", "semantic"]
+    quality = ["subject_consistency", "background_consistency", "dynamic_degree", "fvd", "quality", "total"]
     kd, pre = t1["S2DiT-KD"]["total"], t1["S2DiT-Pretrained"]["total"]
-    a1_tot = [r["total"] for r in a1.values()]
-    lay, att = t3["layouts"], t3["attention"]
+    return [made(res, "tab1", f"n = {n} held-out prompts, one video each"),
+            md(["model", "params", "setting", *head(semantic)],
+               [[name, millions(r["params"]), r["setting"], *vbench(r, semantic, n)] for name, r in t1.items()]),
+            md(["model", *head(quality)], [[name, *vbench(r, quality, n)] for name, r in t1.items()]),
+            f"*Paper's ordering:* KD > Pretrained (total 83.62 vs 82.40). Toy: total {kd:.2f} vs {pre:.2f}, "
+            f"{ordering([pre, kd], n)}."]
+
+
+def block_taba1(res):
+    a1 = res["taba1"]
+    n = n_videos(a1, res)
+    total, dynamic = [r["total"] for r in a1.values()], [r["dynamic_degree"] for r in a1.values()]
+    return [made(res, "tab1", f"n = {n} held-out prompts, one video each"),
+            md(["steps", "student", *head(VBENCH)],
+               [[k.split()[0], f"`{r['student']}`", *vbench(r, VBENCH, n)] for k, r in a1.items()]),
+            "*Paper's ordering:* more steps score higher (total 80.37 < 82.69 < 83.26, dynamic degree 55.09 < 57.50 "
+            f"< 59.17). Toy: total {slashed(total)}, {ordering(total, n)}; dynamic degree {slashed(dynamic)}, "
+            f"{ordering(dynamic, n, is_rate=True)}."]
+
+
+def block_taba7(res):
     a7 = res["taba7"]
-    return {
-        "tab1": holds(kd >= pre, f"KD total {kd} >= Pretrained {pre}", f"KD total {kd} < Pretrained {pre}"),
-        "taba1": holds(a1_tot == sorted(a1_tot), f"total rises with steps {a1_tot}", f"totals by steps {a1_tot}"),
-        "tab3a": holds(lay["searched"]["eq10_loss"] <= min(r["eq10_loss"] for r in lay.values() if r["fits_budget"]),
-                       "the searched layout has the lowest Eq. 10 loss among layouts within budget",
-                       "a layout within budget has a lower Eq. 10 loss than the searched one"),
-        "tab3b": holds(att["lcha"]["eval_loss"] <= min(att["local"]["eval_loss"], att["linear"]["eval_loss"]),
-                       "LCHA's eval loss is below local-only and linear-only",
-                       f"eval losses {[(k, v['eval_loss']) for k, v in att.items()]}"),
-        "taba2": "the paper's efficient decoder is much smaller and faster at a small fidelity cost; compare the rows",
-        "taba3": holds(all(r["fps"] > 16 for r in res["taba3"].values()),
-                       "every setting streams faster than the 16 FPS playback rate",
-                       "some settings stream slower than the 16 FPS playback rate"),
-        "taba5": holds(a5["LCHA"]["eval_loss"] <= a5["SANA-Video linear attention"]["eval_loss"],
-                       "LCHA beats SANA-style linear attention in eval loss",
-                       "SANA-style linear attention beats LCHA in eval loss"),
-        "taba6": "the paper reports S2DiT-AR keeping subject and background consistent on long streams; compare the rows",
-        "taba7": holds(a7["with teacher (S2DiT-AR)"]["total"] >= a7["without teacher"]["total"],
-                       "distilling from the teacher beats self-distillation",
-                       "self-distillation matches or beats the teacher at toy scale"),
-        "bench": holds(bench["loglog_slope"]["s2dit"] <= 1.2 and bench["loglog_slope"]["s2dit"] < bench["loglog_slope"]["attention"],
-                       f"S2DiT grows near-linearly (slope {bench['loglog_slope']['s2dit']:.2f}), full attention "
-                       f"faster ({bench['loglog_slope']['attention']:.2f})", f"slopes {bench['loglog_slope']}"),
-    }
+    n = n_videos(a7, res)
+    with_teacher, without = (r["total"] for r in a7.values())
+    return [made(res, "taba7", f"n = {n} held-out prompts, one video each"),
+            md(["model", *head(VBENCH)], [[name, *vbench(r, VBENCH, n)] for name, r in a7.items()]),
+            "*Paper's ordering:* with the teacher > without (total 83.26 vs 83.04). Toy: total "
+            f"{with_teacher:.2f} vs {without:.2f}, {ordering([without, with_teacher], n)}."]
+
+
+def block_tab3a(res):
+    t3 = res["tab3"]
+    rows = {}                                                           # one row per layout: "searched = hourglass"
+    for name, r in t3["layouts"].items():
+        rows.setdefault(r["layout"], {**r, "names": []})["names"].append(name)
+    rows = list(rows.values())
+    best_within_budget = min(r["eq10_loss"] for r in rows if r["fits_budget"])
+    return [made(res, "tab3", f"Budget {t3['budget_ms']:.1f} ms, k = {t3['k']}"),
+            md(["layout", "groups", "latency (ms)", "within budget", "Eq. 10 loss"],
+               [[" = ".join(r["names"]), f"`{' '.join(r['layout'])}`", f"{r['latency_ms']:.1f}",
+                 "yes" if r["fits_budget"] else "no", loss]
+                for r, loss in zip(rows, lowest_in_bold([r["eq10_loss"] for r in rows], 2))]),
+            "*Paper's claim:* the searched sandwich beats single-attention and hourglass layouts at equal latency "
+            f"(numbers not available to us). Toy: {holds(t3['layouts']['searched']['eq10_loss'] <= best_within_budget)}, "
+            "the searched layout has the lowest Eq. 10 loss within budget (one evaluation)."]
+
+
+def attention_table(rows, n=None):
+    """Tab. 3 (b) and A5: attention kinds fine-tuned from T_theta (A5 adds semantic and FVD-lite)."""
+    extra = ["semantic", "fvd"] if n else []
+    return md(["attention", "params", "last training loss", "eval loss", "ms per chunk", *head(extra)],
+              [[ATTENTION.get(kind, kind), millions(r["params"]), f"{r['train_loss_last']:.2f}", loss,
+                f"{r['chunk_ms']:.1f}", *vbench(r, extra, n)]
+               for (kind, r), loss in zip(rows.items(), lowest_in_bold([r["eval_loss"] for r in rows.values()], 3))])
+
+
+def block_tab3b(res):
+    loss = {k: r["eval_loss"] for k, r in res["tab3"]["attention"].items()}
+    return [made(res, "tab3", "One run each, eval loss on 6 held-out batches of 6 clips"),
+            attention_table(res["tab3"]["attention"]),
+            "*Paper's claim:* LCHA beats its local path alone on every metric (numbers not available to us). Toy: "
+            f"{holds(loss['lcha'] < min(loss['local'], loss['linear']))}, eval loss {loss['lcha']:.3f} against "
+            f"local only {loss['local']:.3f} and linear only {loss['linear']:.3f} (one run each)."]
+
+
+def block_taba5(res):
+    a5 = res["taba5"]
+    n = n_videos(a5, res)
+    _, sana, lcha = (r["eval_loss"] for r in a5.values())             # full attention, SANA-style, LCHA
+    return [made(res, "taba5", f"n = {n} held-out prompts for semantic and FVD-lite, one video each"),
+            attention_table(a5, n),
+            "*Paper's ordering:* LCHA beats SANA-Video (L_eval 0.259 vs 0.265; full attention, 0.252, does not fit "
+            f"the phone). Toy: {holds(lcha < sana)}, eval loss {lcha:.3f} vs {sana:.3f} (one run each)."]
+
+
+def block_bench(res):
+    b = res["bench"]
+    label = {"attention": "all-attention DiT", "sana": "SANA-style linear DiT",
+             "s2dit": f"S2DiT (`{' '.join('L' if m else 'S' for m in sandwich.DEFAULT_LAYOUT[b['preset']])}`)"}
+    slope = b["loglog_slope"]
+    sizes = [f"{tokens} tokens ({px} px), ms" for tokens, px in zip(b["tokens"], b["frame_px"])]
+    return [made(res, "bench", f"One forward of one chunk, median of 5, {b['threads']} threads"
+                 + (f", on {b['device']}" if b.get("device", "cpu") != "cpu" else "")),
+            md(["model", *sizes, "log-log slope"],
+               [[label.get(k, k), *(f"{ms:.1f}" for ms in v), f"{slope[k]:.2f}"] for k, v in b["latency_ms"].items()]),
+            "*Paper:* full attention runs out of memory on the phone where LCHA takes 900 ms (Tab. A5). Toy: "
+            f"{holds(slope['s2dit'] <= 1.2 and slope['s2dit'] < slope['attention'])}, S2DiT grows near-linearly "
+            f"(slope {slope['s2dit']:.2f}), full attention faster ({slope['attention']:.2f}) and "
+            f"{b['ratio_attention_over_s2dit'][-1]:.1f}x slower than S2DiT at {b['tokens'][-1]} tokens."]
+
+
+def block_taba2(res):
+    a2 = res["taba2"]
+    ref, eff = a2["vae_decoder"], a2["efficient_decoder"]
+    fewer, faster = ref["params"] / eff["params"], ref["latency_ms_per_chunk"] / eff["latency_ms_per_chunk"]
+    return [made(res, "taba2", f"n = {a2['clips']} held-out clips of {a2['frames']} frames"),
+            md(["efficient decoder recipe", "updates", "params", "ms per chunk, reference / efficient",
+                "PSNR (dB), reference / efficient", "SSIM, reference / efficient"],
+               [[f"this run's (`{res['preset']}` preset)", res.get("decoder_updates") or "",
+                 f"{millions(eff['params'])} vs {millions(ref['params'])} ({fewer:.1f}x fewer)",
+                 f"{ref['latency_ms_per_chunk']:.1f} / {eff['latency_ms_per_chunk']:.1f} ({faster:.1f}x faster)",
+                 f"{ref['psnr']:.1f} / {eff['psnr']:.1f}", f"{ref['ssim']:.2f} / {eff['ssim']:.2f}"]]),
+            "*Paper:* the efficient decoder is 4x smaller, real time, 0.45 dB below the VAE decoder (31.71 vs "
+            f"32.16 dB). Toy: {fewer:.1f}x smaller, {faster:.1f}x faster, {ref['psnr'] - eff['psnr']:.1f} dB below."]
+
+
+def block_taba3(res):
+    a3 = res["taba3"]
+    chunks = next(iter(a3.values())).get("chunks")
+    return [made(res, "taba3", chunks and f"{chunks} chunks of the first held-out prompt, mean per chunk"),
+            md(["steps", "student", "text encoder, once (ms)", "DiT per step (ms)", "commit (ms)", "decoder (ms)",
+                "per chunk of 12 frames (ms)", "FPS"],
+               [[k.split()[0], f"`{r['student']}`", *(f"{r[c]:.1f}" for c in ("text_encoder_ms", "dit_per_step_ms",
+                 "commit_ms", "decoder_ms", "chunk_ms")), f"{r['fps']:.0f}"] for k, r in a3.items()]),
+            "*Paper:* 1124 ms per chunk at 4 steps on an iPhone 16 Pro Max, 10.7 FPS. Toy: "
+            f"{holds(all(r['fps'] > 16 for r in a3.values()))}, every student streams faster than the 16 FPS "
+            "playback."]
+
+
+def block_taba6(res):
+    a6 = res["taba6"]
+    first = next(iter(a6.values()))                                     # streams: not in stores before it was kept
+    count = "streams" in first and f"n = {first['streams']} held-out prompts, one stream of {first['frames']} frames each"
+    scores = ["subject_consistency", "background_consistency", "semantic"]
+    return [made(res, "taba6", count),
+            md(["model", "streams", "frames", *head(scores)],
+               [[name, r.get("streams", ""), r["frames"], *vbench(r, scores, None)] for name, r in a6.items()]),
+            "*Paper:* S2DiT-AR keeps 30-second videos as consistent as the server-side AR model (subject consistency "
+            "95.03 vs 95.05); compare the rows."]
+
+
+BLOCKS = {  # block: (the `--tables` name that computes it, its heading when appended, its paragraphs)
+    "tab1": ("tab1", "Tab. 1: the models of the chain", block_tab1),
+    "taba1": ("tab1", "Tab. A1: denoising steps of the streaming student", block_taba1),
+    "taba7": ("taba7", "Tab. A7: DMD without the teacher", block_taba7),
+    "tab3a": ("tab3", "Tab. 3 (a): the searched layout", block_tab3a),
+    "tab3b": ("tab3", "Tab. 3 (b): LCHA against its two paths", block_tab3b),
+    "taba5": ("taba5", "Tab. A5: attention kinds", block_taba5),
+    "bench": ("bench", "Latency against tokens", block_bench),
+    "taba2": ("taba2", "Tab. A2: decoders", block_taba2),
+    "taba3": ("taba3", "Tab. A3: latency of one chunk", block_taba3),
+    "taba6": ("taba6", "Tab. A6: 30-chunk streams", block_taba6),
+}
+
+
+def marker(name, end=False):
+    return f"<!-- reproduce.py {name}: {'end' if end else 'begin'} -->"
+
+
+def read_report(path):
+    """The report's text ('' when it does not exist yet). A block's markers must be both absent or both
+    present once, begin first: otherwise replacing the block could swallow the prose after it."""
+    text = open(path).read() if os.path.exists(path) else ""
+    for name in BLOCKS:
+        begin, end = marker(name), marker(name, end=True)
+        found = (text.count(begin), text.count(end))
+        if found != (0, 0) and (found != (1, 1) or text.index(begin) > text.index(end)):
+            raise safeio.UsageError(f"{path}: block {name} needs one `{begin}` followed by one `{end}`, found "
+                                    f"{found[0]} and {found[1]}; mend the markers (or delete both to have the block "
+                                    f"appended at the end); the file is left as it is")
+    return text
+
+
+def write_results(path, res):
+    """Every table computed so far into its block of the report at `path`, written atomically; returns the
+    blocks written."""
+    text = read_report(path) or "# Results: the paper's tables at toy scale\n"
+    written = [name for name, (table, _, _) in BLOCKS.items() if table in res]
+    for name in written:
+        _, heading, paragraphs = BLOCKS[name]
+        body = "\n\n".join(wrapped(p) for p in paragraphs(res) if p)
+        begin, end = marker(name), marker(name, end=True)
+        if begin in text:
+            text = text[:text.index(begin) + len(begin)] + f"\n{body}\n" + text[text.index(end):]
+        else:
+            text = text.rstrip("\n") + f"\n\n## {heading}\n\n{begin}\n{body}\n{end}\n"
+    safeio.write_text(path, text)
+    return written
 
 
 def main(argv=None):
@@ -407,6 +610,7 @@ def main(argv=None):
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         safeio.check_writable_file(args.out)
+        read_report(args.out)                                           # broken block markers: before any work
         run = runs.open_run(args.run, dist.pick_device(args.device))
         res = safeio.read_json(store, "table store") if os.path.exists(store) else {}
     except (ValueError, FileNotFoundError) as e:
@@ -419,25 +623,20 @@ def main(argv=None):
             res.get("seconds", {}).pop(t, None)
         print(f"{store}: dropped {stale}, measured with the old single DMD student; recompute them with "
               f"--tables {','.join(t for t in stale if t in TABLES)}")
-    res.update({"seed": args.seed, "preset": run.cfg.preset, "n_prompts": args.prompts, "separate_students": True,
-                "device": str(run.device)})
+    res.update({"seed": args.seed, "preset": run.cfg.preset, "n_prompts": args.prompts, "separate_students": True})
     res.setdefault("seconds", {})
     for name in args.tables.split(","):
         print(f"{name} ...", flush=True)
         t0 = time.time()
         res.update(compute(name, run, args, os.path.dirname(os.path.abspath(args.out))))
         res["seconds"][name] = time.time() - t0
+        res.setdefault("made", {})[name] = stamp(argv)                  # the line above its blocks
         safeio.write_json(store, res, indent=1, default=str)
+    print(f"wrote the blocks {', '.join(write_results(args.out, res))} into {args.out}")
     missing = [t for t in TABLES if t not in res]
     if missing:
-        print(f"tables still to compute: {missing}; RESULTS.md is written once all exist")
-        return
-    res["checks"] = checks(res)
-    seconds = sum(res["seconds"].values())
-    cmd = "python reproduce.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    write_results(args.out, res, cmd.strip(), seconds)
-    print(f"wrote {args.out}; the tables took {seconds / 60:.1f} min in all")
+        print(f"tables still to compute: {missing}")
 
 
 if __name__ == "__main__":
-    main()
+    safeio.run_cli("reproduce.py", main)

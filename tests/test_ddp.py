@@ -3,9 +3,9 @@
 DDP averages the processes' gradients of their shards' mean losses: the same update as one process
 on the whole batch, up to the order of float additions. So the weights agree to a tolerance, not
 bit for bit (one process sums the batch in one pass, two processes sum halves and then the halves).
-The loops (flow.train_fm, text.fit_text_encoder) are compared by how far apart training took the
-weights, as a share of how far it moved them: ||a - b|| / ||a - w0|| over all float weights, w0 the
-initial ones:
+The loops (flow.train_fm, distill.train_kd, text.fit_text_encoder) are compared by how far apart
+training took the weights, as a share of how far it moved them: ||a - b|| / ||a - w0|| over all
+float weights, w0 the initial ones:
 
     FM_TOL   1e-4  flow matching, 4 updates: measured 5e-6; cached KD, 3 updates: measured 2e-6
     TEXT_TOL 1e-2  text encoder, 3 updates: measured 3e-3. Its attention's key bias has a gradient
@@ -13,9 +13,10 @@ initial ones:
                    every key score); Adam scales such noise up to a full step, whose sign then differs.
 
 A wrong split (both processes training on the same rows) lands at 0.25 (text), 0.6 (KD) and 1.3
-(flow matching): the tests hold it above 10x the tolerance. The whole train.py under torchrun (VAE, flow
-matching, MoE teacher, decoder) is compared by ||a - b|| / ||a|| < RTOL = 1e-5 (measured 2e-9 ..
-1.3e-7). A killed and resumed 2-process run ends equal, bit for bit, to one never interrupted."""
+(flow matching): the tests hold it above 10x the tolerance. The whole train.py under torchrun (VAE,
+flow matching, MoE teacher, decoder) is compared by ||a - b|| / ||a|| < RTOL = 1e-5 (measured
+2e-9 .. 1.3e-7). A killed and resumed 2-process loop ends equal, bit for bit, to one never
+interrupted, and a killed torchrun of train.py resumes."""
 import os
 import signal
 import socket
