@@ -11,6 +11,7 @@ float weights, w0 the initial ones:
     TEXT_TOL 1e-2  text encoder, 3 updates: measured 3e-3. Its attention's key bias has a gradient
                    that is zero up to rounding (softmax does not change when a constant is added to
                    every key score); Adam scales such noise up to a full step, whose sign then differs.
+                   Without that bias: 5e-7.
 
 A wrong split (both processes training on the same rows) lands at 0.25 (text), 0.6 (KD) and 1.3
 (flow matching): the tests hold it above 10x the tolerance. The whole train.py under torchrun (VAE,
