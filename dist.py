@@ -86,8 +86,8 @@ def setup(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    # ASSUMPTION: the stages that are not data-parallel (search, cache, KD, DMD, deploy, sample) run on
-    # process 0 while the others wait at a barrier, so a wait may last as long as the longest stage.
+    # ASSUMPTION: the stages that are not data-parallel (latents, search, cache, DMD, deploy, sample) run
+    # in process 0 while the others wait at a barrier, so a wait may last as long as the longest stage.
     td.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=12))
     if not is_main():
         sys.stdout = open(os.devnull, "w")        # process 0 alone logs; errors still reach stderr
@@ -154,7 +154,7 @@ class _Step(torch.nn.Module):
     def __init__(self, loss_fn, nets):
         super().__init__()
         self.nets = torch.nn.ModuleList(n for n in nets if isinstance(n, torch.nn.Module))
-        self.params = torch.nn.ParameterList(p for p in nets if isinstance(p, torch.nn.Parameter))  # text's logit scale
+        self.params = torch.nn.ParameterList(p for p in nets if isinstance(p, torch.nn.Parameter))  # logit scale
         self.loss_fn = loss_fn
 
     def forward(self, *args, **kw):

@@ -364,6 +364,19 @@ def check_out(out, cfg: PipelineConfig):
         raise safeio.UsageError(f"cannot write the run directory {out}: {d} is not a writable folder")
 
 
+def check_split(cfg: PipelineConfig):
+    """Under torchrun every data-parallel batch splits evenly over the processes (dist.rows): checked
+    before any work, so that a bad process count is one line, not a stage that dies half way."""
+    batches = {f: getattr(cfg, f) for f in ("text_batch", "vae_batch", "dit_batch")}
+    if cfg.first_chunk_frac > 0:
+        batches["first_chunk_batch"] = cfg.first_chunk_batch
+    batches["the KD batch"] = distill.get_kd_config(cfg.preset).batch
+    uneven = {k: v for k, v in batches.items() if v % dist.world()}
+    if uneven:
+        raise ValueError(f"{dist.world()} processes do not split the batches {uneven} evenly; run a number of "
+                         f"processes that divides every one, or change them with --set")
+
+
 def stage_seed(cfg: PipelineConfig, stage):
     return cfg.seed * STAGE_SEED_STRIDE + STAGES.index(stage)
 
@@ -449,6 +462,7 @@ def main(argv=None):
                 raise ValueError(f"unknown stage {s!r}; stages: {','.join(STAGES)}")
         check_out(out, cfg)
         device = dist.setup(dist.pick_device(args.device))   # joins torchrun's processes, if any
+        check_split(cfg)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     processes = dist.world()

@@ -247,3 +247,13 @@ def test_torchrun_pipeline_matches_one_process_and_resumes_after_a_kill(tmp_path
         d = rel_diff(a, b)
         print(f"{stage}: two processes vs one {d:.1e}")
         assert d < RTOL, stage
+
+
+def test_a_process_count_that_does_not_split_the_batches_is_refused_before_any_work(monkeypatch):
+    cfg = train.get_config("tiny")
+    train.check_split(cfg)                                           # one process: anything goes
+    monkeypatch.setattr(dist, "world", lambda: 2)
+    train.check_split(cfg)                                           # tiny's batches are even
+    monkeypatch.setattr(dist, "world", lambda: 3)
+    with pytest.raises(ValueError, match="3 processes do not split the batches .*vae_batch"):
+        train.check_split(cfg)
