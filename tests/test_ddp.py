@@ -36,9 +36,9 @@ import distill
 import dit
 import flow
 import kdcache
-import sandwich
 import runs
 import safeio
+import sandwich
 import text as text_mod
 import train
 
@@ -61,8 +61,8 @@ def free_port():
 
 
 # ----------------------------------------------------------------------------- the loops themselves
-def fm_model():
-    torch.manual_seed(0)
+def fm_model(seed=0):
+    torch.manual_seed(seed)
     return dit.DiT(dit.get_config("tiny"))
 
 
@@ -75,13 +75,13 @@ def fm_batches(step):
     return torch.randn(4, cfg.in_channels, 6, 4, 4, generator=g), text, mask, text[:1] * 0, mask[:1]
 
 
-def fit_fm(ckpt=None, kill_at=None):
+def fit_fm(ckpt=None, kill_at=None, init_seed=0):
     def batches(step):
         if step == kill_at:
             raise KeyboardInterrupt                                  # as if the processes died here
         return fm_batches(step)
-    model, _ = flow.train_fm(fm_model(), batches, 4, 1e-3, seed=3, ema_decay=0.9, progress=False, warmup=2,
-                             ckpt=ckpt, ckpt_every_s=0.0)
+    model, _ = flow.train_fm(fm_model(init_seed), batches, 4, 1e-3, seed=3, ema_decay=0.9, progress=False,
+                             warmup=2, ckpt=ckpt, ckpt_every_s=0.0)
     return model.state_dict()
 
 
@@ -132,8 +132,9 @@ def _worker(rank, port, out, cache_dir):
         except KeyboardInterrupt:
             pass
         dist.barrier()
-        res["fm_resumed"] = fit_fm(ckpt)
-        res["ckpt_left"] = os.path.exists(ckpt)
+        res["ckpt_saved"] = os.path.exists(ckpt)
+        res["fm_resumed"] = fit_fm(ckpt, init_seed=1)               # other initial weights: only the checkpoint
+        res["ckpt_left"] = os.path.exists(ckpt)                     # can make it equal
         rows = dist.rows
         dist.rows = lambda batch: slice(0, batch // 2)               # a wrong split: both train on rows 0, 1
         try:
@@ -191,7 +192,7 @@ def test_text_pretraining_over_two_processes_equals_one_process(two_processes):
 
 def test_killed_two_process_loop_resumes_bit_identically(two_processes):
     r0 = two_processes[0]
-    assert not r0["ckpt_left"]                                       # process 0 removed it at the end
+    assert r0["ckpt_saved"] and not r0["ckpt_left"]                  # process 0 wrote it, then removed it
     for k in r0["fm"]:
         assert torch.equal(r0["fm"][k], r0["fm_resumed"][k]), k
 
