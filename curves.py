@@ -49,6 +49,9 @@ RECIPES = {
     # 3-chunk window, where a chunk learns to continue the motion of the chunks before it
     "half_window": {"first_chunk_frac": 0.5},                        # first half first chunks, then windows
     "window_only": {"first_chunk_frac": 0.0},                        # every update on the 3-chunk window
+    # Against window_only: the loss weighs the latent pixels of moving objects (what the caption
+    # describes) 5x (runs.PipelineConfig.object_weight)
+    "window_objects": {"first_chunk_frac": 0.0, "object_weight": 4.0},
 }
 
 

@@ -226,10 +226,12 @@ def cfg_predict(model, x, t, text, mask, null_text, null_mask, scale, **kw):
     return cfg_velocity(v_c, v_u, scale)
 
 
-def fm_loss(model, x0, text, mask, null_text, null_mask, p_uncond=0.1, generator=None, shift=1.0, boundary=None,
-            rows=slice(None)):
+def fm_loss(model, x0, text, mask, null_text, null_mask, weight=None, p_uncond=0.1, generator=None, shift=1.0,
+            boundary=None, rows=slice(None)):
     """Flow matching with per-chunk t (diffusion forcing) and CFG dropout:
         L = E || V(x_t, t, e) - (eps - x0) ||^2,   x_t = (1 - t) x0 + t eps,  t independent per chunk.
+    weight (B, 1, T, h, w), optional: a per-latent-pixel weight of the squared error, normalised by
+    its mean so the loss keeps its scale (runs.PipelineConfig.object_weight).
     rows: the rows of the batch this process trains on (data-parallel training, dist.rows); the
     random numbers are drawn for the whole batch, so each row gets what it gets in one process.
     # DEVIATION: the paper's KD model is bidirectional; ours (teacher, T_theta, S2DiT-Pretrained) is
@@ -244,13 +246,16 @@ def fm_loss(model, x0, text, mask, null_text, null_mask, p_uncond=0.1, generator
         t = torch.where(high, boundary + (1 - boundary) * t, boundary * t)      # (B, T)
     eps = torch.randn(x0.shape, generator=generator).to(x0)                     # (B, C, T, h, w)
     drop = torch.rand(B, generator=generator).to(x0.device) < p_uncond          # (B,) captions -> null
+    norm = None if weight is None else weight.mean()                            # the whole batch's mean weight
     x0, t, eps, drop, text, mask = x0[rows], t[rows], eps[rows], drop[rows], text[rows], mask[rows]
     B = x0.shape[0]                                                             # B/N with N processes
     x_t = add_noise(x0, eps, t)                                            # (B, C, T, h, w)
     text = torch.where(drop[:, None, None], _batch_null(null_text, B), text)    # (B, L, Dt)
     mask = torch.where(drop[:, None], _batch_null(null_mask, B), mask)          # (B, L)
     v = model(x_t, t, text, mask, causal=True)                                  # (B, C, T, h, w)
-    return F.mse_loss(v, velocity_target(x0, eps))
+    if weight is None:
+        return F.mse_loss(v, velocity_target(x0, eps))
+    return (weight[rows] * (v - velocity_target(x0, eps)) ** 2).mean() / norm
 
 
 class EMA:

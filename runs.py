@@ -81,6 +81,10 @@ class PipelineConfig:
     sample_chunks: int = 8         # length of the sample video (chunks of 12 frames)
     sample_steps: int = 2          # denoising steps of the sample video
     ema: float = 0.995             # EMA of the flow-matching stages (half-life ~140 updates)
+    object_weight: float = 0.0     # flow-matching loss weight 1 + this on the latent pixels that see a moving
+                                   # object (vae.latent_motion_mask, stored with the pool); 0 = plain MSE.
+                                   # DEVIATION: the paper weighs every latent alike. The caption describes the
+                                   # objects, ~14% of the latent pixels; the rest is a caption-free background
 
 
 def data_cfg(cfg: PipelineConfig):
@@ -196,6 +200,16 @@ class Run:
             return blob["z"].float().to(self.device), blob["captions"]
         return self._once("pool", load)
 
+    def moving(self):
+        """The pool's moving-object masks (n, 1, T, h, w) bool (vae.latent_motion_mask)."""
+        def load():
+            blob = torch.load(self.path("latents.pt"), map_location="cpu", weights_only=True)
+            if "moving" not in blob:
+                raise ValueError(f"{self.path('latents.pt')} has no moving-object masks (an older pool); "
+                                 f"re-run its stage: python train.py --out {self.dir} --force latents")
+            return blob["moving"]
+        return self._once("moving", load)
+
     def null_text(self):
         """The empty prompt's tokens (1, L, Dt) and mask (1, L): the unconditional side of CFG."""
         encoder, _ = self.text()
@@ -210,12 +224,14 @@ class Run:
 BATCH_SEED_STRIDE = 1_000_003      # batch_fn(step) seeds its generator with seed * stride + step
 
 
-def dit_batches(run, batch, seed, with_null=True, chunks=None):
-    """batch_fn(step) -> (x0, text, mask[, null_text, null_mask]) sampled from the latent pool:
+def dit_batches(run, batch, seed, with_null=True, chunks=None, object_weight=0.0):
+    """batch_fn(step) -> (x0, text, mask[, null_text, null_mask[, weight]]) sampled from the latent pool:
     `batch` clips, each cut to a window of `chunks` whole chunks (default dit_chunks, see
     PipelineConfig) at a random chunk-aligned start; a one-chunk window is always the clip's first
-    chunk, the one a stream starts with (its first latent frame is the VAE's single-frame one)."""
+    chunk, the one a stream starts with (its first latent frame is the VAE's single-frame one).
+    object_weight > 0 adds the loss weight (B, 1, T, h, w): 1 + object_weight on moving objects."""
     z, captions = run.pool()
+    moving = run.moving() if object_weight > 0 else None
     encoder, tokenizer = run.text()
     n_text, n_mask = run.null_text()
     chunk, T = dit_cfg(run.cfg).chunk, z.shape[2]
@@ -228,19 +244,25 @@ def dit_batches(run, batch, seed, with_null=True, chunks=None):
         f0 = int(torch.randint(starts, (1,), generator=g)) * chunk       # chunk-aligned start
         tokens, _, mask = text_mod.encode_text(encoder, tokenizer, [captions[i] for i in idx])
         out = (z[idx.to(z.device), :, f0:f0 + win], tokens, mask)
-        return out + (n_text, n_mask) if with_null else out
+        if not with_null:
+            return out
+        out += (n_text, n_mask)
+        if moving is not None:
+            out += ((1 + object_weight * moving[idx, :, f0:f0 + win].float()).to(z.device),)
+        return out
     return fn
 
 
 def fm_batches(run, seed, steps):
     """The batches of a flow-matching stage of `steps` updates: the first first_chunk_frac of them
-    on one-chunk windows (first_chunk_batch clips), the rest on dit_chunks windows (dit_batch clips)."""
+    on one-chunk windows (first_chunk_batch clips), the rest on dit_chunks windows (dit_batch clips);
+    with the loss weights of object_weight when it is > 0."""
     cfg = run.cfg
     n1 = int(cfg.first_chunk_frac * steps)
-    long = dit_batches(run, cfg.dit_batch, seed)
+    long = dit_batches(run, cfg.dit_batch, seed, object_weight=cfg.object_weight)
     if n1 == 0:
         return long
-    short = dit_batches(run, cfg.first_chunk_batch, seed, chunks=1)
+    short = dit_batches(run, cfg.first_chunk_batch, seed, chunks=1, object_weight=cfg.object_weight)
     return lambda step: short(step) if step < n1 else long(step)
 
 

@@ -133,14 +133,15 @@ def stage_vae(run):
 def stage_latents(run):
     cfg, vae = run.cfg, run.vae()
     dcfg = data_cfg(cfg)
-    zs, caps = [], []
+    zs, moving, caps = [], [], []
     for i in tqdm(range(0, cfg.pool_clips, 16), desc="latents"):
         video, captions, _ = data.make_batch(dcfg, min(16, cfg.pool_clips - i), seed=cfg.seed * POOL_CLIP_STRIDE + i)
         zs.append(vae.encode(video.to(run.device)).half().cpu())
+        moving.append(vae_mod.latent_motion_mask(video))            # where the caption's objects are
         caps += captions
     z = torch.cat(zs)
     with safeio.atomic_path(run.path("latents.pt")) as tmp:
-        torch.save({"z": z, "captions": caps}, tmp)
+        torch.save({"z": z, "captions": caps, "moving": torch.cat(moving)}, tmp)
     return {"clips": len(caps), "latent_shape": list(z.shape[1:]), "bytes": os.path.getsize(run.path("latents.pt"))}
 
 

@@ -396,6 +396,20 @@ def motion_weights(video, weight):
     return 1 + weight * ((video - background).abs().sum(1, keepdim=True) > 0.15).float()
 
 
+def latent_motion_mask(video):
+    """Which latent pixels see a moving object: (B, 3, F, H, W) -> (B, 1, T, H/4, W/4) bool.
+    The pixel mask of motion_weights (the object, and the stretch of its path where it stays over
+    half of the clip, which the temporal median takes for background), gathered the way the
+    encoder compresses: latent frame 0 is pixel frame 0, latent frame k (k >= 1) pixel frames
+    4k-3 .. 4k, each latent pixel a 4x4 square."""
+    background = video.median(dim=2, keepdim=True).values                     # (B, 3, 1, H, W)
+    m = ((video - background).abs().sum(1, keepdim=True) > 0.15).float()     # (B, 1, F, H, W)
+    B, _, F, H, W = m.shape
+    rest = m[:, :, 1:].reshape(B, 1, (F - 1) // 4, 4, H, W).amax(3)           # (B, 1, T - 1, H, W)
+    m = torch.cat([m[:, :, :1], rest], 2)                                     # (B, 1, T, H, W)
+    return F_.max_pool3d(m, (1, 4, 4)) > 0                                    # (B, 1, T, H/4, W/4)
+
+
 def lr_factor(step, steps, warmup=30, floor=0.05):
     """Linear warm-up, then cosine decay to `floor` (not 0: the last steps still learn)."""
     frac = min(step, steps) / max(steps, 1)

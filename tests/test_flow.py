@@ -146,3 +146,20 @@ def test_get_config():
     assert flow.get_config("small").sample_steps >= flow.get_config("tiny").sample_steps
     with pytest.raises(ValueError, match="tiny"):
         flow.get_config("huge")
+
+
+def test_fm_loss_weight_of_ones_is_plain_mse_and_a_weight_moves_the_loss():
+    cfg = dit.get_config("tiny")
+    torch.manual_seed(0)
+    model = dit.DiT(cfg)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, cfg.in_channels, 3, 8, 8, generator=g)
+    text, mask = torch.randn(2, 5, cfg.text_dim, generator=g), torch.ones(2, 5, dtype=torch.bool)
+    null, null_m = torch.zeros(1, 5, cfg.text_dim), torch.ones(1, 5, dtype=torch.bool)
+    loss = lambda w: flow.fm_loss(model, x0, text, mask, null, null_m, w, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    plain = loss(None)
+    torch.testing.assert_close(loss(torch.ones(2, 1, 3, 8, 8)), plain)
+    torch.testing.assert_close(loss(torch.full((2, 1, 3, 8, 8), 7.0)), plain)   # normalised by the mean
+    w = torch.ones(2, 1, 3, 8, 8)
+    w[..., :4, :] = 5.0                                                  # the top half weighs 5x
+    assert not torch.allclose(loss(w), plain)

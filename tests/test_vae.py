@@ -184,3 +184,23 @@ def test_fit_vae_killed_and_resumed_equals_uninterrupted(tmp_path):
     resumed = fit(ckpt, init_seed=1)                        # other initial weights: only the checkpoint makes it equal
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_latent_motion_mask_covers_the_object_and_only_its_path():
+    import data
+    video, _, gt = data.make_batch(data.get_config("small"), 2, seed=3, single_object=True)
+    m = V.latent_motion_mask(video)                                      # (2, 1, 9, 16, 16)
+    assert m.shape == (2, 1, 9, 16, 16) and m.dtype == torch.bool
+    for b in range(2):
+        box = gt[b]["objects"][0]["box"] / 4                             # (F, 4) x0, y0, x1, y1 in latent px
+        path = torch.ones(16, 16, dtype=torch.bool)                      # False on the object's whole path
+        x0, y0 = int(box[:, 0].min()), int(box[:, 1].min())
+        x1, y1 = int(box[:, 2].max()), int(box[:, 3].max())
+        path[max(0, y0 - 1):y1 + 2, max(0, x0 - 1):x1 + 2] = False
+        for k, f in ((0, 0), (4, 16), (8, 32)):                          # latent frame k holds pixel frame f
+            cx, cy = int((box[f, 0] + box[f, 2]) / 2), int((box[f, 1] + box[f, 3]) / 2)
+            assert m[b, 0, k, cy, cx], "the object's centre is masked"
+            assert not (m[b, 0, k] & path).any(), "nothing off the object's path is masked"
+        assert m[b].float().mean() < 0.3
+    static = video[:, :, :1].expand_as(video).contiguous()               # a clip that does not move
+    assert not V.latent_motion_mask(static).any()
