@@ -224,11 +224,12 @@ def _coverage(shape_idx, dx, dy, r):
 def shape_coverage(shape_idx, cx, cy, rx, ry, H, W):
     """Coverage (..., H, W) of shapes inscribed in boxes [cx-rx, cx+rx] x [cy-ry, cy+ry] (pixels).
     shape_idx (long), cx, cy, rx, ry: tensors of one shape (...). Used by evaluate.py."""
-    e = lambda t: torch.as_tensor(t).float()[..., None, None]  # noqa: E731  (...) -> (..., 1, 1)
-    xs = torch.arange(W, dtype=torch.float32) + 0.5                    # (W,) pixel centres
-    ys = torch.arange(H, dtype=torch.float32)[:, None] + 0.5           # (H, 1)
+    dev = torch.as_tensor(cx).device                                   # the device of the boxes
+    e = lambda t: torch.as_tensor(t, device=dev).float()[..., None, None]  # noqa: E731  (...) -> (..., 1, 1)
+    xs = torch.arange(W, dtype=torch.float32, device=dev) + 0.5        # (W,) pixel centres
+    ys = torch.arange(H, dtype=torch.float32, device=dev)[:, None] + 0.5   # (H, 1)
     return _coverage(e(shape_idx), (xs - e(cx)) / e(rx), (ys - e(cy)) / e(ry),
-                     e(torch.minimum(torch.as_tensor(rx), torch.as_tensor(ry))))
+                     e(torch.minimum(torch.as_tensor(rx, device=dev), torch.as_tensor(ry, device=dev))))
 
 
 def _paint(shape_idx, c, r, w, size):
@@ -323,9 +324,12 @@ class one_thread(contextlib.ContextDecorator):
 
 
 @one_thread()
-def make_batch(cfg, batch_size, seed, split="train", single_object=False):
+def make_batch(cfg, batch_size, seed, split="train", single_object=False, rows=slice(None)):
     """-> video (B, 3, F, H, W) in [-1, 1], captions list[str], gt list[dict] ('objects': ...).
-    split="train" never uses HELD_OUT; split="eval" draws the primary object from HELD_OUT."""
+    split="train" never uses HELD_OUT; split="eval" draws the primary object from HELD_OUT.
+    rows: render only these clips of the batch (data-parallel training: each process renders its own,
+    dist.rows); every clip is still drawn, so a clip is the same whichever process renders it. The
+    captions and ground truth stay the whole batch's (the text stage contrasts every caption)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     rng = np.random.RandomState(seed)
@@ -348,7 +352,7 @@ def make_batch(cfg, batch_size, seed, split="train", single_object=False):
                     break
         objects.append(objs)
         captions.append(text)
-    video = _render(cfg, objects, bg, cfg.frames)
+    video = _render(cfg, objects[rows], bg[rows], cfg.frames)
     return video, captions, [{"objects": o, "textured": bool(t)} for o, t in zip(objects, textured)]
 
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F_
 
 import data
+import dist
 import evaluate
 import safeio
 import vae as vae_mod
@@ -155,12 +156,14 @@ class PatchDiscriminator(nn.Module):
 
 
 def fit_decoder(decoder, vae, batch_fn, steps, lr=None, seed=0, gan_start=None, progress=True, ckpt=None,
-                ckpt_every_s=180.0):
+                ckpt_every_s=180.0, batch=None):
     """Train on frozen VAE-encoder latents: L1 + perc_weight * perceptual + gan_weight * hinge GAN
     (+ teacher_weight * L1 to the reference decoder's output, when set). The GAN starts after
     `gan_start` steps (a warm-up so the discriminator never faces pure noise; default: the config's
     share of the steps, never when it is >= 1). batch_fn(step) -> video (B, 3, F, H, W) in [-1, 1].
-    ckpt: saved every ckpt_every_s seconds and resumed from, bit-identically (resume.py)."""
+    ckpt: saved every ckpt_every_s seconds and resumed from, bit-identically (resume.py).
+    Data-parallel under torchrun (dist.py): batch_fn(step) returns this process's rows
+    dist.rows(batch) of a batch of `batch` clips; decoder and discriminator train with DDP."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -168,7 +171,8 @@ def fit_decoder(decoder, vae, batch_fn, steps, lr=None, seed=0, gan_start=None, 
     lr = cfg.lr if lr is None else lr
     gan_start = int(steps * cfg.gan_start) if gan_start is None else gan_start
     vae.eval().requires_grad_(False)
-    perceptual, disc = RandomFeaturePyramid(seed=1234), PatchDiscriminator()
+    device = next(decoder.parameters()).device
+    perceptual, disc = RandomFeaturePyramid(seed=1234).to(device), PatchDiscriminator().to(device)
     opt_g = torch.optim.Adam(decoder.parameters(), lr=lr, betas=tuple(cfg.betas))
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -185,15 +189,19 @@ def fit_decoder(decoder, vae, batch_fn, steps, lr=None, seed=0, gan_start=None, 
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["torch_rng"])
         run, first_loss = state["run"], state["first_loss"]
-    bar = tqdm(range(start, steps), desc="decoder", disable=not progress, mininterval=2.0, initial=start, total=steps)
+    # DDP under torchrun: the decoder's and the discriminator's gradients averaged over the processes
+    decode = dist.data_parallel(decoder.decode, decoder)
+    judge = dist.data_parallel(lambda real, fake: (disc(real), disc(fake)), disc)
+    bar = tqdm(range(start, steps), desc="decoder", disable=not (progress and dist.is_main()), mininterval=2.0,
+               initial=start, total=steps)
     for step in bar:
         video = batch_fn(step)  # (B, 3, F, H, W)
         if cfg.train_crop:      # the step's own generator: a resumed run cuts the same crops
-            video = vae_mod.train_view(video, cfg, torch.Generator().manual_seed(seed * 1_000_003 + step))
+            video = vae_mod.train_view(video, cfg, torch.Generator().manual_seed(seed * 1_000_003 + step), batch)
         with torch.no_grad():
             z = vae.encode(video)  # (B, C, T, h, w), frozen encoder, normalised
             ref = vae.decode(z) if cfg.teacher_weight else None  # what the reference decoder makes of z
-        rec = decoder.decode(z)  # (B, 3, F, H, W)
+        rec = decode(z)  # (B, 3, F, H, W)
         l1, perc = (rec - video).abs().mean(), perceptual(rec, video)
         loss = l1 + cfg.perc_weight * perc
         if ref is not None:  # the clip alone under-determines a narrow decoder; the teacher's output is a smoother target
@@ -207,15 +215,19 @@ def fit_decoder(decoder, vae, batch_fn, steps, lr=None, seed=0, gan_start=None, 
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
         opt_g.step()
         sched.step()
-        d_loss = torch.zeros(())
+        d_loss = torch.zeros((), device=device)
         if use_gan:  # hinge discriminator loss: relu(1 - D(real)) + relu(1 + D(fake))
-            d_loss = F_.relu(1 - disc(video)).mean() + F_.relu(1 + disc(rec.detach())).mean()
+            d_real, d_fake = judge(video, rec.detach())
+            d_loss = F_.relu(1 - d_real).mean() + F_.relu(1 + d_fake).mean()
             opt_d.zero_grad(set_to_none=True)  # also clears grads the G step left in D
             d_loss.backward()
             opt_d.step()
-        first_loss = loss.item() if first_loss is None else first_loss
-        for k, v in (("loss", loss.item()), ("l1", l1.item()), ("perc", perc.item()), ("d", d_loss.item()),
-                     ("psnr", psnr(rec.detach(), video))):
+        # the whole batch's numbers: the processes' mean of their rows' means (one process: its own)
+        loss_, l1_, perc_, d_ = (dist.mean(x).item() for x in (loss, l1, perc, d_loss))
+        mse = dist.mean((rec.detach().float().clamp(-1, 1) - video.float().clamp(-1, 1)).pow(2).mean()).item()
+        first_loss = loss_ if first_loss is None else first_loss
+        for k, v in (("loss", loss_), ("l1", l1_), ("perc", perc_), ("d", d_),
+                     ("psnr", 10 * math.log10(4.0 / max(mse, 1e-12)))):   # vae.psnr of the whole batch
             run[k] = v if k not in run else 0.95 * run[k] + 0.05 * v
         bar.set_postfix(loss=f"{run['loss']:.4f}", psnr=f"{run['psnr']:.1f}", d=f"{run['d']:.2f}", refresh=False)
         saver.maybe_save(step + 1, lambda: {
@@ -254,7 +266,7 @@ def chunk_latency_ms(decode_chunk, z, repeats=7):
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        decode_chunk(chunk, cache)
+        decode_chunk(chunk, cache)[0].cpu()     # .cpu(): waits for a GPU to finish (free on the CPU)
         times.append((time.perf_counter() - t) * 1000)
     return statistics.median(times)
 
@@ -272,7 +284,7 @@ def compare_decoders(vae, decoder, videos, batch_size=4):
         rows[name] = {"params": n, "latency_ms_per_chunk": chunk_latency_ms(dec.decode_chunk, z[:1]),
                       "psnr": psnr(rec, videos), "ssim": ssim(rec, videos)}
     try:  # FVD-lite from evaluate.py
-        net = evaluate.FeatureNet()
+        net = evaluate.FeatureNet().to(videos.device)
         real = net(videos)
         for name, rec in recs.items():
             rows[name]["fvd_lite"] = float(evaluate.frechet_distance(real, net(rec)))
@@ -315,7 +327,7 @@ def save_comparison_strip(path, vae, decoder, videos, every=4):
         ref, eff = vae.decode(z).clamp(-1, 1), decoder.decode(z).clamp(-1, 1)
         rows += [v, ref, eff]
         labels += ["clip", f"VAE decoder {psnr(ref, v):.1f} dB", f"efficient decoder {psnr(eff, v):.1f} dB"]
-    data.save_strip(path, torch.cat(rows), labels, every=every)
+    data.save_strip(path, torch.cat(rows).cpu(), labels, every=every)
 
 
 def main(argv=None):
@@ -326,7 +338,9 @@ def main(argv=None):
     ap.add_argument("--clips", type=int, default=8, help="held-out clips to evaluate")
     ap.add_argument("--strip", default=None, help="with --run: save the first 3 held-out clips and both "
                     "decoders' reconstructions side by side as this .png")
+    dist.add_device_arg(ap)
     args = ap.parse_args(argv)
+    device = dist.pick_device(args.device)
     if args.strip is not None:
         if args.run is None:
             raise safeio.UsageError("--strip needs --run (a run with vae.pt and decoder.pt)")
@@ -337,23 +351,23 @@ def main(argv=None):
         raise safeio.UsageError(f"--clips must be >= 1, got {args.clips}")
     torch.manual_seed(0)
     if args.run:
-        vae = vae_mod.load_vae(os.path.join(args.run, "vae.pt"))
-        dec = load_decoder(os.path.join(args.run, "decoder.pt"))
+        vae = vae_mod.load_vae(os.path.join(args.run, "vae.pt")).to(device)
+        dec = load_decoder(os.path.join(args.run, "decoder.pt")).to(device)
         preset = args.preset or next((n for n, c in vae_mod.PRESETS.items() if asdict(c) == asdict(vae.cfg)), None)
         if preset is None:
             raise safeio.UsageError("vae.pt matches no VAE preset; pass --preset tiny|small")
-        videos = data.make_batch(data.get_config(preset), args.clips, seed=0, split="eval")[0]
+        videos = data.make_batch(data.get_config(preset), args.clips, seed=0, split="eval")[0].to(device)
         res = compare_decoders(vae, dec, videos)
         print(json.dumps(res, indent=2) if args.json else format_table(res))
         if args.strip:
             save_comparison_strip(args.strip, vae, dec, videos[:3])
             print(f"wrote {args.strip}")
         return
-    vae = vae_mod.VAE(vae_mod.get_config("tiny"))
-    dec = EfficientDecoder(get_config("tiny"))
+    vae = vae_mod.VAE(vae_mod.get_config("tiny")).to(device)
+    dec = EfficientDecoder(get_config("tiny")).to(device)
     n_ref, n_eff = num_params(vae.decoder), num_params(dec)
     print(f"reference VAE decoder: {n_ref:,} params; efficient decoder: {n_eff:,} params ({n_ref / n_eff:.2f}x fewer)")
-    videos = vae_mod.blob_video(2, 33, 32, seed=0)
+    videos = vae_mod.blob_video(2, 33, 32, seed=0).to(device)
     with torch.no_grad():
         z = vae.encode(videos)  # (2, 4, 9, 8, 8): 3 chunks of 3 latent frames
     for name, d in (("vae", vae), ("efficient", dec)):

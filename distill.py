@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+import dist
 import dit
 import flow
 import sandwich
@@ -160,6 +161,8 @@ def kd_loss(student, batch, w_l=0.5, w_h=0.5):
     """Eq. 12:  L_KD = E[ w_l ||v_l - V_theta(t_l, n_l, e)||^2 + w_h ||v_h - V_theta(t_h, n_h, e)||^2 ]
     with a block-causal student forward.
     # ASSUMPTION: ||.||^2 is the mean over elements (MSE), so the loss does not scale with resolution."""
+    device = next(student.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}                       # the cache's tensors are on the CPU
     e, m = batch["text"], batch["mask"]                                         # (B, L, Dt), (B, L)
     V_l = student(batch["n_l"], batch["t_l"], e, m, causal=True)                # (B, C, T, h, w)
     V_h = student(batch["n_h"], batch["t_h"], e, m, causal=True)                # (B, C, T, h, w)
@@ -168,7 +171,9 @@ def kd_loss(student, batch, w_l=0.5, w_h=0.5):
 
 def train_kd(student, cache, cfg: KDConfig, progress=True, ckpt=None, ckpt_every_s=180.0):
     """Offline KD loop on a kdcache.CachedKD: the teacher is not needed. Returns (EMA student, metrics).
-    ckpt: saved every ckpt_every_s seconds and resumed from, bit-identically (resume.py)."""
+    ckpt: saved every ckpt_every_s seconds and resumed from, bit-identically (resume.py).
+    Data-parallel under torchrun (dist.py): every process draws the whole batch's samples and trains
+    on its own rows of them; DDP averages the gradients."""
     g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(student, cfg.ema)
@@ -179,13 +184,17 @@ def train_kd(student, cache, cfg: KDConfig, progress=True, ckpt=None, ckpt_every
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         g.set_state(state["generator"])
-        ema.shadow, losses, run = state["ema"], state["losses"], state["run"]
-    bar = tqdm(range(start, cfg.steps), desc="kd", disable=not progress, initial=start, total=cfg.steps)
+        ema.shadow = {k: v.to(ema.shadow[k]) for k, v in state["ema"].items()}   # onto the student's device
+        losses, run = state["losses"], state["run"]
+    loss_fn = dist.data_parallel(lambda batch: kd_loss(student, batch, cfg.w_l, cfg.w_h), student)
+    bar = tqdm(range(start, cfg.steps), desc="kd", disable=not (progress and dist.is_main()), initial=start,
+               total=cfg.steps)
     for step in bar:
-        loss = kd_loss(student, cache.collate(torch.randint(len(cache), (cfg.batch,), generator=g)), cfg.w_l, cfg.w_h)
+        idx = torch.randint(len(cache), (cfg.batch,), generator=g)             # the whole batch's samples
+        loss = loss_fn(cache.collate(idx[dist.rows(cfg.batch)]))
         optimizer_step(opt, loss, list(student.parameters()), cfg.clip)
         ema.update(student)
-        losses.append(loss.item())
+        losses.append(dist.mean(loss).item())                                   # the whole batch's loss
         run = losses[-1] if run is None else 0.95 * run + 0.05 * losses[-1]
         bar.set_postfix(loss=f"{run:.4f}")
         saver.maybe_save(step + 1, lambda: {"model": student.state_dict(), "opt": opt.state_dict(),
@@ -422,7 +431,7 @@ class DMDTrainer:
         # the process (other stages, or none after a resume), the same seed gives the same student.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + HEAD_SEED_OFFSET)
-            self.head = DiscHead(critic.cfg.dim)
+            self.head = DiscHead(critic.cfg.dim).to(next(critic.parameters()).device)
         self.opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.c_params = list(critic.parameters()) + list(self.head.parameters())
         self.opt_c = torch.optim.AdamW(self.c_params, lr=cfg.lr_c, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -438,7 +447,8 @@ class DMDTrainer:
     def load_state_dict(self, state):
         for key in ("student", "critic", "head", "opt_g", "opt_c"):
             getattr(self, key).load_state_dict(state[key])
-        self.ema.shadow, self.log = state["ema"], state["log"]
+        self.ema.shadow = {k: v.to(self.ema.shadow[k]) for k, v in state["ema"].items()}   # onto the device
+        self.log = state["log"]
         self.g.set_state(state["generator"])
 
     # --- pieces ----------------------------------------------------------------------------------
@@ -461,7 +471,7 @@ class DMDTrainer:
 
     def gan_terms(self, x_real, x_fake, text, mask):
         """Eq. 14 on a fresh t, real and fake re-noised to it: (L_D, L_G, t, n_real, n_fake)."""
-        t = _dmd_t(x_fake.shape[0], self.cfg, self.g)                           # (B,)
+        t = _dmd_t(x_fake.shape[0], self.cfg, self.g).to(x_fake.device)         # (B,)
         n_real, n_fake = _gan_pair(x_real, x_fake, t, self.g)
         L_D, L_G = rpgan_losses(self.D(n_real, t, text, mask), self.D(n_fake, t, text, mask))
         return L_D, L_G, t, n_real, n_fake
@@ -494,7 +504,7 @@ class DMDTrainer:
         x0 = self.simulate(text, mask, self.ts)                                 # (B, C, T, h, w), grad at exit steps
         loss = dmd_loss(x0, lambda x, t: self.real_score(x, self._frames(t), text, mask),
                         lambda x, t: self.critic(x, self._frames(t), text, mask, causal=True),
-                        _dmd_t(x0.shape[0], cfg, self.g), torch.randn(x0.shape, generator=self.g))
+                        _dmd_t(x0.shape[0], cfg, self.g).to(x0.device), torch.randn(x0.shape, generator=self.g).to(x0))
         self.log["dmd"].append(loss.item())
         if x_real is not None:
             _, L_G, _, _, _ = self.gan_terms(x_real, x0, text, mask)

@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as Fnn
 
 import data
+import dist
 import safeio
 
 
@@ -133,7 +134,7 @@ def _components(fg):
     max over its 3x3 neighbourhood until nothing changes. fg (N, H, W) bool -> labels (N, H, W)
     float32 (exact integers below 2^24), 0 = background, ids unique within a frame."""
     N, H, W = fg.shape
-    ids = torch.arange(1, H * W + 1, dtype=torch.float32).view(1, 1, H, W)
+    ids = torch.arange(1, H * W + 1, dtype=torch.float32, device=fg.device).view(1, 1, H, W)
     m = fg[:, None].float()                                            # (N, 1, H, W)
     lab = ids * m
     for _ in range(H * W):
@@ -158,19 +159,19 @@ def segment(videos, cfg):
     # its blob search (label propagation would need ~H+W sweeps over it) and leave it invalid.
     busy = fg.flatten(2).float().mean(-1) > 2 * cfg.max_area           # (B, F)
     lab = _components((fg & ~busy[..., None, None]).view(B * F, H, W)).view(B * F, H * W)
-    gid = lab.long() + torch.arange(B * F)[:, None] * (H * W + 1)      # ids unique over frames
+    gid = lab.long() + torch.arange(B * F, device=lab.device)[:, None] * (H * W + 1)  # ids unique over frames
     size = torch.bincount(gid.view(-1), minlength=B * F * (H * W + 1)).float()
     sz = size[gid] * (lab > 0)                                         # (B*F, H*W) blob sizes
     best = lab.gather(1, sz.argmax(1, keepdim=True))                   # (B*F, 1) largest blob id
     obj = ((lab == best) & (best > 0)).view(B, F, H, W)                # (B, F, H, W) primary
     area = obj.flatten(2).sum(-1).float()                              # (B, F)
     valid = (area >= cfg.min_area * H * W) & (area <= cfg.max_area * H * W)  # (B, F)
-    ys, xs = torch.arange(H).float() + 0.5, torch.arange(W).float() + 0.5
+    ys, xs = torch.arange(H, device=x.device).float() + 0.5, torch.arange(W, device=x.device).float() + 0.5
     w = obj.float()
     n = area.clamp(min=1)
     cx = (w.sum(2) * xs).sum(-1) / n                                   # (B, F) centroid, px
     cy = (w.sum(3) * ys).sum(-1) / n                                   # (B, F)
-    big = torch.tensor(1e9)
+    big = torch.tensor(1e9, device=x.device)
     x0 = torch.where(obj.any(2), xs, big).amin(-1)                     # (B, F) box, pixel edges
     x1 = torch.where(obj.any(2), xs, -big).amax(-1)
     y0 = torch.where(obj.any(3), ys, big).amin(-1)
@@ -183,7 +184,7 @@ def segment(videos, cfg):
 # ----------------------------------------------------------------------------- the metrics
 def _colour(s):
     """Nearest palette colour of the median of the object's core pixels (d above its median)."""
-    names, pal = list(data.COLORS), torch.tensor(list(data.COLORS.values()))  # (P, 3)
+    names, pal = list(data.COLORS), torch.tensor(list(data.COLORS.values()), device=s["x"].device)  # (P, 3)
     out = []
     for b in range(s["x"].shape[0]):
         m = s["obj"][b] & s["valid"][b][:, None, None]                 # (F, H, W)
@@ -203,21 +204,21 @@ def _shape(s):
     # Soft mask: coverage = d / contrast (d grows linearly with an edge pixel's coverage);
     # contrast = the object's 90th-percentile distance, i.e. that of fully covered pixels.
     contrast = torch.stack([s["d"][b][s["obj"][b]].quantile(0.9) if s["obj"][b].any()
-                            else torch.tensor(1.) for b in range(B)]).clamp(min=1e-3)  # (B,)
+                            else s["d"].new_tensor(1.) for b in range(B)]).clamp(min=1e-3)  # (B,)
     near = Fnn.max_pool2d(s["obj"].float().view(B * F, 1, H, W), 3, 1, 1).view(B, F, H, W)
     m = (s["d"] / contrast[:, None, None, None]).clamp(0, 1) * near   # (B, F, H, W)
     # Soft box: the column maxima of an anti-aliased shape ramp linearly across its extreme
     # pixel, so their sum is its width 2 rx to sub-pixel accuracy (thresholded extents are
     # biased by up to a pixel, enough to confuse a square with a circle at 32 px).
     colmax, rowmax = m.amax(2), m.amax(3)                              # (B, F, W), (B, F, H)
-    xs, ys = torch.arange(W).float() + 0.5, torch.arange(H).float() + 0.5
+    xs, ys = torch.arange(W, device=m.device).float() + 0.5, torch.arange(H, device=m.device).float() + 0.5
     rx, ry = colmax.sum(-1) / 2, rowmax.sum(-1) / 2                    # (B, F) half-sizes, px
     cx = (colmax * xs).sum(-1) / (2 * rx).clamp(min=1e-6)             # (B, F) box centre, px
     cy = (rowmax * ys).sum(-1) / (2 * ry).clamp(min=1e-6)
     c, r = torch.stack([cx, cy], -1), torch.stack([rx, ry], -1).clamp(min=0.5)  # (B, F, 2)
     ious = []
     for k in range(len(data.SHAPES)):
-        t = data.shape_coverage(torch.full((B, F), k), c[..., 0], c[..., 1], r[..., 0], r[..., 1],
+        t = data.shape_coverage(torch.full((B, F), k, device=c.device), c[..., 0], c[..., 1], r[..., 0], r[..., 1],
                                 H, W)                                  # (B, F, H, W)
         ious.append(torch.minimum(m, t).sum((2, 3)) / torch.maximum(m, t).sum((2, 3)).clamp(min=1e-6))
     best = torch.stack(ious, -1).argmax(-1)                            # (B, F)
@@ -231,11 +232,11 @@ def _velocity(s, cfg):
     the centroid over the first direction_frames valid frames. -> (B, 2) px/frame, x right y down."""
     c, valid = s["centroid"][:, :cfg.direction_frames], s["valid"][:, :cfg.direction_frames]
     Fd = c.shape[1]
-    t = torch.arange(Fd).float()
+    t = torch.arange(Fd, device=c.device).float()
     dt = t[None, :] - t[:, None]                                       # (F, F) j - i
     pair = (dt > 0) & valid[:, :, None] & valid[:, None, :]           # (B, F, F)
     slope = (c[:, None, :, :] - c[:, :, None, :]) / dt.clamp(min=1)[None, :, :, None]  # (B,F,F,2)
-    slope = torch.where(pair[..., None], slope, torch.tensor(float("nan")))
+    slope = torch.where(pair[..., None], slope, slope.new_tensor(float("nan")))
     v = slope.flatten(1, 2).nanmedian(1).values                        # (B, 2)
     return torch.nan_to_num(v, nan=0.0)
 
@@ -264,7 +265,7 @@ def _subject_consistency(s, cfg):
     box = s["box"].clamp(-1e4, 1e4)
     c = (box[..., :2] + box[..., 2:]) / 2                              # (B, F, 2) px
     half = ((box[..., 2:] - box[..., :2]).amax(-1) / 2 * 1.25).clamp(min=1)  # (B, F) px
-    g = torch.linspace(-1, 1, cfg.crop)
+    g = torch.linspace(-1, 1, cfg.crop, device=diff.device)
     gx = (c[..., 0, None] + half[..., None] * g) / W * 2 - 1           # (B, F, crop) in [-1, 1]
     gy = (c[..., 1, None] + half[..., None] * g) / H * 2 - 1
     grid = torch.stack(torch.broadcast_tensors(gx[..., None, :], gy[..., :, None]), -1)
@@ -282,13 +283,13 @@ def _background_consistency(s, cfg):
     foreground) in both frames; 0 if no such pixel exists (e.g. a noise video)."""
     B, F, H, W = s["d"].shape
     if F < 2:
-        return torch.ones(B)
+        return torch.ones(B, device=s["d"].device)
     near = Fnn.max_pool2d(s["fg"].float().view(B * F, 1, H, W), 5, 1, 2).view(B, F, H, W) > 0
     keep = ~(near[:, 1:] | near[:, :-1])                               # (B, F-1, H, W)
     dx = (s["x"][:, :, 1:] - s["x"][:, :, :-1]).abs().mean(1)          # (B, F-1, H, W)
     n = keep.flatten(1).sum(1)
     flicker = (dx * keep).flatten(1).sum(1) / n.clamp(min=1)           # (B,)
-    return torch.where(n > 0, torch.exp(-flicker / cfg.flicker_scale), torch.zeros(()))
+    return torch.where(n > 0, torch.exp(-flicker / cfg.flicker_scale), flicker.new_zeros(()))
 
 
 @data.one_thread()  # small tensors: one intra-op thread is faster on a loaded machine
@@ -324,7 +325,8 @@ def score_videos(videos, prompts, reference=None, seed=0, cfg=None):
            "background_consistency": float(torch.cat(bgc).mean())}
     if reference is None:
         reference, _ = data.make_clips(data.DataConfig(size=H, frames=F), want, seed)
-    net = FeatureNet(seed=0, size=cfg.feature_size)
+    net = FeatureNet(seed=0, size=cfg.feature_size).to(videos.device)    # the videos' device
+    reference = reference.to(videos.device)
     out["fvd"] = frechet_distance(net(videos.float()), net(reference.float())) if B > 1 else float("nan")
     out["fvd_score"] = math.exp(-out["fvd"] / cfg.fvd_scale) if B > 1 else 0.0
     out["semantic"] = (out["color_acc"] + out["shape_acc"] + out["direction_acc"]) / 3
@@ -386,8 +388,10 @@ def main(argv=None):
     ap.add_argument("--preset", default="tiny", help=f"frame size preset: {sorted(data.PRESETS)}")
     ap.add_argument("--seed", type=int, default=0, help="seed of the FVD-lite reference clips")
     ap.add_argument("--json", action="store_true", help="print the metrics as JSON (last line)")
+    dist.add_device_arg(ap)
     args = ap.parse_args(argv)
     try:
+        device = dist.pick_device(args.device)           # where the clips are segmented and featurised
         dcfg, ecfg = data.get_config(args.preset), get_config(args.preset)
         if args.real is not None and args.real < 1:
             raise ValueError(f"--real must be >= 1, got {args.real}")
@@ -396,17 +400,18 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         ap.error(str(e))
     if args.videos:
-        _print(score_videos(v, p, seed=args.seed, cfg=ecfg), args.json)
+        _print(score_videos(v.to(device), p, seed=args.seed, cfg=ecfg), args.json)
     elif args.real:
         v, p, _ = data.make_batch(dcfg, args.real, seed=1000 + args.seed, split="eval")
-        _print(score_videos(v, p, seed=args.seed, cfg=ecfg), args.json)
+        _print(score_videos(v.to(device), p, seed=args.seed, cfg=ecfg), args.json)
     else:  # demo: the three situations the tests check
         v, p, _ = data.make_batch(dcfg, 32, seed=1000, split="eval")
+        v = v.to(device)
         real = score_videos(v, p)
         wrong = [data.canonical_prompt(*[xs[(xs.index(a) + 1) % len(xs)] for a, xs in zip(
             data.parse_prompt(q), (list(data.COLORS), data.SHAPES, data.MOTIONS))]) for q in p]
         shuf = score_videos(v, wrong)
-        noise = score_videos(torch.rand(v.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1, p)
+        noise = score_videos(torch.rand(v.shape, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1, p)
         for name, r in (("ground truth", real), ("wrong prompts", shuf), ("noise", noise)):
             print(f"{name:14s} " + " ".join(f"{k}={r[k]:.3f}" for k in (
                 "color_acc", "shape_acc", "direction_acc", "fvd", "semantic", "quality", "total")))

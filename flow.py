@@ -18,8 +18,8 @@ What lives here:
   * `few_step_schedule` + `sample_few_step`: Self-Forcing's warped [1000, 750, 500, 250]
     schedule and its predict-x0 / re-noise sampler, the one DMD students use (Tab. A1: 1, 2, 4).
   * `fm_loss` + `train_fm`: training a (block-causal) velocity model with these equations, t per
-    chunk and CFG dropout, warm-up + cosine lr, an EMA, resumable (train.py's base, teacher and
-    pretrain stages); `cfg_predict`: a model's guided velocity.
+    chunk and CFG dropout, warm-up + cosine lr, an EMA, resumable, data-parallel under torchrun
+    (dist.py) (train.py's base, teacher and pretrain stages); `cfg_predict`: a model's guided velocity.
 
 Legend: B batch, C latent channels, T latent frames, h, w latent height and width.
 
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import dist
 from resume import Checkpoint
 
 
@@ -226,11 +227,13 @@ def cfg_predict(model, x, t, text, mask, null_text, null_mask, scale, **kw):
 
 
 def fm_loss(model, x0, text, mask, null_text, null_mask, weight=None, p_uncond=0.1, generator=None, shift=1.0,
-            boundary=None):
+            boundary=None, rows=slice(None)):
     """Flow matching with per-chunk t (diffusion forcing) and CFG dropout:
         L = E || V(x_t, t, e) - (eps - x0) ||^2,   x_t = (1 - t) x0 + t eps,  t independent per chunk.
     weight (B, 1, T, h, w), optional: a per-latent-pixel weight of the squared error, normalised by
     its mean so the loss keeps its scale (runs.PipelineConfig.object_weight).
+    rows: the rows of the batch this process trains on (data-parallel training, dist.rows); the
+    random numbers are drawn for the whole batch, so each row gets what it gets in one process.
     # DEVIATION: the paper's KD model is bidirectional; ours (teacher, T_theta, S2DiT-Pretrained) is
     # block-causal with per-chunk t from the start, so the same network can denoise a chunk next to
     # clean context (the DMD stage still starts with Self-Forcing's ODE regression, ode_init)."""
@@ -242,14 +245,17 @@ def fm_loss(model, x0, text, mask, null_text, null_mask, weight=None, p_uncond=0
         high = torch.rand(B, 1, generator=generator).to(x0) < 0.5                # (B, 1)
         t = torch.where(high, boundary + (1 - boundary) * t, boundary * t)      # (B, T)
     eps = torch.randn(x0.shape, generator=generator).to(x0)                     # (B, C, T, h, w)
-    x_t = add_noise(x0, eps, t)                                            # (B, C, T, h, w)
     drop = torch.rand(B, generator=generator).to(x0.device) < p_uncond          # (B,) captions -> null
+    norm = None if weight is None else weight.mean()                            # the whole batch's mean weight
+    x0, t, eps, drop, text, mask = x0[rows], t[rows], eps[rows], drop[rows], text[rows], mask[rows]
+    B = x0.shape[0]                                                             # B/N with N processes
+    x_t = add_noise(x0, eps, t)                                            # (B, C, T, h, w)
     text = torch.where(drop[:, None, None], _batch_null(null_text, B), text)    # (B, L, Dt)
     mask = torch.where(drop[:, None], _batch_null(null_mask, B), mask)          # (B, L)
     v = model(x_t, t, text, mask, causal=True)                                  # (B, C, T, h, w)
     if weight is None:
         return F.mse_loss(v, velocity_target(x0, eps))
-    return (weight * (v - velocity_target(x0, eps)) ** 2).mean() / weight.mean()
+    return (weight[rows] * (v - velocity_target(x0, eps)) ** 2).mean() / norm
 
 
 class EMA:
@@ -322,17 +328,22 @@ def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         g.set_state(state["generator"])
-        if ema:
-            ema.shadow = state["ema"]
         losses, run = state["losses"], state["run"]
-    bar = tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps)
+        if ema:
+            ema.shadow = {k: v.to(ema.shadow[k]) for k, v in state["ema"].items()}   # onto the model's device
+    # Under torchrun the loss runs through DDP, which averages the gradients over the processes (dist.py)
+    loss_fn = dist.data_parallel(lambda batch, rows: fm_loss(model, *batch, p_uncond=p_uncond, generator=g, shift=shift,
+                                                             boundary=boundary, rows=rows),
+                                 model, unused=boundary is not None)   # MoE: a shard may train one expert only
+    bar = tqdm(range(start, steps), desc=desc, disable=not (progress and dist.is_main()), initial=start, total=steps)
     for step in bar:
-        loss = fm_loss(model, *batch_fn(step), p_uncond=p_uncond, generator=g, shift=shift, boundary=boundary)
+        batch = batch_fn(step)                                        # the whole batch, in every process
+        loss = loss_fn(batch, dist.rows(len(batch[0])))
         optimizer_step(opt, loss, list(model.parameters()), clip)
         sched.step()
         if ema:
             ema.update(model)
-        losses.append(loss.item())
+        losses.append(dist.mean(loss).item())                         # the whole batch's loss
         run = losses[-1] if run is None else 0.95 * run + 0.05 * losses[-1]
         bar.set_postfix(loss=f"{run:.4f}")
         if hook and hook_every and ((step + 1) % hook_every == 0 or step + 1 == steps):

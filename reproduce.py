@@ -36,6 +36,7 @@ import torch
 
 import curves
 import data
+import dist
 import evaluate
 import flow
 import runs
@@ -63,7 +64,7 @@ def sample_full(run, model, prompts, seed=0):
     hw = runs.latent_hw(cfg)
     T = 1 + (cfg.clip_frames - 1) // 4
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(prompts), model.cfg.in_channels, T, hw, hw, generator=g)
+    noise = torch.randn(len(prompts), model.cfg.in_channels, T, hw, hw, generator=g).to(run.device)
     B = len(prompts)
 
     def v_fn(x, t):                                                     # t (B,) -> one t for every frame
@@ -90,8 +91,8 @@ def score(videos, prompts, seed=0):
 
 def streaming_models(run, stage, steps=None):
     if stage in runs.DIT_STAGES:
-        return runs.load_streaming(run.dir, stage)
-    system = runs.load_streaming(run.dir)                               # any DiT stage of the run, streamed
+        return runs.load_streaming(run.dir, stage, run.device)
+    system = runs.load_streaming(run.dir, device=run.device)            # any DiT stage of the run, streamed
     return replace(system, model=run.model(stage).eval(), name=stage, stage=stage, steps=steps)
 
 
@@ -102,8 +103,8 @@ def student(run, stage, n_steps, without_teacher=False):
     if stage != "dmd" and not (run.done(stage) and run.metrics(stage)["config"]["n_steps"] == n_steps):
         t0 = time.time()
         m = train.stage_dmd(run, without_teacher=without_teacher, name=stage, n_steps=n_steps)
-        run.finish(stage, m, time.time() - t0)
-    system = runs.load_streaming(run.dir, stage)
+        run.finish(stage, m, time.time() - t0, run.device)
+    system = runs.load_streaming(run.dir, stage, run.device)
     if system.steps != n_steps:             # a run from when one 4-step student served 1, 2 and 4 steps
         raise ValueError(f"{run.path(stage + '.pt')} was distilled for {system.steps} steps, not {n_steps}; "
                          f"distil it again: `python train.py --preset {run.cfg.preset} --out {run.dir} "
@@ -156,7 +157,7 @@ def table3(run, steps, seed):
 def variant_s2dit(run, kind):
     base = run.model("base")
     layout = tuple(json.load(open(run.path("layout.json")))["layout"])
-    model = sandwich.S2DiT(base.cfg, layout, attn=kind)
+    model = sandwich.S2DiT(base.cfg, layout, attn=kind).to(run.device)
     sandwich.inherit_from(model, base)
     return model
 
@@ -169,6 +170,7 @@ def variant_all(run, kind):
         model = sandwich.sana_dit(base.cfg)
     else:
         model = sandwich.S2DiT(base.cfg, (1,) * (base.cfg.depth // 2), attn=kind)
+    model.to(run.device)
     sandwich.inherit_from(model, base)
     return model
 
@@ -184,8 +186,8 @@ def ablate(run, stage, make, steps, seed):
     out = {"params": count_params(trained), "train_loss_last": m["loss_last"],
            "eval_loss": heldout_fm_loss(run, trained, seed), "chunk_ms": chunk_ms(trained, run)}
     with safeio.atomic_path(run.path(f"{stage}.pt")) as tmp:
-        torch.save(trained.state_dict(), tmp)
-    run.finish(stage, out, time.time() - t0)
+        torch.save({k: v.cpu() for k, v in trained.state_dict().items()}, tmp)
+    run.finish(stage, out, time.time() - t0, run.device)
     return out
 
 
@@ -199,8 +201,8 @@ def heldout_fm_loss(run, model, seed, batches=6):
 @torch.no_grad()
 def chunk_ms(model, run, repeats=5):
     hw = runs.latent_hw(run.cfg)
-    x, t = torch.randn(1, model.cfg.in_channels, 3, hw, hw), torch.rand(1, 3)
-    text, mask = torch.randn(1, 8, model.cfg.text_dim), torch.ones(1, 8, dtype=torch.bool)
+    x, t = torch.randn(1, model.cfg.in_channels, 3, hw, hw).to(run.device), torch.rand(1, 3).to(run.device)
+    text, mask = torch.randn(1, 8, model.cfg.text_dim).to(run.device), torch.ones(1, 8, dtype=torch.bool).to(run.device)
     model.eval()(x, t, text, mask)
     ts = []
     for _ in range(repeats):
@@ -217,7 +219,7 @@ def table_a5(run, n, steps, seed):
         stage = f"ablate_all_{kind}"
         res = ablate(run, stage, lambda: variant_all(run, kind), steps, seed)
         model = variant_all(run, kind)
-        model.load_state_dict(torch.load(run.path(f"{stage}.pt"), weights_only=True))
+        model.load_state_dict(torch.load(run.path(f"{stage}.pt"), map_location="cpu", weights_only=True))
         s = score(sample_full(run, model.eval(), prompts, seed), prompts, seed)
         rows[label] = {**res, "n": s["n"], "semantic": s["semantic"], "fvd": s.get("fvd")}
     return rows
@@ -291,7 +293,7 @@ def compute(name, run, args, out_dir):
         return {"taba6": table_a6(run, min(n, 4), args.a6_chunks, s)}
     if name == "taba7":
         return {"taba7": table_a7(run, n, s)}
-    return {"bench": sandwich.bench(run.cfg.preset)}
+    return {"bench": sandwich.bench(run.cfg.preset, device=run.device)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,7 +488,8 @@ def block_bench(res):
              "s2dit": f"S2DiT (`{' '.join('L' if m else 'S' for m in sandwich.DEFAULT_LAYOUT[b['preset']])}`)"}
     slope = b["loglog_slope"]
     sizes = [f"{tokens} tokens ({px} px), ms" for tokens, px in zip(b["tokens"], b["frame_px"])]
-    return [made(res, "bench", f"One forward of one chunk, median of 5, {b['threads']} threads"),
+    return [made(res, "bench", f"One forward of one chunk, median of 5, {b['threads']} threads"
+                 + (f", on {b['device']}" if b.get("device", "cpu") != "cpu" else "")),
             md(["model", *sizes, "log-log slope"],
                [[label.get(k, k), *(f"{ms:.1f}" for ms in v), f"{slope[k]:.2f}"] for k, v in b["latency_ms"].items()]),
             "*Paper:* full attention runs out of memory on the phone where LCHA takes 900 ms (Tab. A5). Toy: "
@@ -594,6 +597,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the run's)")
     p.add_argument("--out", default="RESULTS.md", help="where to write the tables")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    dist.add_device_arg(p)
     args = p.parse_args(argv)
     store = os.path.join(args.run, "reproduce.json")                    # tables computed so far (resumable)
     try:                                                                # every table name and file before any work
@@ -607,7 +611,7 @@ def main(argv=None):
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         safeio.check_writable_file(args.out)
         read_report(args.out)                                           # broken block markers: before any work
-        run = runs.open_run(args.run)
+        run = runs.open_run(args.run, dist.pick_device(args.device))
         res = safeio.read_json(store, "table store") if os.path.exists(store) else {}
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))

@@ -16,6 +16,9 @@ the loop finishes, so a finished stage leaves only its result behind.
         ckpt.maybe_save(step + 1, lambda: {"model": model.state_dict(), ...})
     ckpt.finish()
 
+Under torchrun (dist.py) every process holds the same state, so process 0 alone writes the file and
+every process resumes from it.
+
 Run `python resume.py` for a demo: a loop killed half way and resumed ends where an
 uninterrupted one does.
 """
@@ -23,6 +26,8 @@ import os
 import time
 
 import torch
+
+import dist
 
 
 class Checkpoint:
@@ -43,7 +48,7 @@ class Checkpoint:
 
     def maybe_save(self, step, make_state, force=False):
         """Save {"step": step, **make_state()} if every_s seconds have passed since the last save."""
-        if not self.path or not (force or time.time() - self.last >= self.every_s):
+        if not self.path or not dist.is_main() or not (force or time.time() - self.last >= self.every_s):
             return False
         tmp = f"{self.path}.{os.getpid()}.tmp"             # unique: two processes never share a temp file
         torch.save({"step": step, **make_state()}, tmp)
@@ -52,7 +57,7 @@ class Checkpoint:
         return True
 
     def finish(self):
-        if self.path and os.path.exists(self.path):
+        if self.path and dist.is_main() and os.path.exists(self.path):
             os.remove(self.path)
 
 

@@ -138,10 +138,12 @@ def load_model(path, stage):
 # The run directory
 # ----------------------------------------------------------------------------------------------
 class Run:
-    """A run directory: stage files, completion markers, the pipeline config; models loaded once."""
+    """A run directory: stage files, completion markers, the pipeline config; models loaded once,
+    onto `device` (dist.pick_device; every file is read with map_location="cpu" first, so a run
+    trained on a GPU opens on a machine without one)."""
 
-    def __init__(self, out, cfg: PipelineConfig):
-        self.dir, self.cfg = out, cfg
+    def __init__(self, out, cfg: PipelineConfig, device="cpu"):
+        self.dir, self.cfg, self.device = out, cfg, torch.device(device)
         os.makedirs(out, exist_ok=True)
         self._cache = {}
 
@@ -151,8 +153,10 @@ class Run:
     def done(self, stage):
         return os.path.exists(self.path(f"{stage}.done.json"))
 
-    def finish(self, stage, metrics, seconds):
-        blob = {"stage": stage, "seconds": seconds, "config": asdict(self.cfg), "metrics": metrics}
+    def finish(self, stage, metrics, seconds, device="cpu", processes=1):
+        """The stage's marker, with the device and the number of processes its seconds were measured on."""
+        blob = {"stage": stage, "seconds": seconds, "device": str(device), "processes": processes,
+                "config": asdict(self.cfg), "metrics": metrics}
         safeio.write_json(self.path(f"{stage}.done.json"), blob, indent=1, default=str)
 
     def marker(self, stage):
@@ -175,13 +179,16 @@ class Run:
         return self._cache[key]
 
     def model(self, stage):
-        return self._once(stage, lambda: load_model(self.path(f"{stage}.pt"), stage).requires_grad_(False))
+        return self._once(stage, lambda: load_model(self.path(f"{stage}.pt"), stage).requires_grad_(False).to(self.device))
 
     def text(self):
-        return self._once("text", lambda: text_mod.load_text(self.path("text.pt")))
+        def load():
+            encoder, tokenizer = text_mod.load_text(self.path("text.pt"))
+            return encoder.to(self.device), tokenizer
+        return self._once("text", load)
 
     def vae(self):
-        return self._once("vae", lambda: vae_mod.load_vae(self.path("vae.pt")).requires_grad_(False))
+        return self._once("vae", lambda: vae_mod.load_vae(self.path("vae.pt")).requires_grad_(False).to(self.device))
 
     def pool(self):
         """The `latents` stage's clips: (z (n, C, T, h, w) float, captions)."""
@@ -189,14 +196,14 @@ class Run:
             p = self.path("latents.pt")
             if not os.path.exists(p):
                 raise FileNotFoundError(f"{p} not found; run the `latents` stage of train.py")
-            blob = torch.load(p, weights_only=True)
-            return blob["z"].float(), blob["captions"]
+            blob = torch.load(p, map_location="cpu", weights_only=True)
+            return blob["z"].float().to(self.device), blob["captions"]
         return self._once("pool", load)
 
     def moving(self):
         """The pool's moving-object masks (n, 1, T, h, w) bool (vae.latent_motion_mask)."""
         def load():
-            blob = torch.load(self.path("latents.pt"), weights_only=True)
+            blob = torch.load(self.path("latents.pt"), map_location="cpu", weights_only=True)
             if "moving" not in blob:
                 raise ValueError(f"{self.path('latents.pt')} has no moving-object masks (an older pool); "
                                  f"re-run its stage: python train.py --out {self.dir} --force latents")
@@ -236,12 +243,12 @@ def dit_batches(run, batch, seed, with_null=True, chunks=None, object_weight=0.0
         idx = torch.randint(z.shape[0], (batch,), generator=g)
         f0 = int(torch.randint(starts, (1,), generator=g)) * chunk       # chunk-aligned start
         tokens, _, mask = text_mod.encode_text(encoder, tokenizer, [captions[i] for i in idx])
-        out = (z[idx, :, f0:f0 + win], tokens, mask)
+        out = (z[idx.to(z.device), :, f0:f0 + win], tokens, mask)
         if not with_null:
             return out
         out += (n_text, n_mask)
         if moving is not None:
-            out += (1 + object_weight * moving[idx, :, f0:f0 + win].float(),)
+            out += ((1 + object_weight * moving[idx, :, f0:f0 + win].float()).to(z.device),)
         return out
     return fn
 
@@ -278,12 +285,12 @@ def read_pipeline(p):
     return PipelineConfig(**blob)
 
 
-def open_run(run_dir):
+def open_run(run_dir, device="cpu"):
     p = os.path.join(run_dir, "pipeline.json")
     if not os.path.exists(p):
         raise FileNotFoundError(f"{p} not found: {run_dir} is not a train.py run; train one with "
                                 f"`python train.py --out {run_dir}`")
-    return Run(run_dir, read_pipeline(p))
+    return Run(run_dir, read_pipeline(p), device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,13 +328,13 @@ def check_dit_stage(stage):
                                 f"{', '.join(DIT_STAGES)} (or a reproduce.py student: dmd_1step, dmd_4step, dmd_noteacher)")
 
 
-def load_streaming(run_dir, stage=None) -> StreamingSystem:
-    """The streaming system of a run. `stage` forces a DiT stage (dmd, kd, pretrain, or a student
-    reproduce.py distilled: dmd_1step, dmd_4step, dmd_noteacher); by default the first of DIT_STAGES
-    that is done. `steps` is the count a DMD student was distilled for, None for the flow-matching
-    stages (any step count)."""
+def load_streaming(run_dir, stage=None, device="cpu") -> StreamingSystem:
+    """The streaming system of a run, its networks on `device`. `stage` forces a DiT stage (dmd, kd,
+    pretrain, or a student reproduce.py distilled: dmd_1step, dmd_4step, dmd_noteacher); by default
+    the first of DIT_STAGES that is done. `steps` is the count a DMD student was distilled for, None
+    for the flow-matching stages (any step count)."""
     check_dit_stage(stage)
-    run = open_run(run_dir)
+    run = open_run(run_dir, device)
     candidates = [stage] if stage else list(DIT_STAGES)
     found = [s for s in candidates if run.done(s)]
     if not found:
@@ -338,7 +345,7 @@ def load_streaming(run_dir, stage=None) -> StreamingSystem:
     name = found[0]
     steps = run.metrics(name)["config"]["n_steps"] if name.startswith("dmd") else None   # the schedule it learnt
     encoder, tokenizer = run.text()
-    dec = dec_mod.load_decoder(run.path("decoder.pt")) if run.done("decoder") else run.vae()
+    dec = dec_mod.load_decoder(run.path("decoder.pt")).to(run.device) if run.done("decoder") else run.vae()
     label = {"dmd": "AR", "kd": "KD", "pretrain": "Pretrained"}.get(name, f"AR ({name})" if name.startswith("dmd") else name)
     pcfg = run.cfg
     return StreamingSystem(model=run.model(name).eval(), text=encoder, tokenizer=tokenizer, decoder=dec.eval(),

@@ -40,6 +40,7 @@ import time
 import torch
 import torch.nn as nn
 
+import dist
 import dit
 import safeio
 from dit import Attention, Backbone, Block, DiTConfig, rope_tables
@@ -213,7 +214,7 @@ class SuperNet(Backbone):
         """The hard layout the routers rank: m_1 = m_M = 1 and the k middle groups of largest logit
         (search.gumbel_top_k without the noise)."""
         mid = torch.zeros(self.M - 2)
-        mid[self.router.detach().argsort(descending=True)[:k]] = 1.0
+        mid[self.router.detach().argsort(descending=True)[:k].cpu()] = 1.0
         return (1,) + tuple(int(v) for v in mid.tolist()) + (1,)
 
     def inherit(self, base: nn.Module):
@@ -279,25 +280,27 @@ def paper_report():
                        "ffn": round(PAPER_CFG.dim * PAPER_CFG.mlp_ratio), "text_dim": PAPER_CFG.text_dim}}
 
 
-def bench(preset="small", sizes=(64, 128, 256), repeats=5):
-    """One forward of one chunk (3 latent frames) for three models at three frame sizes (pixels)."""
+def bench(preset="small", sizes=(64, 128, 256), repeats=5, device="cpu"):
+    """One forward of one chunk (3 latent frames) for three models at three frame sizes (pixels).
+    Each timed call ends in .cpu(), which waits for a GPU to finish (and costs nothing on the CPU)."""
     torch.manual_seed(0)
     cfg = dit.get_config(preset)
     models = {"attention": dit.DiT(cfg), "s2dit": S2DiT(cfg, DEFAULT_LAYOUT[preset]), "sana": sana_dit(cfg)}
-    n = 1024                                                         # this CPU's matmul peak, same run
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    models = {k: m.to(device) for k, m in models.items()}
+    n = 1024                                                         # the device's matmul peak, same run
+    a, b = torch.randn(n, n).to(device), torch.randn(n, n).to(device)
     for _ in range(2):
         a @ b
     t0 = time.perf_counter()
     for _ in range(5):
-        a @ b
+        (a @ b).cpu()
     peak = 5 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9
     rows = {k: [] for k in models}
     tokens = []
     for px in sizes:
         h = px // 4                                                 # latent side (VAE 4x)
-        x, t = torch.randn(1, cfg.in_channels, cfg.chunk, h, h), torch.rand(1, cfg.chunk)
-        text, mask = torch.randn(1, 8, cfg.text_dim), torch.ones(1, 8, dtype=torch.bool)
+        x, t = torch.randn(1, cfg.in_channels, cfg.chunk, h, h).to(device), torch.rand(1, cfg.chunk).to(device)
+        text, mask = torch.randn(1, 8, cfg.text_dim).to(device), torch.ones(1, 8, dtype=torch.bool).to(device)
         tokens.append(cfg.chunk * (h // 2) ** 2)
         for name, model in models.items():
             with torch.no_grad():
@@ -305,7 +308,7 @@ def bench(preset="small", sizes=(64, 128, 256), repeats=5):
                 times = []
                 for _ in range(repeats):
                     s = time.perf_counter()
-                    model(x, t, text, mask)
+                    model(x, t, text, mask).cpu()
                     times.append(time.perf_counter() - s)
             rows[name].append(sorted(times)[len(times) // 2] * 1e3)   # median
     with torch.no_grad():
@@ -322,7 +325,7 @@ def bench(preset="small", sizes=(64, 128, 256), repeats=5):
             "loglog_slope": slope,
             "ratio_attention_over_s2dit": [a / s for a, s in zip(rows["attention"], rows["s2dit"])],
             "s2dit_gflops_per_s": flops / rows["s2dit"][-1] / 1e6, "matmul_peak_gflops_per_s": peak,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "device": str(device)}
 
 
 def main(argv=None):
@@ -332,9 +335,10 @@ def main(argv=None):
     p.add_argument("--run", default=None, help="draw the layout search.py found for a train.py run (its layout.json)")
     p.add_argument("--bench", action="store_true", help="time attention DiT vs S2DiT vs SANA-style DiT")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    dist.add_device_arg(p)
     args = p.parse_args(argv)
     if args.bench:
-        res = bench(args.preset)
+        res = bench(args.preset, device=dist.pick_device(args.device))
         if not args.json:
             for k, v in res["latency_ms"].items():
                 print(f"{k:10s} " + "  ".join(f"{ms:8.1f} ms" for ms in v) + f"   slope {res['loglog_slope'][k]:.2f}")

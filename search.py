@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import dist
 import dit
 import flow
 import runs
@@ -226,10 +227,10 @@ def gumbel_top_k(logits, k, tau, generator=None):
     theta sits halfway between the k-th and (k+1)-th score, so soft > 0.5 exactly on the hard top-k.
     # ASSUMPTION: this top-k relaxation; the paper names Gumbel-Softmax + STE, not the k-constraint's form."""
     n = logits.numel()
-    u = torch.rand(n, generator=generator).clamp(1e-6, 1 - 1e-6)
+    u = torch.rand(n, generator=generator).clamp(1e-6, 1 - 1e-6).to(logits.device)
     score = logits - torch.log(-torch.log(u))                        # Gumbel(0, 1) perturbation
     order = score.detach().argsort(descending=True)
-    hard = torch.zeros(n)
+    hard = torch.zeros(n, device=logits.device)
     hard[order[:k]] = 1.0
     if k == 0 or k == n:
         return hard
@@ -241,14 +242,14 @@ def gumbel_top_k(logits, k, tau, generator=None):
 def sample_routers(supernet, k, tau, generator=None):
     """m = (1, Gumbel-top-k of the router logits, 1): Alg. 1's routers for one supernet update."""
     mid = gumbel_top_k(supernet.router, k, tau, generator)
-    return torch.cat([torch.ones(1), mid, torch.ones(1)])
+    return torch.cat([mid.new_ones(1), mid, mid.new_ones(1)])
 
 
 def eq10_loss(student, teacher, x0, text, mask, generator=None):
     """Eq. 10: || S(x_t, t, e) - T(x_t, t, e) ||^2 on flow-matching inputs (per-chunk t)."""
     B, C, T = x0.shape[:3]
-    t = flow.sample_t(B, T, chunk=teacher.cfg.chunk, generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
+    t = flow.sample_t(B, T, chunk=teacher.cfg.chunk, generator=generator).to(x0)
+    eps = torch.randn(x0.shape, generator=generator).to(x0)
     x_t = flow.add_noise(x0, eps, t)
     with torch.no_grad():
         target = teacher(x_t, t, text, mask)
@@ -283,7 +284,7 @@ def run_search(supernet: SuperNet, teacher: nn.Module, batch_fn, k, cfg: SearchC
 def layout_loss(supernet, teacher, layout, batches, seed=0):
     """Eq. 10 loss of a fixed (hard) layout on held-out batches, with the supernet's shared weights."""
     g = torch.Generator().manual_seed(seed)
-    supernet.m = torch.tensor(layout, dtype=torch.float32)
+    supernet.m = torch.tensor(layout, dtype=torch.float32, device=supernet.router.device)
     with torch.no_grad():
         loss = sum(eq10_loss(supernet, teacher, *b, generator=g).item() for b in batches) / len(batches)
     supernet.m = None
@@ -323,9 +324,9 @@ def search_rows(run, sup, base, layout, k, table, budget):
     return rows
 
 
-def search_report(run_dir, budget_ms=None):
+def search_report(run_dir, budget_ms=None, device="cpu"):
     """For `python py --run DIR --budget-ms N`: the chosen layout at that budget and its rivals."""
-    run = runs.open_run(run_dir)
+    run = runs.open_run(run_dir, device)
     m = run.metrics("search")
     sup, base = run.model("search"), run.model("base")
     table = m["latency_table_ms"]
@@ -342,7 +343,9 @@ def main(argv=None):
     p.add_argument("--budget-ms", type=float, default=None, help="latency budget per chunk step on this CPU (ms)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--measure", default=None, help="time the latency table of a preset on this CPU (for LATENCY_MS)")
+    dist.add_device_arg(p)
     args = p.parse_args(argv)
+    device = dist.pick_device(args.device)                          # --run and the demo; --measure times the CPU
     if args.measure:
         if args.measure not in LATENCY_MS:
             p.error(f"--measure: unknown preset {args.measure!r}; known presets: {sorted(LATENCY_MS)}")
@@ -351,11 +354,11 @@ def main(argv=None):
         print(json.dumps(latency_table(runs.dit_cfg(cfg), runs.latent_hw(cfg), repeats=15)))
         return
     if args.run is None:
-        return demo()
+        return demo(device)
     if args.budget_ms is not None and not args.budget_ms > 0:
         p.error(f"--budget-ms must be > 0, got {args.budget_ms}")
     try:
-        res = search_report(args.run, args.budget_ms)
+        res = search_report(args.run, args.budget_ms, device)
     except ValueError as e:                      # the budget no layout meets, a broken run file: one line
         p.error(str(e))
     if not args.json:
@@ -365,7 +368,7 @@ def main(argv=None):
     print(json.dumps(res))
 
 
-def demo():
+def demo(device="cpu"):
     """Planted problem: the teacher IS a sandwich of a known layout; the search must find it."""
     torch.manual_seed(0)
     cfg = dit.get_config("tiny", depth=10)                          # M = 5 groups, 3 middle
@@ -374,12 +377,14 @@ def demo():
     for p_ in sup.parameters():
         if p_.dim() > 1:
             nn.init.normal_(p_, std=0.1)
-    teacher = sup.extract(planted).eval()
+    sup.to(device)
+    teacher = sup.extract(planted).eval().to(device)
     for p_ in teacher.parameters():
         p_.requires_grad_(False)
     g = torch.Generator().manual_seed(1)
-    batch = lambda step: (torch.randn(2, cfg.in_channels, 3, 4, 4, generator=g),
-                          torch.randn(2, 4, cfg.text_dim, generator=g), torch.ones(2, 4, dtype=torch.bool))
+    batch = lambda step: (torch.randn(2, cfg.in_channels, 3, 4, 4, generator=g).to(device),
+                          torch.randn(2, 4, cfg.text_dim, generator=g).to(device),
+                          torch.ones(2, 4, dtype=torch.bool, device=device))
     k = sum(planted[1:-1])
     found, hist = run_search(sup, teacher, batch, k, SearchConfig(steps=40, router_lr=0.1), progress=False,
                              train_weights=False)

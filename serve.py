@@ -112,8 +112,8 @@ class Session:
 class App:
     """What the request threads share: the run's models (loaded once per student) and the one stream."""
 
-    def __init__(self, run, limits=None, prompt=None, seed=0):
-        self.run, self.limits, self.seed = run, limits or Limits(), seed
+    def __init__(self, run, limits=None, prompt=None, seed=0, device="cpu"):
+        self.run, self.limits, self.seed, self.device = run, limits or Limits(), seed, device
         self.students = find_students(run)                  # {steps: stage}
         self.loaded = {}                                    # stage -> stream.load_models(run, stage)
         default = self.models_for(None)
@@ -130,7 +130,7 @@ class App:
         """The streaming system for a step count (None: the run's default student); loaded once."""
         stage = None if steps is None else self.students[steps]
         if stage not in self.loaded:
-            self.loaded[stage] = stream.load_models(self.run, stage)
+            self.loaded[stage] = stream.load_models(self.run, stage, self.device)
         return self.loaded[stage]
 
     def info(self):
@@ -405,7 +405,7 @@ class Server6(Server):
     address_family = socket.AF_INET6
 
 
-def make_server(run, host="127.0.0.1", port=8000, prompt=None, seed=0, limits=None):
+def make_server(run, host="127.0.0.1", port=8000, prompt=None, seed=0, limits=None, device="cpu"):
     """The server, bound and with its models loaded, not yet serving. Bad input raises ValueError or
     FileNotFoundError before the seconds of model loading: a missing run, a prompt without a known
     word, an address that cannot be listened on (a port in use)."""
@@ -422,7 +422,7 @@ def make_server(run, host="127.0.0.1", port=8000, prompt=None, seed=0, limits=No
         hint = f"choose another with --port {port + 1}" if "in use" in str(e) else "check --host and --port"
         raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); {hint}") from None
     try:
-        server.app = App(run, limits, prompt, seed)
+        server.app = App(run, limits, prompt, seed, device)
     except BaseException:
         server.server_close()
         raise

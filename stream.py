@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import dist
 import dit
 import flow
 import runs
@@ -52,15 +53,16 @@ class Chunk:
     ms: dict = field(default_factory=dict)   # text_encoder (0 if no new prompt), dit_steps, commit, decoder, total
 
 
-def load_models(run, stage=None):
-    """The streaming system of a trained run: text encoder, the best available S2DiT, the decoder.
+def load_models(run, stage=None, device="cpu"):
+    """The streaming system of a trained run: text encoder, the best available S2DiT, the decoder,
+    on `device` (dist.pick_device).
 
     Preference: the DMD student (S2DiT-AR, EMA weights), else S2DiT-KD, else S2DiT-Pretrained; the
     efficient decoder, else the VAE decoder. `stage` picks another student (e.g. dmd_4step)."""
     if not os.path.isdir(run):
         raise FileNotFoundError(f"run directory {run} not found; train one with `python train.py --out {run}` "
                                 f"(or `python train.py --preset tiny --out {run}` for a minutes-long one)")
-    return runs.load_streaming(run, stage)
+    return runs.load_streaming(run, stage, device)
 
 
 def prompt_words(prompt, what="prompt"):
@@ -153,7 +155,8 @@ def stream(models, prompt, chunks, steps=None, seed=0, then=(), window=None, t_c
     model, decoder, cfg = models.model, models.decoder, models.model.cfg
     ts = flow.few_step_schedule(steps, models.shift)
     t_ctx = models.t_ctx if t_ctx is None else t_ctx
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)               # on the CPU: the same noise on every device
+    device = next(model.parameters()).device
     switches = dict(then)
     state = dit.StreamState(window=window or cfg.window, sink=cfg.sink)
     dec_cache = None
@@ -162,7 +165,7 @@ def stream(models, prompt, chunks, steps=None, seed=0, then=(), window=None, t_c
     with torch.no_grad():
         for i in range(chunks):
             pending = switches.get(i, pending)
-            noise = torch.randn(1, C, cfg.chunk, h, w, generator=g)    # (1, C, 3, h, w)
+            noise = torch.randn(1, C, cfg.chunk, h, w, generator=g).to(device)   # (1, C, 3, h, w)
             s = s0 = time.perf_counter()
             if pending is not None:                                     # new prompt, same caches
                 prompt, pending = pending, None
@@ -174,8 +177,9 @@ def stream(models, prompt, chunks, steps=None, seed=0, then=(), window=None, t_c
             commit_chunk(model, state, x0, text, mask, t_ctx=t_ctx, generator=g)
             s2 = time.perf_counter()
             frames, dec_cache = decoder.decode_chunk(x0, dec_cache)     # (1, 3, 9 or 12, H, W)
+            frames = frames.cpu()                                       # for the writer (waits for the device)
             s3 = time.perf_counter()
-            sent = yield Chunk(i, frames[0].clamp(-1, 1), x0[0], prompt,
+            sent = yield Chunk(i, frames[0].clamp(-1, 1), x0[0].cpu(), prompt,
                                {"text_encoder": (s0 - s) * 1e3, "dit_steps": (s1 - s0) * 1e3,
                                 "dit_per_step": (s1 - s0) * 1e3 / steps, "commit": (s2 - s1) * 1e3,
                                 "decoder": (s3 - s2) * 1e3, "total": (s3 - s) * 1e3})
@@ -298,7 +302,8 @@ def serve(p, args):
     import serve as serve_mod
     try:
         server = serve_mod.make_server(args.run or SHIPPED_RUN, args.host or "127.0.0.1",
-                                       8000 if args.port is None else args.port, args.prompt, args.seed)
+                                       8000 if args.port is None else args.port, args.prompt, args.seed,
+                                       device=dist.pick_device(args.device))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         p.error(str(e))
     serve_mod.serve_until_interrupted(server)
@@ -326,6 +331,7 @@ def main(argv=None):
     p.add_argument("--host", default=None, help="with --serve: the address to listen on (default 127.0.0.1, this "
                    "machine only; 0.0.0.0 lets every machine of the network in)")
     p.add_argument("--port", type=int, default=None, help="with --serve: the port to listen on (default 8000)")
+    dist.add_device_arg(p)
     args = p.parse_args(argv)
     try:
         check_mode(args)
@@ -345,7 +351,7 @@ def main(argv=None):
             tokenizer = text_mod.Tokenizer.from_json(vocab)
             for i, q in enumerate([args.prompt] + [q for _, q in then]):
                 unknown_words(tokenizer, q, "prompt" if i == 0 else "--then prompt")
-        models = load_models(args.run, args.stage)
+        models = load_models(args.run, args.stage, dist.pick_device(args.device))
         check_request(models, args.prompt, args.chunks, default_steps(models, args.steps), args.out, then, args.seed)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         p.error(str(e))

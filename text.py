@@ -48,6 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import dist
+
 PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1 in every vocabulary
 
 
@@ -197,7 +199,7 @@ class TextEncoder(nn.Module):
         if not mask.any(dim=1).all():
             raise ValueError("every row of mask needs at least one True token (an all-False row "
                              "would softmax over nothing); use null_embedding for the empty prompt")
-        mask = mask.bool()
+        ids, mask = ids.to(self.pos_emb.device), mask.to(self.pos_emb.device).bool()   # the tokenizer's are on the CPU
         L = ids.shape[1]
         x = self.tok_emb(ids) + self.pos_emb[:L]                             # (B, L, D)
         for block in self.blocks:
@@ -228,8 +230,8 @@ def encode_text(encoder: TextEncoder, tokenizer: Tokenizer, prompts: list[str]):
     """prompts -> (tokens (B, L, D), pooled (B, D), mask (B, L)) with the frozen encoder."""
     ids, mask = tokenizer.encode(prompts)
     with torch.no_grad():
-        tokens, pooled = encoder(ids.to(encoder.pos_emb.device), mask.to(encoder.pos_emb.device))
-    return tokens, pooled, mask
+        tokens, pooled = encoder(ids, mask)
+    return tokens, pooled, mask.to(tokens.device)
 
 
 # ----------------------------------------------------------------------------- CLIP-style pretraining
@@ -261,14 +263,15 @@ class VideoTower(nn.Module):
 def data_batch_fn(preset: str, batch_size: int, frames: int | None = None):
     """batch_fn(seed, split) -> (video, captions, paraphrases, swaps) drawn from data.py's toy
     world: paraphrases[i] is another caption of clip i, swaps[i] a caption of clip i with one
-    attribute word changed. `frames` overrides the clip length (fewer frames = faster pretraining)."""
+    attribute word changed. `frames` overrides the clip length (fewer frames = faster pretraining).
+    Under torchrun the video holds this process's clips only (dist.rows), the captions all of them."""
     import data  # lazy: data.py is a sibling concept and may be absent in isolated tests
     dcfg = data.get_config(preset)
     if frames is not None:
         dcfg = dataclasses.replace(dcfg, frames=frames)
 
     def batch_fn(seed, split="train"):
-        video, captions, gt = data.make_batch(dcfg, batch_size, seed, split=split)
+        video, captions, gt = data.make_batch(dcfg, batch_size, seed, split=split, rows=dist.rows(batch_size))
         rng = np.random.RandomState(seed + 1)                # the second captions' own stream
         paraphrases = [data.recaption(g["objects"], rng) for g in gt]
         swaps = [data.swap_one_word(g["objects"], rng) for g in gt]
@@ -294,18 +297,23 @@ def fit_text_encoder(encoder: TextEncoder, tokenizer: Tokenizer, batch_fn, steps
     """
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    tower = VideoTower(encoder.cfg.dim, encoder.cfg.video_width)
+    device = encoder.pos_emb.device
+    tower = VideoTower(encoder.cfg.dim, encoder.cfg.video_width).to(device)
     torch.random.set_rng_state(gen_state)
     # CLIP: logit scale = log(1 / 0.07), learned, clipped at 100
-    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
     params = list(encoder.parameters()) + list(tower.parameters()) + [logit_scale]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     encoder.train().requires_grad_(True)
+    # Under torchrun each process embeds its own clips and every caption, and the clips' embeddings are
+    # gathered (_clip_logits): every process computes the whole batch's loss; DDP averages the gradients.
+    loss_fn = dist.data_parallel(lambda *batch: _losses(encoder, tower, tokenizer, *batch, logit_scale),
+                                 encoder, tower, logit_scale)
     run = {}
-    bar = tqdm(range(steps), desc="text: CLIP pretraining", disable=not progress)
+    bar = tqdm(range(steps), desc="text: CLIP pretraining", disable=not (progress and dist.is_main()))
     for step in bar:
         video, captions, paraphrases, swaps = batch_fn(seed * 1_000_000 + step, "train")[:4]
-        losses = _losses(encoder, tower, tokenizer, video, captions, paraphrases, swaps, logit_scale)
+        losses = loss_fn(video.to(device), captions, paraphrases, swaps)
         opt.zero_grad(set_to_none=True)
         (losses["video_text"] + losses["caption_caption"]).backward()
         opt.step()
@@ -327,7 +335,7 @@ def fit_text_encoder(encoder: TextEncoder, tokenizer: Tokenizer, batch_fn, steps
         with torch.no_grad():
             for i in range(eval_batches):
                 video, captions = batch_fn(seed * 1_000_000 + 900_000 + i, split)[:2]
-                _, acc_v2t, acc_t2v = _clip_logits(encoder, tower, tokenizer, video, captions, logit_scale)
+                _, acc_v2t, acc_t2v = _clip_logits(encoder, tower, tokenizer, video.to(device), captions, logit_scale)
                 v2t.append(acc_v2t)
                 t2v.append(acc_t2v)
         metrics[f"{name}_top1_v2t"] = sum(v2t) / max(len(v2t), 1)
@@ -344,10 +352,10 @@ def _embed(encoder, tokenizer, captions):
 def _clip_logits(encoder, tower, tokenizer, video, captions, logit_scale, extra_texts=()):
     """(B, B + E) video x text logits; the E extra texts are negatives only."""
     text = _embed(encoder, tokenizer, list(captions) + list(extra_texts))   # (B + E, D)
-    vid = F.normalize(tower(video), dim=-1)                                  # (B, D)
+    vid = dist.gather_rows(F.normalize(tower(video), dim=-1))                # (B, D) every process's clips
     logits = logit_scale.exp() * vid @ text.T                                # (B, B + E)
     B = len(captions)
-    labels = torch.arange(B)
+    labels = torch.arange(B, device=logits.device)
     acc_v2t = (logits.argmax(1) == labels).float().mean().item()
     acc_t2v = (logits[:, :B].argmax(0) == labels).float().mean().item()
     return logits, acc_v2t, acc_t2v
@@ -355,7 +363,7 @@ def _clip_logits(encoder, tower, tokenizer, video, captions, logit_scale, extra_
 
 def _losses(encoder, tower, tokenizer, video, captions, paraphrases, swaps, logit_scale):
     B = len(captions)
-    labels = torch.arange(B)
+    labels = torch.arange(B, device=logit_scale.device)
     # video-text, symmetric InfoNCE: each clip picks its caption (against every caption and every
     # one-word swap), each caption picks its clip
     logits, acc_v2t, _ = _clip_logits(encoder, tower, tokenizer, video, captions, logit_scale, swaps)

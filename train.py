@@ -22,6 +22,12 @@ same result as an uninterrupted run).
     python train.py                          # the `small` preset, everything (under an hour on 2 idle CPU cores)
     python train.py --preset tiny --out runs/tiny        # minutes: what the tests run
     python train.py --stages base,search     # only some stages (earlier ones must exist)
+    python train.py --device auto            # on a GPU (cuda) or an Apple-silicon Mac (mps)
+    torchrun --nproc_per_node 2 train.py --preset tiny   # data-parallel over 2 processes (dist.py)
+
+Under torchrun the text, VAE, flow-matching (base, pretrain, teacher), KD and decoder stages are
+data-parallel (PARALLEL): every process trains on its own rows of each batch, DDP averages the
+gradients. The other stages run in process 0 while the others wait. Process 0 alone writes files.
 """
 import copy
 import json
@@ -35,6 +41,7 @@ from tqdm import tqdm
 import data
 import decoder as dec_mod
 import deploy
+import dist
 import distill
 import dit
 import evaluate
@@ -96,11 +103,14 @@ def get_config(name, **overrides):
 def stage_text(run):
     cfg = run.cfg
     encoder, tokenizer, tcfg = text_mod.build_text(cfg.preset, words=data.vocabulary(), seed=cfg.seed)
+    encoder.to(run.device)
     # ASSUMPTION: the CLIP-style pretraining sees 32-px, 9-frame clips at every preset: it must learn
     # words (colour, shape, direction), which small clips show as well as large ones, 4x cheaper.
     batch_fn = text_mod.data_batch_fn("tiny", cfg.text_batch, frames=9)
     m = text_mod.fit_text_encoder(encoder, tokenizer, batch_fn, cfg.text_steps, tcfg.fit_lr, cfg.seed,
                                   eval_split="eval")
+    if not dist.is_main():                           # process 0 alone measures and writes (torchrun)
+        return m
     m.update(text_mod.probe(encoder, tokenizer))     # does it keep every word? (linear probe, one-word pairs)
     print("text: linear probe on held-out captions " + ", ".join(
         f"{k} {m['probe_' + k]:.3f}" for k in ("colour", "shape", "motion")))
@@ -111,11 +121,15 @@ def stage_text(run):
 def stage_vae(run):
     cfg = run.cfg
     torch.manual_seed(cfg.seed)
-    model = vae_mod.VAE(vae_mod.get_config(cfg.preset))
+    model = vae_mod.VAE(vae_mod.get_config(cfg.preset)).to(run.device)
     dcfg = data_cfg(cfg)
-    m = vae_mod.fit_vae(model, lambda s: data.make_batch(dcfg, cfg.vae_batch, cfg.seed * VAE_CLIP_STRIDE + s)[0],
-                        cfg.vae_steps, cfg.vae_lr, cfg.seed, ckpt=run.path("vae.ckpt.pt"))
-    held_out = data.make_batch(dcfg, 16, seed=HELD_OUT_CLIPS, split="eval")[0]
+    mine = dist.rows(cfg.vae_batch)                                  # this process's clips of each batch
+    clips = lambda s: data.make_batch(dcfg, cfg.vae_batch, cfg.seed * VAE_CLIP_STRIDE + s, rows=mine)[0].to(run.device)
+    m = vae_mod.fit_vae(model, clips, cfg.vae_steps, cfg.vae_lr, cfg.seed, ckpt=run.path("vae.ckpt.pt"),
+                        batch=cfg.vae_batch)
+    if not dist.is_main():                           # process 0 alone measures and writes (torchrun)
+        return m
+    held_out = data.make_batch(dcfg, 16, seed=HELD_OUT_CLIPS, split="eval")[0].to(run.device)
     m["heldout_psnr"] = vae_mod.reconstruct_psnr(model, held_out)
     print(f"VAE held-out reconstruction PSNR: {m['heldout_psnr']:.2f} dB")
     save_checkpoint(run.path("vae.pt"), model, model.cfg, m)
@@ -128,7 +142,7 @@ def stage_latents(run):
     zs, moving, caps = [], [], []
     for i in tqdm(range(0, cfg.pool_clips, 16), desc="latents"):
         video, captions, _ = data.make_batch(dcfg, min(16, cfg.pool_clips - i), seed=cfg.seed * POOL_CLIP_STRIDE + i)
-        zs.append(vae.encode(video).half())
+        zs.append(vae.encode(video.to(run.device)).half().cpu())
         moving.append(vae_mod.latent_motion_mask(video))            # where the caption's objects are
         caps += captions
     z = torch.cat(zs)
@@ -152,9 +166,10 @@ def fm_stage(run, model, steps, name, lr=None, boundary=None, ema=True):
 
 def stage_base(run):
     torch.manual_seed(run.cfg.seed)
-    model = dit.DiT(dit_cfg(run.cfg))
+    model = dit.DiT(dit_cfg(run.cfg)).to(run.device)
     trained, m = fm_stage(run, model, run.cfg.base_steps, "base")
-    save_checkpoint(run.path("base.pt"), trained, spec_of(trained, "dit"), m)
+    if dist.is_main():
+        save_checkpoint(run.path("base.pt"), trained, spec_of(trained, "dit"), m)
     return m
 
 
@@ -171,7 +186,7 @@ def stage_search(run, budget_ms=None):
     k, (cheapest_cost, _) = search.choose_k(M, table, budget)
     base = run.model("base")
     torch.manual_seed(cfg.seed)
-    sup = SuperNet(dcfg)
+    sup = SuperNet(dcfg).to(run.device)
     inh = sup.inherit(base)
     batch_fn = dit_batches(run, scfg.batch, cfg.seed + SEARCH_BATCHES, with_null=False)
     layout, hist = search.run_search(sup, base, batch_fn, k, replace(scfg, steps=cfg.search_steps, seed=cfg.seed))
@@ -188,10 +203,11 @@ def stage_search(run, budget_ms=None):
 def stage_pretrain(run):
     layout = tuple(json.load(open(run.path("layout.json")))["layout"])
     sup = run.model("search")
-    model = sup.extract(layout).requires_grad_(True)       # inherits T_theta through the searched supernet
+    model = sup.extract(layout).requires_grad_(True).to(run.device)   # inherits T_theta through the searched supernet
     trained, m = fm_stage(run, model, run.cfg.pretrain_steps, "pretrain")
     m["layout"] = layout
-    save_checkpoint(run.path("pretrain.pt"), trained, spec_of(trained, "s2dit", layout=layout), m)
+    if dist.is_main():
+        save_checkpoint(run.path("pretrain.pt"), trained, spec_of(trained, "s2dit", layout=layout), m)
     return m
 
 
@@ -199,11 +215,12 @@ def stage_teacher(run):
     cfg = run.cfg
     tcfg = replace(dit_cfg(cfg), dim=cfg.teacher_dim, depth=cfg.teacher_depth)
     torch.manual_seed(cfg.seed)
-    model = dit.MoETeacher(tcfg, flow.get_config(cfg.preset).boundary)
+    model = dit.MoETeacher(tcfg, flow.get_config(cfg.preset).boundary).to(run.device)
     grown = model.grow_from(run.model("base")) if tcfg.dim == dit_cfg(cfg).dim else None  # see MoETeacher.grow_from
     trained, m = fm_stage(run, model, cfg.teacher_steps, "teacher", boundary=model.boundary)
     m["grown_from_base"] = grown
-    save_checkpoint(run.path("teacher.pt"), trained, spec_of(trained, "moe", boundary=trained.boundary), m)
+    if dist.is_main():
+        save_checkpoint(run.path("teacher.pt"), trained, spec_of(trained, "moe", boundary=trained.boundary), m)
     return m
 
 
@@ -222,6 +239,8 @@ def stage_kd(run):
     kcfg = distill.get_kd_config(cfg.preset, seed=cfg.seed, steps=cfg.kd_steps)
     trained, m = distill.train_kd(student, cache, kcfg, ckpt=run.path("kd.ckpt.pt"))
     m.pop("kd_losses", None)
+    if not dist.is_main():                           # process 0 alone measures and writes (torchrun)
+        return m
     # Sec. C.1's point, measured in one run: cached KD vs KD with the teacher in the loop.
     fcfg = flow.get_config(cfg.preset)
     m["speed"] = kdcache.kd_speed_comparison(copy.deepcopy(run.model("pretrain")).requires_grad_(True),
@@ -259,7 +278,7 @@ def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
     text_fn = lambda s: batch(s)[1:]
     ode, ckpt, ode_path = {}, run.path(f"{name}.ckpt.pt"), run.path(f"{name}_ode.pt")
     if dcfg.ode_updates > 0 and os.path.exists(ckpt) and os.path.exists(ode_path):
-        ode = torch.load(ode_path, weights_only=True)["metrics"]    # resumed: the checkpoint holds the student
+        ode = torch.load(ode_path, map_location="cpu", weights_only=True)["metrics"]    # resumed: the checkpoint holds the student
     elif dcfg.ode_updates > 0:   # Self-Forcing's starting point; kept as <name>_ode.pt (Tab. 1: before DMD)
         ode = distill.ode_init(student, real, text_fn, dcfg, torch.Generator().manual_seed(cfg.seed + ODE_NOISE),
                                ckpt=run.path(f"{name}_ode.ckpt.pt"))
@@ -275,25 +294,29 @@ def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
 def stage_decoder(run):
     cfg = run.cfg
     torch.manual_seed(cfg.seed)
-    dec = dec_mod.EfficientDecoder(dec_mod.get_config(cfg.preset))
+    dec = dec_mod.EfficientDecoder(dec_mod.get_config(cfg.preset)).to(run.device)
     dcfg = data_cfg(cfg)
     vae = run.vae()
     short = replace(dcfg, frames=17)                                 # 17-frame clips: 2x cheaper steps
-    m = dec_mod.fit_decoder(dec, vae, lambda s: data.make_batch(short, cfg.vae_batch, cfg.seed * DECODER_CLIP_STRIDE + s)[0],
-                            cfg.decoder_steps, seed=cfg.seed, ckpt=run.path("decoder.ckpt.pt"))
-    held_out = data.make_batch(dcfg, 8, seed=HELD_OUT_CLIPS, split="eval")[0]
+    mine = dist.rows(cfg.vae_batch)                                  # this process's clips of each batch
+    clips = lambda s: data.make_batch(short, cfg.vae_batch, cfg.seed * DECODER_CLIP_STRIDE + s, rows=mine)[0].to(run.device)
+    m = dec_mod.fit_decoder(dec, vae, clips, cfg.decoder_steps, seed=cfg.seed, ckpt=run.path("decoder.ckpt.pt"),
+                            batch=cfg.vae_batch)
+    if not dist.is_main():                           # process 0 alone measures and writes (torchrun)
+        return m
+    held_out = data.make_batch(dcfg, 8, seed=HELD_OUT_CLIPS, split="eval")[0].to(run.device)
     m["table_a2"] = dec_mod.compare_decoders(vae, dec, held_out)
     save_checkpoint(run.path("decoder.pt"), dec, dec.cfg, m)
     return m
 
 
 def stage_deploy(run):
-    return deploy.build_bundle(load_streaming(run.dir), run.path("S2DiTResources"))
+    return deploy.build_bundle(load_streaming(run.dir), run.path("S2DiTResources"))   # traced on the CPU, always
 
 
 def stage_sample(run):
     cfg = run.cfg
-    system = load_streaming(run.dir)
+    system = load_streaming(run.dir, device=run.device)
     colour, shape, motion = data.eval_prompts()[0]
     prompt = data.canonical_prompt(colour, shape, motion)
     res = stream.run(system, prompt, cfg.sample_chunks, cfg.sample_steps, cfg.seed, out=run.path("sample.mp4"))
@@ -315,6 +338,10 @@ def evaluate_model(system, n_prompts, steps, seed=0, chunks=3):
 # ----------------------------------------------------------------------------------------------
 # The runner
 # ----------------------------------------------------------------------------------------------
+# Data-parallel under torchrun: each process trains on its own rows of every batch (dist.py). The others
+# run in process 0 alone: search and cache are short, latents/deploy/sample are not training, and DMD
+# (rollouts, a critic and a GAN) stays a single-process loop.
+PARALLEL = ("text", "vae", "base", "pretrain", "teacher", "kd", "decoder")
 RUNNERS = {"text": stage_text, "vae": stage_vae, "latents": stage_latents, "base": stage_base,
            "search": stage_search, "pretrain": stage_pretrain, "teacher": stage_teacher, "cache": stage_cache,
            "kd": stage_kd, "dmd": stage_dmd, "decoder": stage_decoder, "deploy": stage_deploy,
@@ -345,16 +372,30 @@ def check_out(out, cfg: PipelineConfig):
         raise safeio.UsageError(f"cannot write the run directory {out}: {d} is not a writable folder")
 
 
+def check_split(cfg: PipelineConfig):
+    """Under torchrun every data-parallel batch splits evenly over the processes (dist.rows): checked
+    before any work, so that a bad process count is one line, not a stage that dies half way."""
+    batches = {f: getattr(cfg, f) for f in ("text_batch", "vae_batch", "dit_batch")}
+    if cfg.first_chunk_frac > 0:
+        batches["first_chunk_batch"] = cfg.first_chunk_batch
+    batches["the KD batch"] = distill.get_kd_config(cfg.preset).batch
+    uneven = {k: v for k, v in batches.items() if v % dist.world()}
+    if uneven:
+        raise ValueError(f"{dist.world()} processes do not split the batches {uneven} evenly; run a number of "
+                         f"processes that divides every one, or change them with --set")
+
+
 def stage_seed(cfg: PipelineConfig, stage):
     return cfg.seed * STAGE_SEED_STRIDE + STAGES.index(stage)
 
 
-def run_pipeline(out, cfg: PipelineConfig, stages=None, force=()):
+def run_pipeline(out, cfg: PipelineConfig, stages=None, force=(), device="cpu"):
     check_out(out, cfg)
+    dist.barrier()                                   # every process has checked `out` before process 0 writes
     torch.set_num_threads(cfg.threads)
-    run = Run(out, cfg)
+    run = Run(out, cfg, device)
     p = run.path("pipeline.json")
-    if not os.path.exists(p):
+    if dist.is_main() and not os.path.exists(p):
         safeio.write_json(p, asdict(cfg), indent=1)
     times = {}
     for stage in stages or STAGES:
@@ -368,9 +409,12 @@ def run_pipeline(out, cfg: PipelineConfig, stages=None, force=()):
         # own seed: a stage gives the same result whichever stages ran before it in this process, so a
         # resumed run equals an uninterrupted one.
         torch.manual_seed(stage_seed(cfg, stage))
-        metrics = RUNNERS[stage](run)
+        if stage in PARALLEL or dist.is_main():
+            metrics = RUNNERS[stage](run)
         times[stage] = time.time() - t0
-        run.finish(stage, metrics, times[stage])
+        if dist.is_main():
+            run.finish(stage, metrics, times[stage], run.device, dist.world())
+        dist.barrier()                               # the stage's files are written before anyone reads them
         print(f"[{stage}] finished in {times[stage]:.0f} s", flush=True)
     return run, times
 
@@ -407,6 +451,7 @@ def main(argv=None):
                    help="override one field of the preset (repeatable), e.g. --set base_steps=400; "
                         "the run records it in pipeline.json")
     p.add_argument("--ship", default=None, help="copy the run's streaming weights to this directory and exit")
+    dist.add_device_arg(p)
     args = p.parse_args(argv)
     out = args.out or os.path.join("runs", args.preset)
     try:
@@ -425,10 +470,17 @@ def main(argv=None):
             if s not in STAGES:
                 raise ValueError(f"unknown stage {s!r}; stages: {','.join(STAGES)}")
         check_out(out, cfg)
+        device = dist.setup(dist.pick_device(args.device))   # joins torchrun's processes, if any
+        check_split(cfg)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    run, times = run_pipeline(out, cfg, stages, force=force)
-    print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) +
+    processes = dist.world()
+    try:
+        run, times = run_pipeline(out, cfg, stages, force=force, device=device)
+    finally:
+        dist.cleanup()
+    on = f"{device}" + (f" x {processes} processes" if processes > 1 else "")
+    print(f"\nstage times (s) on {on}: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) +
           f"; total {sum(times.values()) / 60:.1f} min")
     if run.done("sample"):
         m = run.metrics("sample")

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F_
 
 import data
+import dist
 import evaluate
 from resume import Checkpoint
 from safeio import Parser, load_checkpoint, read_json, run_cli, save_checkpoint  # noqa: F401 (save_checkpoint re-exported)
@@ -354,12 +355,16 @@ def reconstruct_psnr(vae, videos, batch_size=4):
     return 10 * math.log10(4.0 / max(sum(mses) / videos.shape[0], 1e-12))
 
 
-def train_view(video, cfg, gen):
+def train_view(video, cfg, gen, batch=None):
     """The piece of a clip fit_vae trains on: a random window of cfg.train_frames frames and, per
     clip, a cfg.train_crop square aligned to the 4-px latent grid: with probability cfg.motion_crop
     the square with the most motion (sum of the per-pixel temporal std), else a uniform one.
-    (B,3,F,H,W) -> (B,3,F',S,S)."""
-    B, _, Fr, H, W = video.shape
+    (B,3,F,H,W) -> (B,3,F',S,S).
+    batch: data-parallel training, `video` is this process's rows dist.rows(batch) of a batch of
+    `batch` clips: every clip's crop is drawn, in order, and this process cuts its own."""
+    _, _, Fr, H, W = video.shape
+    B = batch or video.shape[0]
+    mine = dist.rows(batch) if batch else slice(0, B)
     f = min(cfg.train_frames, Fr)
     f0 = int(torch.randint(0, Fr - f + 1, (1,), generator=gen))
     video = video[:, :, f0:f0 + f]  # (B, 3, F', H, W); the window's first frame becomes frame 0
@@ -370,13 +375,17 @@ def train_view(video, cfg, gen):
     nh, nw = motion.shape[-2:]
     crops = []
     for b in range(B):
-        if float(torch.rand(1, generator=gen)) < cfg.motion_crop:
-            k = int(motion[b].flatten().argmax())
-            i, j = k // nw * 4, k % nw * 4
-        else:
+        at_motion = float(torch.rand(1, generator=gen)) < cfg.motion_crop
+        if not at_motion:
             i = int(torch.randint(0, nh, (1,), generator=gen)) * 4
             j = int(torch.randint(0, nw, (1,), generator=gen)) * 4
-        crops.append(video[b:b + 1, :, :, i:i + S, j:j + S])  # (1, 3, F', S, S)
+        if not mine.start <= b < mine.stop:
+            continue                                    # another process's clip: drawn, not cut
+        r = b - mine.start                              # the clip's row in `video`
+        if at_motion:
+            k = int(motion[r].flatten().argmax())
+            i, j = k // nw * 4, k % nw * 4
+        crops.append(video[r:r + 1, :, :, i:i + S, j:j + S])  # (1, 3, F', S, S)
     return torch.cat(crops)  # (B, 3, F', S, S)
 
 
@@ -407,12 +416,15 @@ def lr_factor(step, steps, warmup=30, floor=0.05):
     return min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def fit_vae(vae, batch_fn, steps, lr=5e-4, seed=0, progress=True, stats_batches=4, ckpt=None, ckpt_every_s=180.0):
+def fit_vae(vae, batch_fn, steps, lr=5e-4, seed=0, progress=True, stats_batches=4, ckpt=None, ckpt_every_s=180.0,
+            batch=None):
     """Train with L1 + MSE (weighted towards moving pixels, motion_weights) + beta * KL (Adam, warm-up
     + cosine decay) on windows / crops of the clips (train_view); then set the latent statistics on
     whole clips.
     batch_fn(step) -> video (B, 3, F, H, W) in [-1, 1]. ckpt: a file the loop saves itself to every
-    ckpt_every_s seconds and resumes from, bit-identically (resume.py)."""
+    ckpt_every_s seconds and resumes from, bit-identically (resume.py).
+    Data-parallel under torchrun (dist.py): batch_fn(step) returns this process's rows
+    dist.rows(batch) of a batch of `batch` clips."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -430,22 +442,26 @@ def fit_vae(vae, batch_fn, steps, lr=5e-4, seed=0, progress=True, stats_batches=
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])        # the posterior's samples draw from the global stream
         run_loss, run_psnr, first_loss = state["run_loss"], state["run_psnr"], state["first_loss"]
-    bar = tqdm(range(start, steps), desc="vae", disable=not progress, mininterval=2.0, initial=start, total=steps)
+    net = dist.data_parallel(lambda video: vae(video), vae)      # DDP under torchrun: gradients averaged
+    bar = tqdm(range(start, steps), desc="vae", disable=not (progress and dist.is_main()), mininterval=2.0,
+               initial=start, total=steps)
     for step in bar:
-        video = train_view(batch_fn(step), vae.cfg, gen)  # (B, 3, F', S, S)
-        rec, kl = vae(video)  # (B, 3, F', S, S), scalar
-        mse = F_.mse_loss(rec, video)
+        video = train_view(batch_fn(step), vae.cfg, gen, batch)  # (B, 3, F', S, S)
+        rec, kl = net(video)  # (B, 3, F', S, S), scalar
+        mse = dist.mean(F_.mse_loss(rec, video))
         w = motion_weights(video, vae.cfg.motion_weight)  # (B, 1, F', S, S)
         err = rec - video
-        loss = ((err.abs() + err.pow(2)) * w).mean() / w.mean() + vae.cfg.kl_weight * kl
+        # normalised by the whole batch's mean weight (the processes' mean of their means)
+        loss = ((err.abs() + err.pow(2)) * w).mean() / dist.mean(w.mean()) + vae.cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
         p = 10 * math.log10(4.0 / max(mse.item(), 1e-12))
-        first_loss = loss.item() if first_loss is None else first_loss
-        run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
+        batch_loss = dist.mean(loss).item()
+        first_loss = batch_loss if first_loss is None else first_loss
+        run_loss = batch_loss if run_loss is None else 0.95 * run_loss + 0.05 * batch_loss
         run_psnr = p if run_psnr is None else 0.95 * run_psnr + 0.05 * p
         bar.set_postfix(loss=f"{run_loss:.4f}", psnr=f"{run_psnr:.1f}", refresh=False)
         saver.maybe_save(step + 1, lambda: {
@@ -455,7 +471,7 @@ def fit_vae(vae, batch_fn, steps, lr=5e-4, seed=0, progress=True, stats_batches=
     saver.finish()
     vae.eval()
     with torch.no_grad():
-        z = torch.cat([vae.encode_raw(batch_fn(steps + i)) for i in range(stats_batches)])
+        z = torch.cat([dist.gather_rows(vae.encode_raw(batch_fn(steps + i))) for i in range(stats_batches)])
         vae.set_latent_stats(z)
     return {"steps": steps, "first_loss": first_loss, "loss": run_loss, "train_psnr": run_psnr,
             "seconds": time.time() - t0, "kl_weight": vae.cfg.kl_weight}
@@ -488,13 +504,14 @@ def blob_video(batch, frames, size, seed=0):
 
 
 @torch.no_grad()
-def judge_reconstructions(vae_path, preset, n=24, seed=5):
+def judge_reconstructions(vae_path, preset, n=24, seed=5, device="cpu"):
     """What the VAE lets through: PSNR and VBench-lite (evaluate.py) of the reconstructions of n
     held-out single-object clips, beside the same clips unreconstructed. A DiT that draws perfect
     latents can score no higher than the reconstructions."""
-    vae = load_vae(vae_path).eval()
+    vae = load_vae(vae_path).eval().to(device)
     attrs = data.eval_prompts(n)
     video, _ = data.make_clips(data.get_config(preset), attrs, seed=seed, frames=33)  # (n, 3, 33, H, W)
+    video = video.to(device)
     prompts = [data.canonical_prompt(*a) for a in attrs]
     rec = torch.cat([vae.decode(vae.encode(video[i:i + 4])).clamp(-1, 1) for i in range(0, n, 4)])
     keys = ("color_acc", "shape_acc", "direction_acc", "semantic", "total")
@@ -511,7 +528,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=40, help="training steps")
     ap.add_argument("--data", action="store_true", help="train on data.py clips instead of blobs")
     ap.add_argument("--run", default=None, help="a train.py run: PSNR and VBench-lite of its VAE's reconstructions")
+    dist.add_device_arg(ap)
     args = ap.parse_args(argv)
+    try:
+        device = dist.pick_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
     if args.run:
         spec = os.path.join(args.run, "pipeline.json")
         if not os.path.exists(spec):
@@ -519,19 +541,19 @@ def main(argv=None):
         preset = read_json(spec, "run configuration").get("preset")
         if preset not in PRESETS:
             ap.error(f"{spec}: unknown preset {preset!r}; known presets: {sorted(PRESETS)}")
-        print(json.dumps(judge_reconstructions(os.path.join(args.run, "vae.pt"), preset)))
+        print(json.dumps(judge_reconstructions(os.path.join(args.run, "vae.pt"), preset, device=device)))
         return
     torch.manual_seed(0)
     cfg = get_config(args.preset)
     size = 32 if args.preset == "tiny" else 64
-    vae = VAE(cfg)
+    vae = VAE(cfg).to(device)
     if args.data:
         dcfg = data.get_config(args.preset)
-        batch_fn = lambda s: data.make_batch(dcfg, 4, seed=s)[0]
-        held = data.make_batch(dcfg, 4, seed=10_000, split="eval")[0]
+        batch_fn = lambda s: data.make_batch(dcfg, 4, seed=s)[0].to(device)
+        held = data.make_batch(dcfg, 4, seed=10_000, split="eval")[0].to(device)
     else:
-        batch_fn = lambda s: blob_video(4, 9, size, seed=s)
-        held = blob_video(2, 17, size, seed=10_000)  # 5 latent frames: chunks of 3 + 2
+        batch_fn = lambda s: blob_video(4, 9, size, seed=s).to(device)
+        held = blob_video(2, 17, size, seed=10_000).to(device)  # 5 latent frames: chunks of 3 + 2
     print(f"VAE[{args.preset}] params: {sum(p.numel() for p in vae.parameters()):,}")
     print(f"held-out PSNR before: {reconstruct_psnr(vae, held):.2f} dB")
     m = fit_vae(vae, batch_fn, args.steps, lr=2e-3, seed=0)
