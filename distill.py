@@ -265,7 +265,9 @@ def ode_init(student, real_score, batch_fn_text, cfg, generator, progress=True, 
     st = st or {"pairs": [], "update": 0, "losses": [], "seconds": 0.0}
     if "generator" in st:
         generator.set_state(st["generator"])
-    t0, pairs = time.time() - st["seconds"], st["pairs"]               # pairs: [(xs, x0, text, mask)] per batch
+    device = next(student.parameters()).device                          # a checkpoint loads onto the CPU
+    pairs = [tuple(v.to(device) for v in p) for p in st["pairs"]]       # [(xs, x0, text, mask)] per batch
+    t0 = time.time() - st["seconds"]
     save = lambda **more: saver.maybe_save(len(pairs) + len(st["losses"]), lambda: {  # noqa: E731
         "pairs": pairs, "generator": generator.get_state(), "seconds": time.time() - t0, **more})
     done = lambda: sum(len(p[1]) for p in pairs)                        # noqa: E731
