@@ -65,8 +65,8 @@ PRESETS = {
     "small": PipelineConfig(first_chunk_frac=0.9, base_steps=2000, decoder_steps=2000),
     # The shipped model (<= 2.5 h on 2 cores): every T_theta update on the 3-chunk streaming window,
     # where a chunk learns to continue the motion of the chunks before it (curves.py, recipe
-    # window_only: 3-chunk direction 0.33 / 0.17 after 2000 updates, 0.54 / 0.29 after 3000), and 2.5x
-    # the small preset's updates. Estimated on an idle machine: T_theta 5000 x 0.71 s = 59 min, the
+    # window_only, seen / held-out 3-chunk direction: 0.33 / 0.17 after 2000 updates, 0.50 / 0.50
+    # after 4000, still rising; shape 0.71 / 0.71), and 2.5x the small preset's updates. Estimated on an idle machine: T_theta 5000 x 0.71 s = 59 min, the
     # whole run ~2.2 h.
     "ship": PipelineConfig(first_chunk_frac=0.0, base_steps=5000, decoder_steps=2000),
     "tiny": PipelineConfig(preset="tiny", threads=1, text_batch=16, text_steps=20, vae_steps=150, vae_batch=4, pool_clips=64, dit_batch=4, base_steps=40,
