@@ -23,6 +23,7 @@ Random numbers come from CPU generators and are moved to the device (`torch.rand
 .to(x)` throughout): the same seed draws the same noise on every device, and the CPU's figures are
 unchanged. Run `python dist.py` to see the device `auto` picks here.
 """
+import argparse
 import datetime
 import os
 import sys
@@ -47,6 +48,20 @@ def pick_device(name="cpu"):
         raise UsageError(f"--device {name}: this machine has no {name} device (torch {torch.__version__}); "
                          f"use --device cpu or auto")
     return torch.device(name)
+
+
+def demo_device(prog, description):
+    """The device of a concept file's demo (`python lcha.py --device auto`): parsed from the command
+    line and made torch's default, so the demo's tensors and modules are created on it unchanged."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_device_arg(parser)
+    try:
+        device = pick_device(parser.parse_args().device)
+    except UsageError as e:
+        parser.error(str(e))                                                  # one line, exit code 2
+    torch.set_default_device(device)
+    print(f"{prog} demo on {device}")
+    return device
 
 
 def add_device_arg(parser, default="cpu"):

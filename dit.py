@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dist
+
 
 @dataclass
 class DiTConfig:
@@ -453,6 +455,7 @@ def count_params(module):
 
 
 if __name__ == "__main__":
+    dist.demo_device("dit.py", "The DiT backbone: streamed chunk by chunk equals the block-causal forward")
     torch.manual_seed(0)
     cfg = get_config("tiny")
     model = DiT(cfg).eval()

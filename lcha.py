@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dist
 from dit import Attention, FFN, ChunkWindow, StreamState, apply_rope, block_causal_mask, rope_tables
 
 
@@ -252,6 +253,7 @@ def eq11_naive(m: LCHA, x, rope, mask=None):
 
 
 if __name__ == "__main__":
+    dist.demo_device("lcha.py", "LCHA: Eq. 11's three forms against each other, then one forward at 4096 tokens")
     torch.manual_seed(0)
     cfg = get_config("tiny")
     m = LCHA(cfg.dim, cfg.heads, use_local=False).double().eval()   # linear path alone vs its O(N^2) form

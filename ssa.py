@@ -17,6 +17,7 @@ attention, and SSA streamed with its KV cache equals its full block-causal pass.
 import torch
 import torch.nn as nn
 
+import dist
 from dit import Attention, StreamState, rope_tables
 
 
@@ -100,6 +101,7 @@ class StrideSelfAttention(nn.Module):
 
 
 if __name__ == "__main__":
+    dist.demo_device("ssa.py", "SSA: stride 1 is softmax attention; streamed stride 2 equals block-causal")
     torch.manual_seed(0)
     D, H, grid = 32, 2, (6, 8, 8)
     x = torch.randn(2, 6 * 8 * 8, D)

@@ -90,3 +90,17 @@ def test_vae_decoder_and_text_encoder_place_every_tensor_on_their_device():
     encoder, tokenizer, _ = text_mod.build_text("tiny", words=data.vocabulary())
     tokens, pooled, mask = text_mod.encode_text(encoder.to(META), tokenizer, ["a red circle moves left"])
     assert {rec.device, frames.device, tokens.device, pooled.device, mask.device} == {META}
+
+
+@pytest.mark.parametrize("demo", ["dit.py", "ssa.py"])
+def test_concept_demos_take_a_device(demo):
+    """`python dit.py --device auto` runs its checks on the picked device (the CPU here); a device this
+    machine lacks is a one-line usage error, not a traceback."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ok = subprocess.run([sys.executable, demo, "--device", "auto"], cwd=root, capture_output=True, text=True)
+    assert ok.returncode == 0 and f"{demo} demo on cpu" in ok.stdout, ok.stderr
+    missing = "cuda" if not torch.cuda.is_available() else "mps"
+    bad = subprocess.run([sys.executable, demo, "--device", missing], cwd=root, capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and f"no {missing} device" in bad.stderr
