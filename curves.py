@@ -432,8 +432,8 @@ def main(argv=None):
         print(f"\nplot: {args.svg}")
         if args.results:
             rel = os.path.relpath(args.svg, os.path.dirname(os.path.abspath(args.results)))
-            write_block(args.results, f"Made by `python curves.py --report {args.report} --results {args.results} "
-                        f"--block {args.block}` "
+            write_block(args.results, f"Made by `python curves.py --report {args.report} --svg {args.svg} "
+                        f"--results {args.results} --block {args.block}` "
                         f"on {time.strftime('%Y-%m-%d')}.\n\n![learning curves]({rel})\n\n{table(logs)}", args.block)
         return
     if not args.run:

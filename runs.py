@@ -191,24 +191,24 @@ class Run:
         return self._once("vae", lambda: vae_mod.load_vae(self.path("vae.pt")).requires_grad_(False).to(self.device))
 
     def pool(self):
-        """The `latents` stage's clips: (z (n, C, T, h, w) float, captions)."""
+        """The `latents` stage's clips: (z (n, C, T, h, w) float, captions). Its moving-object masks
+        are read in the same load (moving())."""
         def load():
             p = self.path("latents.pt")
             if not os.path.exists(p):
                 raise FileNotFoundError(f"{p} not found; run the `latents` stage of train.py")
             blob = torch.load(p, map_location="cpu", weights_only=True)
+            self._cache["moving"] = blob.get("moving")                  # None in a pool made before the masks
             return blob["z"].float().to(self.device), blob["captions"]
         return self._once("pool", load)
 
     def moving(self):
         """The pool's moving-object masks (n, 1, T, h, w) bool (vae.latent_motion_mask)."""
-        def load():
-            blob = torch.load(self.path("latents.pt"), map_location="cpu", weights_only=True)
-            if "moving" not in blob:
-                raise ValueError(f"{self.path('latents.pt')} has no moving-object masks (an older pool); "
-                                 f"re-run its stage: python train.py --out {self.dir} --force latents")
-            return blob["moving"]
-        return self._once("moving", load)
+        self.pool()
+        if self._cache["moving"] is None:
+            raise ValueError(f"{self.path('latents.pt')} has no moving-object masks (an older pool); "
+                             f"re-run its stage: python train.py --out {self.dir} --force latents")
+        return self._cache["moving"]
 
     def null_text(self):
         """The empty prompt's tokens (1, L, Dt) and mask (1, L): the unconditional side of CFG."""
