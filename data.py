@@ -22,7 +22,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import imageio
 import numpy as np
@@ -200,10 +200,9 @@ class DataConfig:
 PRESETS = {"tiny": DataConfig(size=32, frames=33), "small": DataConfig(size=64, frames=33)}
 
 
-def get_config(name):
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
-    return replace(PRESETS[name])
+def get_config(name: str, **overrides):
+    """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(PRESETS, name, "data", **overrides)
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -66,10 +66,9 @@ PRESETS = {
 }
 
 
-def get_config(name: str) -> DecoderConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown decoder preset {name!r}; known presets: {sorted(PRESETS)}")
-    return DecoderConfig(**asdict(PRESETS[name]))
+def get_config(name: str, **overrides) -> DecoderConfig:
+    """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(PRESETS, name, "decoder", **overrides)
 
 
 class EfficientDecoder(nn.Module):

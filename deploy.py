@@ -36,7 +36,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,10 +62,9 @@ COMPUTE_UNITS = {"TextEncoder": "CPU_AND_NE", "DiT": "CPU_AND_NE", "DiTStateless
                  "Decoder": "CPU_AND_GPU"}
 
 
-def get_config(name: str) -> DeployConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown deploy preset {name!r}; known presets: {sorted(PRESETS)}")
-    return DeployConfig(**asdict(PRESETS[name]))
+def get_config(name: str, **overrides) -> DeployConfig:
+    """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(PRESETS, name, "deploy", **overrides)
 
 
 # ----------------------------------------------------------------------------------------------

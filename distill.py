@@ -30,7 +30,7 @@ Demo: `python distill.py` -- DMD on 2-D Gaussians (known scores), then a 2-step 
 """
 import copy
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -41,6 +41,7 @@ from tqdm import tqdm
 import dist
 import dit
 import flow
+import safeio
 import sandwich
 from dit import StreamState
 from flow import EMA, cfg_predict, chunk_frames, ema_result, fm_loss, optimizer_step
@@ -124,15 +125,13 @@ HEAD_SEED_OFFSET = 1               # the discriminator head is initialised from 
 
 
 def get_config(name: str, **overrides) -> DMDConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown distill preset {name!r}; known presets: {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(PRESETS, name, "distill", **overrides)
 
 
 def get_kd_config(name: str, **overrides) -> KDConfig:
-    if name not in KD_PRESETS:
-        raise ValueError(f"unknown distill preset {name!r}; known presets: {sorted(KD_PRESETS)}")
-    return replace(KD_PRESETS[name], **overrides)
+    """A fresh copy of the named KD preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(KD_PRESETS, name, "KD", **overrides)
 
 
 # ==============================================================================================

@@ -22,13 +22,14 @@ with `state.commit = True` (re-encoding the clean chunk) the chunk is appended a
 Run `python dit.py` for a demo: the KV-cached stream equals the full block-causal pass.
 """
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import dist
+import safeio
 
 
 @dataclass
@@ -55,9 +56,8 @@ PRESETS = {
 
 
 def get_config(name: str, **overrides) -> DiTConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown DiT preset {name!r}; known presets: {sorted(PRESETS)}")
-    return DiTConfig(**{**asdict(PRESETS[name]), **overrides})
+    """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(PRESETS, name, "DiT", **overrides)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,10 +68,9 @@ class EvalConfig:
 PRESETS = {"tiny": EvalConfig(), "small": EvalConfig()}  # the metrics do not depend on the size
 
 
-def get_config(name):
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
-    return EvalConfig(**vars(PRESETS[name]))
+def get_config(name: str, **overrides):
+    """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(PRESETS, name, "eval", **overrides)
 
 
 # ----------------------------------------------------------------------------- FVD-lite

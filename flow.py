@@ -29,7 +29,6 @@ and the printed sample mean / variance match the data's (plus a sign-flipped con
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dist
+import safeio
 from resume import Checkpoint
 
 
@@ -63,11 +63,9 @@ PRESETS = {
 }
 
 
-def get_config(name: str) -> FlowConfig:
-    """A fresh copy of the named preset; unknown names raise ValueError listing the presets."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown flow preset {name!r}; known presets: {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])
+def get_config(name: str, **overrides) -> FlowConfig:
+    """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(PRESETS, name, "flow", **overrides)
 
 
 # ----------------------------------------------------------------------------- the equations

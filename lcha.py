@@ -30,13 +30,14 @@ Run `python lcha.py` for a demo: parallel vs naive O(N^2) vs recurrent, and a ti
 """
 import math
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import dist
+import safeio
 from dit import Attention, FFN, ChunkWindow, StreamState, apply_rope, block_causal_mask, rope_tables
 
 
@@ -54,9 +55,8 @@ PRESETS = {"tiny": LCHAConfig(dim=32, heads=2), "small": LCHAConfig(dim=96, head
 
 
 def get_config(name: str, **overrides) -> LCHAConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown LCHA preset {name!r}; known presets: {sorted(PRESETS)}")
-    return LCHAConfig(**{**asdict(PRESETS[name]), **overrides})
+    """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(PRESETS, name, "LCHA", **overrides)
 
 
 class HeadLinear(nn.Module):

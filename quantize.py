@@ -22,7 +22,7 @@ W8 everywhere, no PSNR promotions).
 """
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -63,10 +63,9 @@ DEFAULT_PROMPTS = ["a red circle moves right", "a blue square moves up", "a gree
                    "a yellow circle moves down"]
 
 
-def get_config(name: str) -> QuantConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown quantization preset {name!r}; known presets: {sorted(PRESETS)}")
-    return QuantConfig(**asdict(PRESETS[name]))
+def get_config(name: str, **overrides) -> QuantConfig:
+    """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(PRESETS, name, "quantization", **overrides)
 
 
 # ----------------------------------------------------------------------------------------------

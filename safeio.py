@@ -11,6 +11,7 @@
                             it carries this tool's marker file (a directory it wrote itself)
     save_checkpoint(path)   {"config", "state_dict", "metrics"} written atomically, + a JSON for people
     load_checkpoint(path)   the model back, or an error naming the file and the train.py stage to re-run
+    preset(PRESETS, name)   a fresh copy of a named configuration, or an error listing the known names
 
 Why a unique temporary name (tempfile.mkstemp) and not "<target>.tmp": two processes writing the same
 target would share the fixed name and corrupt each other's file. Why the rename: a reader (or a
@@ -25,7 +26,8 @@ import signal
 import sys
 import tempfile
 import threading
-from dataclasses import asdict
+import copy
+from dataclasses import asdict, fields, replace
 
 import torch
 
@@ -200,6 +202,23 @@ def atomic_dir(target, marker, tool, unmarked=()):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: every config module's get_config(name) is this lookup
+# ----------------------------------------------------------------------------------------------
+def preset(presets, name, what, **overrides):
+    """A fresh copy of presets[name] (a dataclass) with `overrides` applied. A deep copy, so a caller
+    that edits its config (or a list inside it) never edits the preset. An unknown name or field is
+    a ValueError that lists what is known."""
+    if name not in presets:
+        raise ValueError(f"unknown {what} preset {name!r}; known presets: {sorted(presets)}")
+    cfg = copy.deepcopy(presets[name])
+    unknown = sorted(set(overrides) - {f.name for f in fields(cfg)})
+    if unknown:
+        raise ValueError(f"unknown {what} config field(s) {unknown}; known fields: "
+                         f"{sorted(f.name for f in fields(cfg))}")
+    return replace(cfg, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------

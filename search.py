@@ -67,10 +67,9 @@ LATENCY_MS = {
 }
 
 
-def get_config(name):
-    if name not in PRESETS:
-        raise ValueError(f"unknown search preset {name!r}; known presets: {sorted(PRESETS)}")
-    return PRESETS[name]
+def get_config(name: str, **overrides):
+    """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(PRESETS, name, "search", **overrides)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dist
+import safeio
 
 PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1 in every vocabulary
 
@@ -63,22 +64,19 @@ class TextConfig:
     heads: int = 2             # attention heads (CLIP-ViT-L text tower: 12)
     mlp_ratio: int = 4         # MLP hidden width = mlp_ratio * dim (CLIP: 4)
     video_width: int = 16      # channels of the VideoTower's first conv (ASSUMPTION: tiny 3D-conv tower)
-    fit_steps: int = 300       # contrastive pretraining steps (ASSUMPTION)
-    fit_lr: float = 1e-3       # AdamW learning rate for pretraining (ASSUMPTION)
-    fit_batch: int = 32        # clips per contrastive batch; every other clip is a negative (CLIP: 32768)
+    fit_lr: float = 1e-3       # AdamW learning rate for pretraining (ASSUMPTION); the pipeline's
+                               # text_steps / text_batch set how long and how wide (CLIP's batch: 32768)
 
 
 PRESETS = {
     "tiny": TextConfig(),
-    "small": TextConfig(dim=64, heads=4, video_width=24, fit_steps=600),
+    "small": TextConfig(dim=64, heads=4, video_width=24),
 }
 
 
-def get_config(name: str) -> TextConfig:
-    """A fresh copy of the named preset; unknown names raise ValueError listing the presets."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown text preset {name!r}; known presets: {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])
+def get_config(name: str, **overrides) -> TextConfig:
+    """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(PRESETS, name, "text", **overrides)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -509,7 +507,8 @@ def load_text(path: str) -> tuple[TextEncoder, Tokenizer]:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(blob, dict) or blob.get("kind") != "s2dit-text":
             raise ValueError("not a text encoder checkpoint")
-        cfg = TextConfig(**blob["config"])
+        known = {f.name for f in dataclasses.fields(TextConfig)}   # checkpoints may carry retired fields
+        cfg = TextConfig(**{k: v for k, v in blob["config"].items() if k in known})
         tokenizer = Tokenizer(blob["vocab"], cfg.max_len)
         encoder = TextEncoder(cfg)
         encoder.load_state_dict(blob["state_dict"])

@@ -91,10 +91,9 @@ DMD_PROMPTS = 11                   # the prompts of the ODE pairs, the critic wa
 ODE_NOISE = 13                     # the noise of the ODE trajectories and the regression batches
 
 
-def get_config(name, **overrides):
-    if name not in PRESETS:
-        raise ValueError(f"unknown pipeline preset {name!r}; known presets: {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+def get_config(name: str, **overrides):
+    """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(PRESETS, name, "pipeline", **overrides)
 
 
 # ----------------------------------------------------------------------------------------------

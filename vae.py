@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,7 @@ import torch.nn.functional as F_
 import data
 import dist
 import evaluate
+import safeio
 from resume import Checkpoint
 from safeio import Parser, load_checkpoint, read_json, run_cli, save_checkpoint  # noqa: F401 (save_checkpoint re-exported)
 
@@ -74,10 +75,9 @@ PRESETS = {
 }
 
 
-def get_config(name: str) -> VAEConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown VAE preset {name!r}; known presets: {sorted(PRESETS)}")
-    return VAEConfig(**asdict(PRESETS[name]))
+def get_config(name: str, **overrides) -> VAEConfig:
+    """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
+    return safeio.preset(PRESETS, name, "VAE", **overrides)
 
 
 # ----------------------------------------------------------------------------- building blocks

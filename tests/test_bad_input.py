@@ -3,6 +3,7 @@ found before any expensive work, and nothing of the user's lost or changed.
 
 The CLIs run in-process (main(argv), SystemExit caught, capsys for stderr): a subprocess would start
 torch again for each case. Only the signal test needs a real process."""
+import dataclasses
 import json
 import os
 import shutil
@@ -14,11 +15,20 @@ import time
 import pytest
 
 import data
+import decoder
 import deploy
+import distill
+import dit
 import evaluate
+import flow
+import lcha
+import quantize
 import safeio
+import search
 import stream
+import text
 import train
+import vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "weights", "small")          # a real run (the shipped weights), read only here
@@ -495,3 +505,24 @@ def test_atomic_dir_also_replaces_its_unmarked_older_output(tmp_path):
         with safeio.atomic_dir(str(tmp_path / "other"), deploy.BUNDLE_MARKER, "deploy.py", deploy.UNMARKED_BUNDLE):
             pass
     assert len(os.listdir(tmp_path / "other")) == len(deploy.UNMARKED_BUNDLE) + 1
+
+
+def test_every_get_config_is_a_fresh_copy_and_names_what_is_unknown():
+    """get_config hands out a deep copy (editing it, or a list inside it, leaves the preset alone),
+    applies overrides, and an unknown preset or field is a ValueError listing what is known."""
+    lookups = [m.get_config for m in (data, decoder, deploy, distill, dit, evaluate, flow, lcha, quantize,
+                                      search, text, train, vae)] + [distill.get_kd_config]
+    for get in lookups:
+        a, b = get("tiny"), get("tiny")
+        assert a == b and a is not b, get.__module__
+        for f in dataclasses.fields(a):
+            value = getattr(a, f.name)
+            if isinstance(value, list):
+                value.append("edited")
+                assert getattr(get("tiny"), f.name) != value, (get.__module__, f.name)
+        first = dataclasses.fields(a)[0]
+        assert getattr(get("tiny", **{first.name: getattr(b, first.name)}), first.name) == getattr(b, first.name)
+        with pytest.raises(ValueError, match="known presets"):
+            get("huge")
+        with pytest.raises(ValueError, match=r"unknown .* field\(s\) \['no_such_field'\]"):
+            get("tiny", no_such_field=1)
