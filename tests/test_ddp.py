@@ -163,33 +163,27 @@ def test_both_processes_hold_the_same_weights(two_processes):
             assert torch.equal(r0[key][k], r1[key][k]), (key, k)
 
 
-def test_flow_matching_over_two_processes_equals_one_process(two_processes):
-    one, w0 = fit_fm(), fm_model().state_dict()
-    d = rel_diff(one, two_processes[0]["fm"], w0)
-    wrong = rel_diff(one, two_processes[0]["fm_same_rows"], w0)
-    print(f"flow matching, 4 updates: two processes vs one {d:.1e} (tolerance {FM_TOL:.0e}); "
+# (stage, how the one-process reference is trained, its initial weights, updates, tolerance).
+# Text pretraining: each process embeds its own clips; the gathered embeddings give every process
+# the whole contrastive batch, so its loss (and gradient) is the one-process loss.
+ONE_PROCESS = {
+    "fm": ("flow matching", lambda out: fit_fm(), lambda: fm_model().state_dict(), 4, FM_TOL),
+    "kd": ("cached KD", lambda out: fit_kd(os.path.join(out, "cache")), lambda: kd_student().state_dict(), 3, FM_TOL),
+    "text": ("text encoder", lambda out: fit_text(), lambda: text_encoder()[0].state_dict(), 3, TEXT_TOL),
+}
+
+
+@pytest.mark.parametrize("key", list(ONE_PROCESS))
+def test_two_processes_equal_one_process(key, two_processes):
+    """Within tolerance of one process, and more than 10x the tolerance away from the same loop
+    with both processes on the same rows (so the test can fail)."""
+    name, fit_one, initial, updates, tol = ONE_PROCESS[key]
+    one, w0 = fit_one(two_processes[2]), initial()
+    d = rel_diff(one, two_processes[0][key], w0)
+    wrong = rel_diff(one, two_processes[0][key + "_same_rows"], w0)
+    print(f"{name}, {updates} updates: two processes vs one {d:.1e} (tolerance {tol:.0e}); "
           f"both on the same rows {wrong:.1e}")
-    assert d < FM_TOL < wrong / 10
-
-
-def test_cached_kd_over_two_processes_equals_one_process(two_processes):
-    one, w0 = fit_kd(os.path.join(two_processes[2], "cache")), kd_student().state_dict()
-    d = rel_diff(one, two_processes[0]["kd"], w0)
-    wrong = rel_diff(one, two_processes[0]["kd_same_rows"], w0)
-    print(f"cached KD, 3 updates: two processes vs one {d:.1e} (tolerance {FM_TOL:.0e}); "
-          f"both on the same rows {wrong:.1e}")
-    assert d < FM_TOL < wrong / 10
-
-
-def test_text_pretraining_over_two_processes_equals_one_process(two_processes):
-    """Each process embeds its own clips; the gathered embeddings give every process the whole
-    contrastive batch, so the loss (and its gradient) is the one-process loss."""
-    one, w0 = fit_text(), text_encoder()[0].state_dict()
-    d = rel_diff(one, two_processes[0]["text"], w0)
-    wrong = rel_diff(one, two_processes[0]["text_same_rows"], w0)
-    print(f"text encoder, 3 updates: two processes vs one {d:.1e} (tolerance {TEXT_TOL:.0e}); "
-          f"both on the same rows {wrong:.1e}")
-    assert d < TEXT_TOL < wrong / 10
+    assert d < tol < wrong / 10
 
 
 def test_killed_two_process_loop_resumes_bit_identically(two_processes):
