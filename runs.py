@@ -388,7 +388,7 @@ def ship_weights(run_dir, out_dir):
 
 def main(argv=None):
     p = safeio.Parser(prog="runs.py", description="What a train.py run directory holds.")
-    p.add_argument("run", help="a run directory written by train.py (e.g. runs/tiny or weights/small)")
+    p.add_argument("run", help="a run directory written by train.py (e.g. runs/tiny or weights/ship)")
     args = p.parse_args(argv)
     run = open_run(args.run)
     print(f"{args.run}: preset {run.cfg.preset}, seed {run.cfg.seed}")

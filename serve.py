@@ -410,7 +410,7 @@ def make_server(run, host="127.0.0.1", port=8000, prompt=None, seed=0, limits=No
     FileNotFoundError before the seconds of model loading: a missing run, a prompt without a known
     word, an address that cannot be listened on (a port in use)."""
     if not os.path.isdir(run):
-        raise FileNotFoundError(f"run directory {run} not found; the shipped one is weights/small, or train one "
+        raise FileNotFoundError(f"run directory {run} not found; the shipped one is weights/ship, or train one "
                                 f"with `python train.py --out {run}`")
     vocab = os.path.join(run, "vocab.json")
     if prompt is not None and os.path.isfile(vocab):

@@ -268,7 +268,7 @@ def parse_then(items):
     return out
 
 
-SHIPPED_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "small")
+SHIPPED_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "ship")
 
 # Flags of a stream to a file that the live page replaces with its own controls, and what to do instead.
 NOT_WITH_SERVE = {"chunks": "the page streams until Stop", "then": "switch prompt in the page",
@@ -312,7 +312,7 @@ def serve(p, args):
 def main(argv=None):
     p = safeio.Parser(prog="stream.py", description="Stream a text-to-video from a trained S2DiT run, chunk by chunk.")
     p.add_argument("--run", default=None, help="run directory written by train.py (e.g. runs/small; "
-                   "with --serve the default is the shipped weights/small)")
+                   "with --serve the default is the shipped weights/ship)")
     p.add_argument("--prompt", default=None, help="what to generate, e.g. \"a red circle moves right\" "
                    "(with --serve: optional, the page's first prompt)")
     p.add_argument("--chunks", type=int, default=None, help="chunks of 3 latent frames (12 video frames) to stream "

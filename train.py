@@ -66,8 +66,8 @@ PRESETS = {
     # The shipped model (<= 2.5 h on 2 cores): every T_theta update on the 3-chunk streaming window,
     # where a chunk learns to continue the motion of the chunks before it (curves.py, recipe
     # window_only, seen / held-out 3-chunk direction: 0.33 / 0.17 after 2000 updates, 0.50 / 0.50
-    # after 4000, still rising; shape 0.71 / 0.71), and 2.5x the small preset's updates. Estimated on an idle machine: T_theta 5000 x 0.71 s = 59 min, the
-    # whole run ~2.2 h.
+    # after 4000, still rising; shape 0.71 / 0.71), and 2.5x the small preset's updates. Measured on
+    # 2 cores: T_theta 55 min, the whole run 103 min (weights/README.md).
     "ship": PipelineConfig(first_chunk_frac=0.0, base_steps=5000, decoder_steps=2000),
     "tiny": PipelineConfig(preset="tiny", threads=1, text_batch=16, text_steps=20, vae_steps=150, vae_batch=4, pool_clips=64, dit_batch=4, base_steps=40,
                            search_steps=10, pretrain_steps=40, teacher_dim=32, teacher_depth=10, teacher_steps=40,
@@ -441,7 +441,7 @@ def parse_sets(items):
 def main(argv=None):
     p = safeio.Parser(prog="train.py", description="Train the toy S2DiT pipeline end to end (resumable).")
     p.add_argument("--preset", default="small", help="tiny (minutes), small (the workshop run, about an "
-                   "hour) or ship (the shipped model, ~2.2 h)")
+                   "hour) or ship (the shipped model, ~1.7 h)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--force", default="", help="comma-separated stages to re-run even if done")

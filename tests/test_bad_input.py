@@ -31,7 +31,7 @@ import train
 import vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED = os.path.join(ROOT, "weights", "small")          # a real run (the shipped weights), read only here
+SHIPPED = os.path.join(ROOT, "weights", "ship")          # a real run (the shipped weights), read only here
 
 
 def snapshot(path):

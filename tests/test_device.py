@@ -45,7 +45,7 @@ def test_a_missing_device_is_a_one_line_usage_error(tmp_path, capsys):
 def test_stream_on_auto_equals_cpu_here():
     """`--device auto` streams; where auto is the CPU, bit for bit the CPU's video."""
     auto = dist.pick_device("auto")
-    shipped = os.path.join(ROOT, "weights", "small")
+    shipped = os.path.join(ROOT, "weights", "ship")
     videos = [torch.cat([c.frames for c in stream.stream(stream.load_models(shipped, device=d),
                                                          "a red circle moves right", 2, seed=3)], 1)
               for d in ("cpu", auto)]

@@ -17,7 +17,7 @@ import pytest
 import serve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED = os.path.join(ROOT, "weights", "small")
+SHIPPED = os.path.join(ROOT, "weights", "ship")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 

@@ -164,7 +164,7 @@ def test_reproduce_writes_the_blocks_of_the_tables_it_has(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     for f in ("pipeline.json", "decoder.done.json"):
-        shutil.copy(os.path.join(os.path.dirname(reproduce.__file__), "weights", "small", f), run / f)
+        shutil.copy(os.path.join(os.path.dirname(reproduce.__file__), "weights", "ship", f), run / f)
     out = tmp_path / "RESULTS.md"
     out.write_text(report("\nold\n"))
     reproduce.main(["--run", str(run), "--tables", "taba2", "--out", str(out)])

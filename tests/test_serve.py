@@ -19,7 +19,7 @@ import stream
 from data import _to_uint8
 from test_stream import tiny_models
 
-SHIPPED = stream.SHIPPED_RUN                                             # weights/small, read only
+SHIPPED = stream.SHIPPED_RUN                                             # weights/ship, read only
 
 PROMPT, OTHER = "a red circle moves right", "a blue square moves up"
 
@@ -38,7 +38,7 @@ def stop_server(srv):
 
 @pytest.fixture(scope="module")
 def shipped():
-    """The shipped weights/small run behind the server, as `python stream.py --serve` starts it."""
+    """The shipped weights/ship run behind the server, as `python stream.py --serve` starts it."""
     srv = start_server(serve.Limits(grace_s=1.0))
     yield srv
     stop_server(srv)
