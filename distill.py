@@ -267,8 +267,8 @@ def ode_init(student, real_score, batch_fn_text, cfg, generator, progress=True, 
     device = next(student.parameters()).device                          # a checkpoint loads onto the CPU
     pairs = [tuple(v.to(device) for v in p) for p in st["pairs"]]       # [(xs, x0, text, mask)] per batch
     t0 = time.time() - st["seconds"]
-    save = lambda **more: saver.maybe_save(len(pairs) + len(st["losses"]), lambda: {  # noqa: E731
-        "pairs": pairs, "generator": generator.get_state(), "seconds": time.time() - t0, **more})
+    save = lambda more: saver.maybe_save(len(pairs) + len(st["losses"]), lambda: {  # noqa: E731
+        "pairs": pairs, "generator": generator.get_state(), "seconds": time.time() - t0, **more()})
     done = lambda: sum(len(p[1]) for p in pairs)                        # noqa: E731
     bar = tqdm(total=cfg.ode_pairs, initial=min(done(), cfg.ode_pairs), desc="ode pairs", disable=not progress)
     while done() < cfg.ode_pairs:
@@ -276,7 +276,7 @@ def ode_init(student, real_score, batch_fn_text, cfg, generator, progress=True, 
         a, b = ode_trajectories(real_score, text, mask, shape, n_frames, ts, cfg.ode_steps, cfg.shift, generator)
         pairs.append((a, b, text, mask))
         bar.update(len(b))
-        save(update=0, losses=[])
+        save(lambda: {"update": 0, "losses": []})
     bar.close()
     xs, x0, texts, masks = (torch.cat([p[k] for p in pairs])[:cfg.ode_pairs] for k in range(4))
     pair_seconds = st.get("pair_seconds", time.time() - t0)
@@ -293,8 +293,8 @@ def ode_init(student, real_score, batch_fn_text, cfg, generator, progress=True, 
         optimizer_step(opt, loss, list(student.parameters()), cfg.clip)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        save(update=u + 1, losses=losses, student=student.state_dict(), opt=opt.state_dict(),
-             pair_seconds=pair_seconds)
+        save(lambda: {"update": u + 1, "losses": losses, "student": student.state_dict(),   # built only when saved
+                      "opt": opt.state_dict(), "pair_seconds": pair_seconds})
     saver.finish()
     return {"ode_pairs": len(x0), "ode_pair_seconds": pair_seconds, "ode_seconds": time.time() - t0,
             "ode_loss_first": losses[0] if losses else None,

@@ -442,7 +442,7 @@ def parse_sets(items):
 def main(argv=None):
     p = safeio.Parser(prog="train.py", description="Train the toy S2DiT pipeline end to end (resumable).")
     p.add_argument("--preset", default="small", help="tiny (minutes), small (the workshop run, about an "
-                   "hour) or ship (the shipped model, ~1.7 h)")
+                   "hour) or ship (the shipped model, ~1.8 h)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--force", default="", help="comma-separated stages to re-run even if done")
