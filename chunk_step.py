@@ -66,6 +66,8 @@ class ChunkStep(nn.Module):
         if getattr(model, "attn_kind", "lcha") != "lcha":
             raise ValueError(f"deploy supports the LCHA sandwich, got attention {model.attn_kind!r}")
         pt, ph, pw = cfg.patch
+        if pt != 1 or ph != pw:
+            raise ValueError(f"deploy supports square spatial patches (1, p, p), got {cfg.patch}")
         if latent_hw % (ph * model.stride):
             raise ValueError(f"latent side {latent_hw} must be divisible by patch {ph} x SSA stride {model.stride}")
         self.C, self.T, self.hw, self.W = cfg.in_channels, cfg.chunk, latent_hw, cfg.window
@@ -169,8 +171,9 @@ class ChunkStep(nn.Module):
         # written out three times; tests/test_search.py holds them equal)
         m, C, D = self.model, self.C, self.D
         (T, h, w), s, hw = self.grid, m.stride, self.hw
-        # patchify (1, 2, 2): (1, C, T, hw, hw) -> (1, N, 4C), the order of dit.patchify
-        p = x.reshape(1, C, T, h, 2, w, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(1, self.N, 4 * C)
+        # patchify (1, q, q): (1, C, T, hw, hw) -> (1, N, q q C), the order of dit.patchify
+        q = m.cfg.patch[1]
+        p = x.reshape(1, C, T, h, q, w, q).permute(0, 2, 3, 5, 1, 4, 6).reshape(1, self.N, q * q * C)
         tokens = self.lin(m.patch_embed, p) + self.pos                     # (1, N, D)
         txt = self.lin(m.text_proj[2], F.gelu(self.lin(m.text_proj[0], text), approximate="tanh"))  # (1, L, D)
         mf = (mask > 0).float()                                            # (1, L)
@@ -202,8 +205,8 @@ class ChunkStep(nn.Module):
                     new["K"].append(e[0])
                     new["V"].append(e[1])
         shift, scale = self.lin(m.ada_out, F.silu(c)).chunk(2, dim=-1)   # (1, 1, D) each
-        y = self.lin(m.head, m.norm_out(x_L) * (1 + scale) + shift)       # (1, N, 4C)
-        v = y.reshape(1, T, h, w, C, 1, 2, 2).permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(1, C, T, hw, hw)
+        y = self.lin(m.head, m.norm_out(x_L) * (1 + scale) + shift)       # (1, N, q q C)
+        v = y.reshape(1, T, h, w, C, 1, q, q).permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(1, C, T, hw, hw)
         x0 = x - t.reshape(1, 1, 1, 1, 1) * v                              # x0 = x_t - t v
         return x0, tuple(torch.stack(new[k]) if new[k] else torch.zeros(0) for k in ("S", "z", "tail", "K", "V"))
 

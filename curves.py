@@ -52,6 +52,9 @@ RECIPES = {
     # Against window_only: the loss weighs the latent pixels of moving objects (what the caption
     # describes) 5x (runs.PipelineConfig.object_weight)
     "window_objects": {"first_chunk_frac": 0.0, "object_weight": 4.0},
+    # Against window_only: 4 x 4 latent pixels per token instead of 2 x 2, so a 3-chunk window is
+    # 144 tokens instead of 576 (the VAE, and what it keeps of shape, unchanged)
+    "window_patch4": {"first_chunk_frac": 0.0, "dit_patch": 4},
 }
 
 
@@ -147,7 +150,7 @@ def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, sca
         run._cache["text"] = text_mod.load_text(text_path)
     pipe = {k: v for k, v in recipe.items() if k in asdict(run.cfg)}
     run.cfg = replace(run.cfg, **pipe)
-    dcfg = dit.get_config(run.cfg.preset, **recipe.get("dit", {}))
+    dcfg = replace(runs.dit_cfg(run.cfg), **recipe.get("dit", {}))
     fcfg = replace(flow.get_config(run.cfg.preset), **recipe.get("flow", {}))
     scale = fcfg.cfg_scale if scale is None else scale
     os.makedirs(out_dir, exist_ok=True)

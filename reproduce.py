@@ -107,7 +107,7 @@ def student(run, stage, n_steps, without_teacher=False):
     system = runs.load_streaming(run.dir, stage, run.device)
     if system.steps != n_steps:             # a run from when one 4-step student served 1, 2 and 4 steps
         raise ValueError(f"{run.path(stage + '.pt')} was distilled for {system.steps} steps, not {n_steps}; "
-                         f"distil it again: `python train.py --preset {run.cfg.preset} --out {run.dir} "
+                         f"distil it again: `python train.py {train.preset_args(run.cfg)} --out {run.dir} "
                          f"--force dmd,deploy,sample`")
     return system
 
@@ -505,7 +505,7 @@ def block_taba2(res):
     return [made(res, "taba2", f"n = {a2['clips']} held-out clips of {a2['frames']} frames"),
             md(["efficient decoder recipe", "updates", "params", "ms per chunk, reference / efficient",
                 "PSNR (dB), reference / efficient", "SSIM, reference / efficient"],
-               [[f"this run's (`{res['preset']}` preset)", res.get("decoder_updates") or "",
+               [[f"this run's (`{res.get('recipe') or '--preset ' + res['preset']}`)", res.get("decoder_updates") or "",
                  f"{millions(eff['params'])} vs {millions(ref['params'])} ({fewer:.1f}x fewer)",
                  f"{ref['latency_ms_per_chunk']:.1f} / {eff['latency_ms_per_chunk']:.1f} ({faster:.1f}x faster)",
                  f"{ref['psnr']:.1f} / {eff['psnr']:.1f}", f"{ref['ssim']:.2f} / {eff['ssim']:.2f}"]]),
@@ -623,7 +623,8 @@ def main(argv=None):
             res.get("seconds", {}).pop(t, None)
         print(f"{store}: dropped {stale}, measured with the old single DMD student; recompute them with "
               f"--tables {','.join(t for t in stale if t in TABLES)}")
-    res.update({"seed": args.seed, "preset": run.cfg.preset, "n_prompts": args.prompts, "separate_students": True})
+    res.update({"seed": args.seed, "preset": run.cfg.preset, "recipe": train.preset_args(run.cfg),
+                "n_prompts": args.prompts, "separate_students": True})
     res.setdefault("seconds", {})
     for name in args.tables.split(","):
         print(f"{name} ...", flush=True)

@@ -62,6 +62,10 @@ class PipelineConfig:
                                    # block-causal attention) and the first chunk is where the prompt alone
                                    # sets colour, shape and direction (curves.py measures it)
     first_chunk_batch: int = 18    # 18 one-chunk clips = the tokens of 6 three-chunk clips
+    dit_patch: int = 2             # latent pixels per side of a DiT token, (1, p, p) patches for the whole DiT
+                                   # family: 2 as Wan; 4 gives a 3-chunk window 4x fewer tokens (144, not
+                                   # 576) and a T_theta update ~6x cheaper (curves.py --bench), while the
+                                   # VAE, and the shape it keeps, stay as they are
     dit_lr: float = 1e-3
     dit_warmup: int = 50           # linear lr warm-up of the flow-matching stages
     dit_decay: str = "none"        # lr after warm-up: "none" (constant) or "cosine" (to 10 % at the end)
@@ -92,7 +96,7 @@ def data_cfg(cfg: PipelineConfig):
 
 
 def dit_cfg(cfg: PipelineConfig):
-    return dit.get_config(cfg.preset)
+    return dit.get_config(cfg.preset, patch=(1, cfg.dit_patch, cfg.dit_patch))
 
 
 def latent_hw(cfg: PipelineConfig):

@@ -60,16 +60,34 @@ PRESETS = {"tiny": SearchConfig(steps=40, batch=2), "small": SearchConfig(steps=
 # The latency table the search uses, stored per preset (ms; one torch thread, this repository's CPU, median
 # of 15 calls of `latency_table` at the preset's DiT width and latent size). Stored, not timed during the
 # run: a live timing moves with the machine's load, and with it the budget, k and the layout, so the
-# same seed would give different models. Re-measure: `python search.py --measure tiny`.
+# same seed would give different models. Re-measure: `python search.py --measure tiny` (a DiT patch
+# other than 2 is its own geometry: `--measure small/patch4`).
 LATENCY_MS = {
     "tiny": {"lcha_group_ms": 5.856, "ssa_group_ms": 2.678, "switch_ms": 0.139, "tokens_high": 48, "tokens_low": 12},
+    "tiny/patch4": {"lcha_group_ms": 2.281, "ssa_group_ms": 1.033, "switch_ms": 0.040, "tokens_high": 12, "tokens_low": 3},
     "small": {"lcha_group_ms": 18.345, "ssa_group_ms": 5.813, "switch_ms": 0.557, "tokens_high": 192, "tokens_low": 48},
+    "small/patch4": {"lcha_group_ms": 10.654, "ssa_group_ms": 1.812, "switch_ms": 0.103, "tokens_high": 48, "tokens_low": 12},
 }
 
 
 def get_config(name: str, **overrides):
     """A fresh copy of the named preset with `overrides`; an unknown name or field is a ValueError."""
     return safeio.preset(PRESETS, name, "search", **overrides)
+
+
+def latency_key(cfg) -> str:
+    """The LATENCY_MS entry of a pipeline's geometry: its preset, + "/patchP" for a DiT patch other than 2."""
+    return cfg.preset if cfg.dit_patch == 2 else f"{cfg.preset}/patch{cfg.dit_patch}"
+
+
+def latency_of(cfg) -> dict:
+    """The stored latency table of a pipeline's geometry (a copy); a geometry without one is a ValueError
+    that says how to measure it."""
+    key = latency_key(cfg)
+    if key not in LATENCY_MS:
+        raise ValueError(f"no stored latency table for the geometry {key!r} (search.LATENCY_MS); measure one "
+                         f"with `python search.py --measure {key}` and store it there")
+    return dict(LATENCY_MS[key])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,7 +109,7 @@ def latency_table(cfg: DiTConfig, latent_hw, repeats=5):
     """ms of one LCHA group (high-res), one SSA group (low-res), one switch (down + up), one chunk."""
     torch.manual_seed(0)
     D, H = cfg.dim, cfg.heads
-    grid = (cfg.chunk, latent_hw // 2, latent_hw // 2)
+    grid = (cfg.chunk, latent_hw // cfg.patch[1], latent_hw // cfg.patch[2])
     lo = low_res_grid(grid, STRIDE)
     N, n_lo = math.prod(grid), math.prod(lo)
     x, c = torch.randn(1, N, D), torch.randn(1, cfg.chunk, D)
@@ -319,7 +337,7 @@ def search_rows(run, sup, base, layout, k, table, budget):
     hw = runs.latent_hw(run.cfg)
     for name, row in rows.items():
         row["eq10_loss"] = layout_loss(sup, base, row["layout"], held)
-        row["peak_act_mb"] = layout_memory(row["layout"], sup.cfg, 3 * (hw // 2) ** 2)
+        row["peak_act_mb"] = layout_memory(row["layout"], sup.cfg, 3 * (hw // sup.cfg.patch[1]) ** 2)
     return rows
 
 
@@ -346,10 +364,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = dist.pick_device(args.device)                          # --run and the demo; --measure times the CPU
     if args.measure:
-        if args.measure not in LATENCY_MS:
-            p.error(f"--measure: unknown preset {args.measure!r}; known presets: {sorted(LATENCY_MS)}")
+        preset, _, patch = args.measure.partition("/patch")
+        if preset not in PRESETS or (patch and not patch.isdigit()):
+            p.error(f"--measure: expected PRESET or PRESET/patchP (e.g. small/patch4), PRESET one of "
+                    f"{sorted(PRESETS)}; got {args.measure!r}")
         torch.set_num_threads(1)
-        cfg = runs.PipelineConfig(preset=args.measure)
+        cfg = runs.PipelineConfig(preset=preset, dit_patch=int(patch or 2))
         print(json.dumps(latency_table(runs.dit_cfg(cfg), runs.latent_hw(cfg), repeats=15)))
         return
     if args.run is None:

@@ -97,6 +97,25 @@ def get_config(name: str, **overrides):
     return safeio.preset(PRESETS, name, "pipeline", **overrides)
 
 
+def preset_args(cfg: PipelineConfig) -> str:
+    """The train.py arguments that make `cfg`: the preset it differs least from, then its --seed and
+    --set overrides, e.g. "--preset ship --set base_steps=7000". pipeline.json stores only the
+    geometry's name (`preset`: small for the `ship` preset too), so this is how a run names its recipe."""
+    have = asdict(cfg)
+    best = None
+    for name, preset in PRESETS.items():
+        if preset.preset != cfg.preset:
+            continue
+        diff = [k for k, v in asdict(preset).items() if k != "seed" and have[k] != v]
+        if best is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    if best is None:                     # a geometry no pipeline preset uses: only --set could not make it
+        return f"--preset {cfg.preset}"
+    name, diff = best
+    return " ".join([f"--preset {name}"] + ([f"--seed {cfg.seed}"] if cfg.seed else [])
+                    + [f"--set {k}={have[k]}" for k in diff])
+
+
 # ----------------------------------------------------------------------------------------------
 # The stages
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +196,7 @@ def stage_search(run, budget_ms=None):
     cfg = run.cfg
     dcfg = dit_cfg(cfg)
     M = dcfg.depth // 2
-    table = dict(search.LATENCY_MS[cfg.preset])              # stored, never timed here: see search.LATENCY_MS
+    table = search.latency_of(cfg)                           # stored, never timed here: see search.LATENCY_MS
     scfg = search.get_config(cfg.preset)
     # ASSUMPTION: the default budget is the latency of the cheapest layout with half of the middle
     # groups at high resolution (the paper sets its budget from the iPhone's frame-rate target).

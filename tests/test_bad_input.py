@@ -234,6 +234,20 @@ def test_train_set_overrides_the_preset_and_is_recorded(tmp_path, monkeypatch):
     assert (cfg["base_steps"], cfg["dit_lr"], cfg["text_steps"]) == (7, 0.5, train.get_config("tiny").text_steps)
 
 
+def test_preset_args_name_the_recipe_that_makes_a_run(tmp_path, monkeypatch):
+    """pipeline.json stores the geometry (`small`) for the `ship` preset too; preset_args names the recipe
+    back, and the arguments it gives make the very same configuration again."""
+    monkeypatch.setattr(train, "RUNNERS", {})
+    monkeypatch.setattr(train, "STAGES", [])
+    cases = {"--preset ship": train.get_config("ship"), "--preset small": train.get_config("small"),
+             "--preset ship --seed 3 --set base_steps=7000": train.get_config("ship", seed=3, base_steps=7000),
+             "--preset tiny --set dit_lr=0.5": train.get_config("tiny", dit_lr=0.5)}
+    for i, (want, cfg) in enumerate(cases.items()):
+        assert train.preset_args(cfg) == want
+        train.main(want.split() + ["--out", str(tmp_path / str(i))])
+        assert train.read_pipeline(str(tmp_path / str(i) / "pipeline.json")) == cfg
+
+
 def test_train_out_is_a_file(user_files, capsys):
     refuses(train.main, ["--preset", "tiny", "--out", os.path.join(user_files, "notes.txt")], capsys, "is a file",
             keep=[user_files])

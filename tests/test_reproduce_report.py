@@ -144,7 +144,7 @@ def test_every_block_rounds_and_states_its_sample_count(res, tmp_path):
                 "| LCHA | 3.30M | 0.38 | **0.361** | 22.8 |",
                 "| SANA-style linear attention | 3.30M | 0.38 | 0.482 | 22.8 | 0.31 | 0.24 |",
                 "| S2DiT (`L S S L`) | 19.2 | 129.2 | 0.69 |",
-                "| this run's (`small` preset) | 2000 | 0.25M vs 1.00M (3.9x fewer) | 56.3 / 24.5 (2.3x faster) | 28.2 / 24.5 | 0.91 / 0.88 |",
+                "| this run's (`--preset small`) | 2000 | 0.25M vs 1.00M (3.9x fewer) | 56.3 / 24.5 (2.3x faster) | 28.2 / 24.5 | 0.91 / 0.88 |",
                 "| 2 | `dmd` | 1.2 | 18.6 | 18.1 | 14.4 | 70.0 | 167 |",
                 "| S2DiT-AR (2 steps) | 4 | 357 | 0.23 | 0.86 | 0.25 |"):
         assert row in text, row
@@ -171,7 +171,7 @@ def test_reproduce_writes_the_blocks_of_the_tables_it_has(tmp_path):
     text = out.read_text()
     assert text.startswith(report("\nold\n").split(reproduce.marker("tab1", end=True))[0])   # Tab. 1 not computed
     block = text[text.index(reproduce.marker("taba2")):]
-    assert "| this run's (`small` preset) | 6000 | 0.25M vs 1.00M (3.9x fewer) | 44.0 / 18.4 (2.4x faster) | " \
+    assert "| this run's (`--preset ship`) | 6000 | 0.25M vs 1.00M (3.9x fewer) | 44.0 / 18.4 (2.4x faster) | " \
            "28.2 / 27.0 | 0.92 / 0.92 |" in block
     made = reproduce.stamp(["--run", str(run), "--tables", "taba2", "--out", str(out)])
     assert f"Made by `{made['cmd']}` on {made['date']}" in " ".join(block.split())

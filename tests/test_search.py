@@ -126,11 +126,12 @@ def test_search_finds_a_planted_layout():
     assert found == planted
 
 
-def test_alg1_three_forms_agree():
+@pytest.mark.parametrize("patch", [(1, 2, 2), (1, 4, 4)])
+def test_alg1_three_forms_agree(patch):
     """Alg. 1 is written out three times (sandwich.py says why): the supernet with hard routers, the
     S2DiT it extracts, and the traced chunk step deploy.py converts. On the same weights and one chunk
-    they give the same velocity (the chunk step returns x0 = x - t v)."""
-    cfg = dit.get_config("tiny")
+    they give the same velocity (the chunk step returns x0 = x - t v), for both DiT patch sizes."""
+    cfg = dit.get_config("tiny", patch=patch)
     layout = (1, 0, 0, 1)
     sup = randomise(SuperNet(cfg)).eval()
     model = sup.extract(layout).eval()
