@@ -283,6 +283,24 @@ class FFN(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))    # (B, N, D)
 
 
+@dataclass
+class Geometry:
+    """Where a block's tokens sit and what each may attend to: everything a Block needs besides the
+    tokens and their conditions. One object instead of seven loose arguments; the sandwich makes one
+    per resolution (`at`), the same masking and cache on the high-resolution and the strided grid."""
+    grid: tuple                   # token grid (T', h', w')
+    rope: tuple                   # (cos, sin) RoPE tables of the grid's N tokens, (N, d/2) each
+    causal: bool = True           # block-causal over chunks (False: bidirectional)
+    chunk: int = 3                # latent frames per chunk
+    window: int | None = None     # chunks of the past each chunk sees (None: all)
+    sink: int = 0                 # leading chunks every chunk sees
+    state: "StreamState | None" = None  # streaming: x is one chunk, the caches live here
+
+    def at(self, grid, rope):
+        """The same masking and stream on another grid (the strided grid of SSA)."""
+        return Geometry(grid, rope, self.causal, self.chunk, self.window, self.sink, self.state)
+
+
 class Block(nn.Module):
     """One DiT block around any self-attention module (softmax, LCHA, SSA's low-res softmax):
 
@@ -302,15 +320,15 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada.weight)                             # AdaLN-Zero (DiT): gates start at 0
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, c, grid, rope, text, text_mask, causal=True, chunk=3, window=None, state=None, sink=0):
-        T, h, w = grid                                              # x: (B, N, D), c: (B, T, D)
+    def forward(self, x, c, text, text_mask, geo: Geometry):
+        T, h, w = geo.grid                                          # x: (B, N, D), c: (B, T, D)
         mod = self.ada(F.silu(c)).repeat_interleave(h * w, dim=1)  # (B, N, 6D): one modulation per frame
         b1, s1, g1, b2, s2, g2 = mod.chunk(6, dim=-1)               # (B, N, D) each
-        a = self.attn(self.norm1(x) * (1 + s1) + b1, grid, rope, causal=causal, chunk=chunk,
-                      window=window, state=state, sink=sink)       # (B, N, D)
+        a = self.attn(self.norm1(x) * (1 + s1) + b1, geo.grid, geo.rope, causal=geo.causal, chunk=geo.chunk,
+                      window=geo.window, state=geo.state, sink=geo.sink)  # (B, N, D)
         x = x + g1 * a
-        x = x + self.cross(self.norm_cross(x), text, text_mask, state)  # (B, N, D)
-        f = self.ffn(self.norm2(x) * (1 + s2) + b2, grid, state)   # (B, N, D)
+        x = x + self.cross(self.norm_cross(x), text, text_mask, geo.state)  # (B, N, D)
+        f = self.ffn(self.norm2(x) * (1 + s2) + b2, geo.grid, geo.state)   # (B, N, D)
         return x + g2 * f
 
 
@@ -390,8 +408,9 @@ class DiT(Backbone):
 
     def run_blocks(self, tokens, c, grid, txt, text_mask, causal, t0, window, state):
         rope = rope_tables(grid, self.cfg.dim // self.cfg.heads, t0=t0, theta=self.cfg.rope_theta, device=tokens.device)
+        geo = Geometry(grid, rope, causal, self.cfg.chunk, window, self.cfg.sink, state)
         for blk in self.blocks:
-            tokens = blk(tokens, c, grid, rope, txt, text_mask, causal, self.cfg.chunk, window, state, self.cfg.sink)
+            tokens = blk(tokens, c, txt, text_mask, geo)
         return tokens
 
 

@@ -43,7 +43,7 @@ import torch.nn as nn
 import dist
 import dit
 import safeio
-from dit import Attention, Backbone, Block, DiTConfig, rope_tables
+from dit import Attention, Backbone, Block, DiTConfig, Geometry, rope_tables
 from lcha import make_attention, make_ffn
 from ssa import PatchMerge, PixelShuffleUp, low_res_grid
 
@@ -120,7 +120,8 @@ class S2DiT(Backbone):
         lo = low_res_grid(grid, self.stride)
         rope_hi = rope_tables(grid, d, t0=t0, theta=cfg.rope_theta, device=tokens.device)  # (N, d/2) x 2
         rope_lo = rope_tables(lo, d, t0=t0, stride=self.stride, theta=cfg.rope_theta, device=tokens.device)
-        args = (txt, text_mask, causal, cfg.chunk, window, state, cfg.sink)
+        hi = Geometry(grid, rope_hi, causal, cfg.chunk, window, cfg.sink, state)
+        lo_geo = hi.at(lo, rope_lo)
         # Alg. 1, line 1: x_L <- x; S <- x
         x_L, S, x_S, S_down = tokens, tokens, None, None
         for n, (m_n, (d_n, u_n)) in enumerate(zip(self.layout, switches(self.layout))):
@@ -131,9 +132,9 @@ class S2DiT(Backbone):
                 x_L = S + self.up[str(n)](x_S - S_down, grid)       # (B, N, D)
             for blk in self.groups[n]:
                 if m_n:  # line 7: y_L = LCHA_n(x_L) on the high-resolution grid
-                    x_L = blk(x_L, c, grid, rope_hi, *args)         # (B, N, D)
+                    x_L = blk(x_L, c, txt, text_mask, hi)           # (B, N, D)
                 else:    # line 7: y_S = SSA_n(x_S) on the strided grid
-                    x_S = blk(x_S, c, lo, rope_lo, *args)           # (B, N/s^2, D)
+                    x_S = blk(x_S, c, txt, text_mask, lo_geo)       # (B, N/s^2, D)
         return x_L  # line 8: m_M = 1, so the last group left the result at high resolution
 
 
@@ -185,7 +186,8 @@ class SuperNet(Backbone):
         lo = low_res_grid(grid, self.stride)
         rope_hi = rope_tables(grid, d, t0=t0, theta=cfg.rope_theta, device=tokens.device)
         rope_lo = rope_tables(lo, d, t0=t0, stride=self.stride, theta=cfg.rope_theta, device=tokens.device)
-        args = (txt, text_mask, causal, cfg.chunk, window, state, cfg.sink)
+        hi = Geometry(grid, rope_hi, causal, cfg.chunk, window, cfg.sink, state)
+        lo_geo = hi.at(lo, rope_lo)
         m = self.m
         # Alg. 1 with soft m_n (S2DiT.run_blocks says why it is written out again)
         # line 1 (x_S, S_down start as zeros; with hard routers they are only read after line 5)
@@ -203,9 +205,9 @@ class SuperNet(Backbone):
             # line 7, both branches: y_L = LCHA_n(x_L), y_S = SSA_n(x_S)
             y_L, y_S = x_L, x_S
             for b_L, b_S in zip(self.lcha[n], self.ssa[n]):
-                y_L = b_L(y_L, c, grid, rope_hi, *args)             # (B, N, D)
+                y_L = b_L(y_L, c, txt, text_mask, hi)               # (B, N, D)
                 if 0 < n < self.M - 1:                              # m_1 = m_M = 1: no SSA branch at the ends
-                    y_S = b_S(y_S, c, lo, rope_lo, *args)           # (B, N/s^2, D)
+                    y_S = b_S(y_S, c, txt, text_mask, lo_geo)       # (B, N/s^2, D)
             x_L = m[n] * y_L + (1 - m[n]) * x_L                     # the unchosen stream passes unchanged
             x_S = (1 - m[n]) * y_S + m[n] * x_S
         return x_L                                                  # line 8

@@ -38,7 +38,7 @@ import dit
 import flow
 import runs
 import safeio
-from dit import Attention, Block, DiTConfig, rope_tables
+from dit import Attention, Block, DiTConfig, Geometry, rope_tables
 from lcha import make_attention, make_ffn
 from sandwich import PAPER_CFG, STRIDE, SuperNet, switches
 from ssa import PatchMerge, PixelShuffleUp, low_res_grid
@@ -123,7 +123,7 @@ def latency_table(cfg: DiTConfig, latent_hw, repeats=5):
 
     def group(blocks, h, g, rope):
         for b in blocks:
-            h = b(h, c, g, rope, txt, mask)
+            h = b(h, c, txt, mask, Geometry(g, rope))
         return h
 
     return {"lcha_group_ms": _time(lambda: group(lcha, x, grid, rope_hi), repeats),
@@ -158,7 +158,7 @@ def iphone_estimate(cfg: DiTConfig = PAPER_CFG, tokens_high=3 * 18 * 32):
             rope = rope_tables(g, D // H, stride=stride, device="meta")
             with FlopCounterMode(display=False) as fc:
                 for b in blocks:
-                    x = b(x, c, g, rope, txt, mask)
+                    x = b(x, c, txt, mask, Geometry(g, rope))
             params = sum(p.numel() for b in blocks for p in b.parameters())
             byts = params * IPHONE["bytes_per_param"] + 2 * 2 * n * D * IPHONE["bytes_per_act"]
             out[name + "_ms"] = 1e3 * max(fc.get_total_flops() / IPHONE["flops_per_s"], byts / IPHONE["bytes_per_s"])

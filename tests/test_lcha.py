@@ -243,7 +243,7 @@ def test_dit_block_hosts_lcha_forward_backward_and_stream():
     grid, B, L = (6, 2, 2), 2, 3
     x, c = torch.randn(B, 24, D), torch.randn(B, 6, D)
     text, tmask = torch.randn(B, L, D), torch.ones(B, L, dtype=torch.bool)
-    y = blk(x, c, grid, dit.rope_tables(grid, d), text, tmask, causal=True, chunk=3, window=1)
+    y = blk(x, c, text, tmask, dit.Geometry(grid, dit.rope_tables(grid, d), causal=True, chunk=3, window=1))
     assert y.shape == x.shape
     y.square().mean().backward()
     assert blk.attn.phi.weight.grad.abs().max() > 0 and blk.attn.gate.grad.abs().max() > 0
@@ -252,8 +252,8 @@ def test_dit_block_hosts_lcha_forward_backward_and_stream():
         state.commit = True
         for i in range(2):
             sl = slice(i * 12, (i + 1) * 12)
-            outs.append(blk(x[:, sl], c[:, 3 * i:3 * i + 3], (3, 2, 2), dit.rope_tables((3, 2, 2), d, t0=3 * i),
-                            text, tmask, state=state))
+            geo = dit.Geometry((3, 2, 2), dit.rope_tables((3, 2, 2), d, t0=3 * i), state=state)
+            outs.append(blk(x[:, sl], c[:, 3 * i:3 * i + 3], text, tmask, geo))
             state.advance(3)
     torch.testing.assert_close(torch.cat(outs, 1), y.detach(), atol=1e-5, rtol=1e-5)
 
