@@ -302,7 +302,8 @@ def bench(preset="small", batch=6, chunks=3, threads=2, reps=5, dit_overrides=No
         step()
     sec = (time.perf_counter() - t0) / reps
     tokens = batch * T * (hw // cfg.patch[1]) * (hw // cfg.patch[2])
-    return {"preset": preset, "threads": threads, "batch": batch, "chunks": chunks, "tokens_per_update": tokens,
+    return {"preset": preset, "patch": cfg.patch[1], "threads": threads, "batch": batch, "chunks": chunks,
+            "tokens_per_update": tokens,
             "params": dit.count_params(model), "gflop_per_update": round(flops / 1e9, 2),
             "ms_per_update": round(sec * 1000, 1), "clips_per_s": round(batch / sec, 1),
             "achieved_gflops": round(flops / sec / 1e9, 1), "matmul_peak_gflops": round(peak, 1),
@@ -416,8 +417,9 @@ def main(argv=None):
     p.add_argument("--bench", action="store_true", help="print the training step's GFLOP/s against the matmul peak and exit")
     args = p.parse_args(argv)
     if args.bench:
-        for chunks, batch in ((3, 6), (1, 18)):
-            print(json.dumps(bench("small", batch=batch, chunks=chunks, threads=args.threads)))
+        for chunks, batch, patch in ((3, 6, 2), (1, 18, 2), (3, 6, 4)):       # the windows, the patch-4 window
+            print(json.dumps(bench("small", batch=batch, chunks=chunks, threads=args.threads,
+                                   dit_overrides={"patch": (1, patch, patch)})))
         return
     if args.chain:
         torch.set_num_threads(args.threads)

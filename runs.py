@@ -64,8 +64,9 @@ class PipelineConfig:
     first_chunk_batch: int = 18    # 18 one-chunk clips = the tokens of 6 three-chunk clips
     dit_patch: int = 2             # latent pixels per side of a DiT token, (1, p, p) patches for the whole DiT
                                    # family: 2 as Wan; 4 gives a 3-chunk window 4x fewer tokens (144, not
-                                   # 576) and a T_theta update ~6x cheaper (curves.py --bench), while the
-                                   # VAE, and the shape it keeps, stay as they are
+                                   # 576) and a T_theta update ~5x cheaper (curves.py --bench), but learns
+                                   # direction more slowly per update (RESULTS.md, "Three chunks"): no
+                                   # preset uses it
     dit_lr: float = 1e-3
     dit_warmup: int = 50           # linear lr warm-up of the flow-matching stages
     dit_decay: str = "none"        # lr after warm-up: "none" (constant) or "cosine" (to 10 % at the end)
