@@ -70,7 +70,7 @@ class ChunkStep(nn.Module):
             raise ValueError(f"deploy supports square spatial patches (1, p, p), got {cfg.patch}")
         if latent_hw % (ph * model.stride):
             raise ValueError(f"latent side {latent_hw} must be divisible by patch {ph} x SSA stride {model.stride}")
-        self.C, self.T, self.hw, self.W = cfg.in_channels, cfg.chunk, latent_hw, cfg.window
+        self.C, self.T, self.hw, self.W, self.q = cfg.in_channels, cfg.chunk, latent_hw, cfg.window, ph
         self.D, self.H, self.d = cfg.dim, cfg.heads, cfg.dim // cfg.heads
         self.grid = (cfg.chunk // pt, latent_hw // ph, latent_hw // pw)               # hi-res token grid
         self.lo = (self.grid[0], self.grid[1] // model.stride, self.grid[2] // model.stride)
@@ -172,7 +172,7 @@ class ChunkStep(nn.Module):
         m, C, D = self.model, self.C, self.D
         (T, h, w), s, hw = self.grid, m.stride, self.hw
         # patchify (1, q, q): (1, C, T, hw, hw) -> (1, N, q q C), the order of dit.patchify
-        q = m.cfg.patch[1]
+        q = self.q
         p = x.reshape(1, C, T, h, q, w, q).permute(0, 2, 3, 5, 1, 4, 6).reshape(1, self.N, q * q * C)
         tokens = self.lin(m.patch_embed, p) + self.pos                     # (1, N, D)
         txt = self.lin(m.text_proj[2], F.gelu(self.lin(m.text_proj[0], text), approximate="tanh"))  # (1, L, D)

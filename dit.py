@@ -22,7 +22,7 @@ with `state.commit = True` (re-encoding the clean chunk) the chunk is appended a
 Run `python dit.py` for a demo: the KV-cached stream equals the full block-causal pass.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -298,7 +298,7 @@ class Geometry:
 
     def at(self, grid, rope):
         """The same masking and stream on another grid (the strided grid of SSA)."""
-        return Geometry(grid, rope, self.causal, self.chunk, self.window, self.sink, self.state)
+        return replace(self, grid=grid, rope=rope)
 
 
 class Block(nn.Module):

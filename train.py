@@ -102,16 +102,10 @@ def preset_args(cfg: PipelineConfig) -> str:
     --set overrides, e.g. "--preset ship --set base_steps=7000". pipeline.json stores only the
     geometry's name (`preset`: small for the `ship` preset too), so this is how a run names its recipe."""
     have = asdict(cfg)
-    best = None
-    for name, preset in PRESETS.items():
-        if preset.preset != cfg.preset:
-            continue
-        diff = [k for k, v in asdict(preset).items() if k != "seed" and have[k] != v]
-        if best is None or len(diff) < len(best[1]):
-            best = (name, diff)
-    if best is None:                     # a geometry no pipeline preset uses: only --set could not make it
-        return f"--preset {cfg.preset}"
-    name, diff = best
+    diffs = {name: [k for k, v in asdict(p).items() if k != "seed" and have[k] != v]
+             for name, p in PRESETS.items() if p.preset == cfg.preset}     # --set cannot change the geometry
+    name = min(diffs, key=lambda n: len(diffs[n]))                         # first in PRESETS on a tie
+    diff = diffs[name]
     return " ".join([f"--preset {name}"] + ([f"--seed {cfg.seed}"] if cfg.seed else [])
                     + [f"--set {k}={have[k]}" for k in diff])
 
