@@ -174,19 +174,38 @@ def test_error_budget_separates_the_sources():
 
 
 def _graph(path):
-    """A package's program as structure only: per function, each op's type and, per input, the position
-    of the op producing it (or the function input's name), plus the output names. Names are ignored."""
-    from coremltools.converters.mil.frontend.milproto.load import load_mil_proto
+    """A package's program as structure only, read from the saved proto: per function, each op's type,
+    its attributes other than its name, its output types and, per input, where each argument comes from
+    (the position of the op and output producing it, a function input by its API name, a nested block's
+    input by position, or an inline value), nested blocks alike, and the block outputs. Names are ignored.
+    Read from the proto itself, so that the comparison depends on the two files only (coremltools' MIL
+    loader rebuilds the program through its builder, which adds ops of its own)."""
     from coremltools.models import MLModel
     spec = MLModel(path, skip_model_load=True).get_spec()
-    prog = load_mil_proto(spec.mlProgram, spec.specificationVersion, os.path.join(path, "Data", "com.apple.CoreML", "weights"))
     out = {}
-    for name, fn in prog.functions.items():
-        pos = {id(op): i for i, op in enumerate(fn.operations)}
-        src = lambda v: ("op", pos[id(v.op)]) if v.op is not None else ("input", v.name)
-        ops = [(op.op_type, tuple((k, tuple(src(x) for x in (v if isinstance(v, (list, tuple)) else [v])))
-                                  for k, v in sorted(op.inputs.items()))) for op in fn.operations]
-        out[name] = (ops, [o.name for o in fn.outputs])
+    for fname, fn in spec.mlProgram.functions.items():
+        where = {i.name: ("input", i.name) for i in fn.inputs}
+
+        def arg(a):
+            return where[a.name] if a.HasField("name") else ("value", a.value.SerializeToString())
+
+        def block(b, prefix):
+            for i, v in enumerate(b.inputs):
+                where[v.name] = ("block_input", prefix, i)
+            ops = []
+            for k, op in enumerate(b.operations):
+                at = prefix + (k,)
+                ops.append((op.type,
+                            tuple((key, tuple(arg(a) for a in op.inputs[key].arguments)) for key in sorted(op.inputs)),
+                            tuple((key, op.attributes[key].SerializeToString()) for key in sorted(op.attributes)
+                                  if key != "name"),
+                            tuple(o.type.SerializeToString() for o in op.outputs),
+                            tuple(block(nb, at + (j,)) for j, nb in enumerate(op.blocks))))
+                for j, o in enumerate(op.outputs):
+                    where[o.name] = ("op", at, j)
+            return ops, tuple(where[n] for n in b.outputs)
+
+        out[fname] = tuple(block(top, (opset,)) for opset, top in sorted(fn.block_specializations.items()))
     return out, spec
 
 
@@ -195,6 +214,7 @@ def test_compact_names_keeps_the_graph(tmp_path, monkeypatch):
     wired the same way in both functions (and in the stateless fallback), the same I/O and states, unique
     value and op names, stored weights named after their layer, and a smaller program."""
     import shutil
+    from coremltools.converters.mil.frontend.milproto.load import load_mil_proto   # b must still load
     rename = mlpackage.compact_names
     models = build_models_for_test()
     m = models.model
@@ -211,6 +231,7 @@ def test_compact_names_keeps_the_graph(tmp_path, monkeypatch):
         (ga, sa), (gb, sb) = _graph(a), _graph(b)
         assert ga == gb and set(gb) == ({"denoise", "commit"} if name == "DiT" else {"main"})
         assert sa.description == sb.description                          # inputs, outputs, states, metadata
+        load_mil_proto(sb.mlProgram, sb.specificationVersion, os.path.join(b, "Data", "com.apple.CoreML", "weights"))
         for fn in sb.mlProgram.functions.values():
             ops = fn.block_specializations[fn.opset].operations
             values = [o.name for op in ops for o in op.outputs]
