@@ -55,6 +55,10 @@ RECIPES = {
     # Against window_only: 4 x 4 latent pixels per token instead of 2 x 2, so a 3-chunk window is
     # 144 tokens instead of 576 (the VAE, and what it keeps of shape, unchanged)
     "window_patch4": {"first_chunk_frac": 0.0, "dit_patch": 4},
+    # Against window_only: half of the samples with one t for all three chunks. The pipeline uses the
+    # flow models on whole windows at one t (Euler sampling, the ODE pairs, DMD's real score), a
+    # thin diagonal of what independent per-chunk t (diffusion forcing) trains on
+    "window_shared": {"first_chunk_frac": 0.0, "flow": {"shared_t": 0.5}},
 }
 
 
@@ -192,7 +196,7 @@ def run_curve(run_dir, name, updates, every, out_dir, n_prompts=12, seeds=2, sca
     flow.train_fm(model, batch_fn, updates, run.cfg.dit_lr, p_uncond=fcfg.cfg_dropout, shift=fcfg.train_shift,
                      seed=run.cfg.seed, ema_decay=run.cfg.ema, desc=f"curve {name}", warmup=run.cfg.dit_warmup,
                      decay=run.cfg.dit_decay, ckpt=os.path.join(out_dir, f"{name}.ckpt.pt"),
-                     hook=hook, hook_every=every)
+                     hook=hook, hook_every=every, shared_t=fcfg.shared_t)
     return log
 
 

@@ -47,6 +47,7 @@ from resume import Checkpoint
 class FlowConfig:
     shift: float = 3.0            # inference timestep shift s for Euler and few-step samplers (Wan2.1 T2V / Self-Forcing: 5.0)
     train_shift: float = 1.0      # shift applied to training t (ASSUMPTION: 1.0 at toy resolution; few tokens need little shift)
+    shared_t: float = 0.0         # share of training samples whose chunks all get one t (the rest: one t per chunk)
     cfg_scale: float = 3.0        # classifier-free guidance scale (Wan2.1 default 5.0; ASSUMPTION: 3.0 for the toy world)
     cfg_dropout: float = 0.1      # probability a caption is replaced by the null embedding in training (ASSUMPTION, common 0.1)
     boundary: float = 0.5         # MoE teacher: high-noise expert for t >= boundary (Wan2.2 T2V: 0.875; ASSUMPTION 0.5 so both toy experts see half the data)
@@ -110,13 +111,15 @@ def shift_t(t, s: float):
 # ----------------------------------------------------------------------------- training t
 def sample_t(batch: int, frames: int, chunk: int = 3, mode: str = "logit_normal",
              shift: float = 1.0, per_chunk: bool = True, generator: torch.Generator | None = None,
-             logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+             logit_mean: float = 0.0, logit_std: float = 1.0, shared: float = 0.0) -> torch.Tensor:
     """Training timesteps t of shape (B, T) for T = `frames` latent frames.
 
     per_chunk=True: one independent t per chunk of `chunk` latent frames, equal inside a chunk
     (diffusion forcing, as in CausVid / Self-Forcing): a block-causal student must learn to
     denoise the current chunk while its context chunks sit at other noise levels.
     per_chunk=False: one t per sample, repeated over all frames (plain bidirectional training).
+    shared: with per_chunk, the probability that a sample's chunks all take its first chunk's t, as
+    when the whole window is denoised at one t (the Euler sampler, the ODE pairs, DMD's real score).
     """
     if mode not in ("logit_normal", "uniform"):
         raise ValueError(f"unknown t mode {mode!r}; expected 'logit_normal' or 'uniform'")
@@ -129,6 +132,9 @@ def sample_t(batch: int, frames: int, chunk: int = 3, mode: str = "logit_normal"
         t = torch.sigmoid(z)                                            # (B, n)
     else:
         t = torch.rand(batch, n, generator=generator)                   # (B, n)
+    if per_chunk and shared > 0:                                        # no extra draws when 0: old runs unchanged
+        one = torch.rand(batch, 1, generator=generator) < shared        # (B, 1)
+        t = torch.where(one, t[:, :1], t)                               # (B, n)
     t = shift_t(t, shift)                                               # (B, n)
     reps = chunk if per_chunk else frames
     return t.repeat_interleave(reps, dim=1)[:, :frames].contiguous()    # (B, T)
@@ -225,9 +231,10 @@ def cfg_predict(model, x, t, text, mask, null_text, null_mask, scale, **kw):
 
 
 def fm_loss(model, x0, text, mask, null_text, null_mask, weight=None, p_uncond=0.1, generator=None, shift=1.0,
-            boundary=None, rows=slice(None)):
+            boundary=None, rows=slice(None), shared_t=0.0):
     """Flow matching with per-chunk t (diffusion forcing) and CFG dropout:
-        L = E || V(x_t, t, e) - (eps - x0) ||^2,   x_t = (1 - t) x0 + t eps,  t independent per chunk.
+        L = E || V(x_t, t, e) - (eps - x0) ||^2,   x_t = (1 - t) x0 + t eps,  t independent per chunk
+    (for a share shared_t of the samples: one t for all their chunks; flow.sample_t).
     weight (B, 1, T, h, w), optional: a per-latent-pixel weight of the squared error, normalised by
     its mean so the loss keeps its scale (runs.PipelineConfig.object_weight).
     rows: the rows of the batch this process trains on (data-parallel training, dist.rows); the
@@ -236,7 +243,7 @@ def fm_loss(model, x0, text, mask, null_text, null_mask, weight=None, p_uncond=0
     # block-causal with per-chunk t from the start, so the same network can denoise a chunk next to
     # clean context (the DMD stage still starts with Self-Forcing's ODE regression, ode_init)."""
     B, C, T = x0.shape[:3]
-    t = sample_t(B, T, chunk=chunk_frames(model), shift=shift, generator=generator).to(x0)  # (B, T)
+    t = sample_t(B, T, chunk=chunk_frames(model), shift=shift, generator=generator, shared=shared_t).to(x0)  # (B, T)
     if boundary is not None:
         # MoE teacher: every chunk of a sample on one expert's side of the boundary (a coin per sample),
         # so each sample trains (and costs) one expert, as the experts are used in the cache and DMD.
@@ -304,7 +311,7 @@ def lr_factor(step, warmup, steps, decay):
 
 def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=(0.9, 0.999),
              weight_decay=0.0, ema_decay=None, clip=1.0, progress=True, desc="fm", boundary=None, warmup=0,
-             decay="none", ckpt=None, ckpt_every_s=180.0, hook=None, hook_every=0):
+             decay="none", ckpt=None, ckpt_every_s=180.0, hook=None, hook_every=0, shared_t=0.0):
     """Flow-matching loop. batch_fn(step) -> (x0, text, mask, null_text, null_mask).
     The learning rate follows lr_factor (warm-up, then constant or cosine).
 
@@ -331,7 +338,7 @@ def train_fm(model, batch_fn, steps, lr, p_uncond=0.1, shift=1.0, seed=0, betas=
             ema.shadow = {k: v.to(ema.shadow[k]) for k, v in state["ema"].items()}   # onto the model's device
     # Under torchrun the loss runs through DDP, which averages the gradients over the processes (dist.py)
     loss_fn = dist.data_parallel(lambda batch, rows: fm_loss(model, *batch, p_uncond=p_uncond, generator=g, shift=shift,
-                                                             boundary=boundary, rows=rows),
+                                                             boundary=boundary, rows=rows, shared_t=shared_t),
                                  model, unused=boundary is not None)   # MoE: a shard may train one expert only
     bar = tqdm(range(start, steps), desc=desc, disable=not (progress and dist.is_main()), initial=start, total=steps)
     for step in bar:

@@ -171,7 +171,7 @@ def fm_stage(run, model, steps, name, lr=None, boundary=None, ema=True):
     trained, m = flow.train_fm(model, batch_fn, steps, lr or cfg.dit_lr, p_uncond=fcfg.cfg_dropout,
                                   shift=fcfg.train_shift, seed=cfg.seed, ema_decay=cfg.ema if ema else None, desc=name,
                                   boundary=boundary, warmup=cfg.dit_warmup, decay=cfg.dit_decay,
-                                  ckpt=run.path(f"{name}.ckpt.pt"))
+                                  ckpt=run.path(f"{name}.ckpt.pt"), shared_t=fcfg.shared_t)
     m["params"] = dit.count_params(model)
     m.pop("losses", None)
     return trained, m

@@ -77,6 +77,19 @@ def test_sample_t_per_chunk_equal_within_chunk_independent_across():
     assert torch.equal(a, b)
 
 
+def test_sample_t_shared_puts_a_share_of_the_samples_on_one_t():
+    """shared=p: about p of the samples have one t for every chunk, the rest independent per-chunk t
+    with the same marginal; shared=0 draws exactly what the sampler drew before the option existed."""
+    t = flow.sample_t(4000, 9, chunk=3, shift=3.0, shared=0.5, generator=torch.Generator().manual_seed(0))
+    one = (t == t[:, :1]).all(1)                                        # (B,) every chunk at one t
+    assert 0.45 < one.float().mean() < 0.55
+    assert (t[~one].view(-1, 3, 3)[:, :, 0].std(1) > 0).all()           # the others: per-chunk t
+    plain = flow.sample_t(4000, 9, chunk=3, shift=3.0, generator=torch.Generator().manual_seed(0))
+    assert abs(t.mean() - plain.mean()) < 0.02                          # the marginal of t is kept
+    assert torch.equal(plain, flow.sample_t(4000, 9, chunk=3, shift=3.0, shared=0.0,
+                                            generator=torch.Generator().manual_seed(0)))
+
+
 def test_sample_t_logit_normal_and_shift_statistics():
     g = torch.Generator().manual_seed(0)
     t = flow.sample_t(20000, 1, mode="logit_normal", generator=g)
