@@ -337,7 +337,7 @@ def search_rows(run, sup, base, layout, k, table, budget):
     hw = runs.latent_hw(run.cfg)
     for name, row in rows.items():
         row["eq10_loss"] = layout_loss(sup, base, row["layout"], held)
-        row["peak_act_mb"] = layout_memory(row["layout"], sup.cfg, 3 * (hw // sup.cfg.patch[1]) ** 2)
+        row["peak_act_mb"] = layout_memory(row["layout"], sup.cfg, sup.cfg.chunk * (hw // sup.cfg.patch[1]) ** 2)
     return rows
 
 
