@@ -125,6 +125,8 @@ def sample_t(batch: int, frames: int, chunk: int = 3, mode: str = "logit_normal"
         raise ValueError(f"unknown t mode {mode!r}; expected 'logit_normal' or 'uniform'")
     if batch < 1 or frames < 1 or chunk < 1:
         raise ValueError(f"expected batch, frames, chunk >= 1, got {batch}, {frames}, {chunk}")
+    if not 0.0 <= shared <= 1.0:
+        raise ValueError(f"shared is a probability, expected 0 <= shared <= 1, got {shared}")
     n = math.ceil(frames / chunk) if per_chunk else 1                   # independent draws per sample
     if mode == "logit_normal":
         # SD3: t = sigmoid(N(m, s^2)) concentrates training on mid-range t, where the loss is hardest

@@ -88,6 +88,8 @@ def test_sample_t_shared_puts_a_share_of_the_samples_on_one_t():
     assert abs(t.mean() - plain.mean()) < 0.02                          # the marginal of t is kept
     assert torch.equal(plain, flow.sample_t(4000, 9, chunk=3, shift=3.0, shared=0.0,
                                             generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="probability"):
+        flow.sample_t(2, 9, shared=1.5)
 
 
 def test_sample_t_logit_normal_and_shift_statistics():
