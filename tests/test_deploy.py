@@ -178,8 +178,9 @@ def _graph(path):
     its attributes other than its name, its output types and, per input, where each argument comes from
     (the position of the op and output producing it, a function input by its API name, a nested block's
     input by position, or an inline value), nested blocks alike, and the block outputs. Names are ignored.
-    Read from the proto itself, so that the comparison depends on the two files only (coremltools' MIL
-    loader rebuilds the program through its builder, which adds ops of its own)."""
+    Read from the proto itself, so that the comparison depends on the two files only: compared after
+    coremltools' MIL loader had rebuilt both programs through its builder, the test failed now and
+    then, and the cause was not found."""
     from coremltools.models import MLModel
     spec = MLModel(path, skip_model_load=True).get_spec()
     out = {}
