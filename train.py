@@ -63,7 +63,7 @@ PRESETS = {
     # Most flow-matching updates on first chunks (where the prompt alone sets colour, shape and
     # direction), the last 10 % on the streaming window; T_theta gets 2000 updates (curves.py)
     "small": PipelineConfig(first_chunk_frac=0.9, base_steps=2000, decoder_steps=2000),
-    # The shipped model (<= 2.5 h on 2 cores): every T_theta update on the 3-chunk streaming window,
+    # The shipped model (<= 2.5 h on the 2 cores that made it, ~170 min on a slower 2-core machine): every T_theta update on the 3-chunk streaming window,
     # where a chunk learns to continue the motion of the chunks before it (curves.py, recipe
     # window_only, seen / held-out 3-chunk direction: 0.33 / 0.17 after 2000 updates, 0.50 / 0.50
     # after 4000, still rising; shape 0.71 / 0.71), and 2.5x the small preset's updates; the decoder
