@@ -32,7 +32,7 @@ import flow
 import safeio
 import text as text_mod
 import vae as vae_mod
-from sandwich import S2DiT, SuperNet
+from sandwich import STRIDE, S2DiT, SuperNet
 
 # The stages of a run, in the order train.py runs them; a stage's seeds derive from its index.
 STAGES = ["text", "vae", "latents", "base", "search", "pretrain", "teacher", "cache", "kd", "dmd",
@@ -67,6 +67,10 @@ class PipelineConfig:
                                    # 576) and a T_theta update ~5x cheaper (curves.py --bench), but learns
                                    # direction more slowly per update (RESULTS.md, "Three chunks"): no
                                    # preset uses it
+    frame_size: int = 0            # frame side in pixels of every clip and video of the run; 0 = the geometry's
+                                   # (tiny 32, small 64). A multiple of 4 (VAE) x dit_patch x 2 (SSA stride):
+                                   # 48 gives the small geometry a 12 x 12 latent, 0.56x the tokens of 64 px;
+                                   # the text stage, the VAE's and decoder's 32-px training crops are unchanged
     dit_lr: float = 1e-3
     dit_warmup: int = 50           # linear lr warm-up of the flow-matching stages
     dit_decay: str = "none"        # lr after warm-up: "none" (constant) or "cosine" (to 10 % at the end)
@@ -93,7 +97,22 @@ class PipelineConfig:
 
 
 def data_cfg(cfg: PipelineConfig):
-    return replace(data.get_config(cfg.preset), frames=cfg.clip_frames)
+    d = data.get_config(cfg.preset)
+    return replace(d, frames=cfg.clip_frames, size=cfg.frame_size or d.size)
+
+
+def check_geometry(cfg: PipelineConfig):
+    """Before any work: the frame side and the DiT patch tile the latent grid down to SSA's strided grid
+    (vae.py: 4x; the patch; sandwich.STRIDE), so that no stage fails half way on a shape."""
+    if cfg.dit_patch < 1:
+        raise ValueError(f"dit_patch must be >= 1, got {cfg.dit_patch}")
+    if cfg.frame_size < 0:
+        raise ValueError(f"frame_size must be >= 0 (0 = the {cfg.preset} geometry's), got {cfg.frame_size}")
+    side, unit = data_cfg(cfg).size, 4 * cfg.dit_patch * STRIDE
+    if side % unit:
+        raise ValueError(f"a frame side of {side} px does not tile into DiT tokens and SSA's strided grid: it must "
+                         f"be a multiple of 4 (VAE) x {cfg.dit_patch} (dit_patch) x {STRIDE} (SSA stride) = {unit}, "
+                         f"e.g. {max(unit, side // unit * unit)} or {(side // unit + 1) * unit}")
 
 
 def dit_cfg(cfg: PipelineConfig):

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 import dist
 import dit
 import flow
@@ -61,7 +62,7 @@ PRESETS = {"tiny": SearchConfig(steps=40, batch=2), "small": SearchConfig(steps=
 # of 15 calls of `latency_table` at the preset's DiT width and latent size). Stored, not timed during the
 # run: a live timing moves with the machine's load, and with it the budget, k and the layout, so the
 # same seed would give different models. Re-measure: `python search.py --measure tiny` (a DiT patch
-# other than 2 is its own geometry: `--measure small/patch4`).
+# or a frame side other than the preset's is its own geometry: `--measure small/patch4`, `small/48px`).
 LATENCY_MS = {
     "tiny": {"lcha_group_ms": 5.856, "ssa_group_ms": 2.678, "switch_ms": 0.139, "tokens_high": 48, "tokens_low": 12},
     "tiny/patch4": {"lcha_group_ms": 2.281, "ssa_group_ms": 1.033, "switch_ms": 0.040, "tokens_high": 12, "tokens_low": 3},
@@ -76,8 +77,30 @@ def get_config(name: str, **overrides):
 
 
 def latency_key(cfg) -> str:
-    """The LATENCY_MS entry of a pipeline's geometry: its preset, + "/patchP" for a DiT patch other than 2."""
-    return cfg.preset if cfg.dit_patch == 2 else f"{cfg.preset}/patch{cfg.dit_patch}"
+    """The LATENCY_MS entry of a pipeline's geometry: its preset, + "/patchP" for a DiT patch other than 2,
+    + "/Spx" for a frame side other than the preset's (runs.PipelineConfig.frame_size)."""
+    side = cfg.frame_size and cfg.frame_size != data.get_config(cfg.preset).size
+    return cfg.preset + (f"/patch{cfg.dit_patch}" if cfg.dit_patch != 2 else "") + (f"/{cfg.frame_size}px" if side else "")
+
+
+def parse_latency_key(key: str):
+    """"small/patch4/48px" -> runs.PipelineConfig of that geometry (the inverse of latency_key); a malformed
+    key is a ValueError naming the form."""
+    preset, *parts = key.split("/")
+    fields = {}
+    for part in parts:
+        if part.startswith("patch") and part[5:].isdigit() and "dit_patch" not in fields:
+            fields["dit_patch"] = int(part[5:])
+        elif part.endswith("px") and part[:-2].isdigit() and "frame_size" not in fields:
+            fields["frame_size"] = int(part[:-2])
+        else:
+            preset = None
+    if preset not in PRESETS:
+        raise ValueError(f"expected PRESET[/patchP][/Spx] (e.g. small, small/patch4, small/48px), PRESET one of "
+                         f"{sorted(PRESETS)}; got {key!r}")
+    cfg = runs.PipelineConfig(preset=preset, **fields)
+    runs.check_geometry(cfg)
+    return cfg
 
 
 def latency_of(cfg) -> dict:
@@ -364,12 +387,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = dist.pick_device(args.device)                          # --run and the demo; --measure times the CPU
     if args.measure:
-        preset, _, patch = args.measure.partition("/patch")
-        if preset not in PRESETS or (patch and not patch.isdigit()):
-            p.error(f"--measure: expected PRESET or PRESET/patchP (e.g. small/patch4), PRESET one of "
-                    f"{sorted(PRESETS)}; got {args.measure!r}")
+        try:
+            cfg = parse_latency_key(args.measure)
+        except ValueError as e:
+            p.error(f"--measure: {e}")
         torch.set_num_threads(1)
-        cfg = runs.PipelineConfig(preset=preset, dit_patch=int(patch or 2))
         print(json.dumps(latency_table(runs.dit_cfg(cfg), runs.latent_hw(cfg), repeats=15)))
         return
     if args.run is None:

@@ -220,6 +220,11 @@ def fake_run(path, **overrides):
     (["--preset", "tiny", "--set", "base_steps=many"], ["base_steps takes a int"]),
     (["--preset", "tiny", "--set", "dit_lr=fast"], ["dit_lr takes a float"]),
     (["--preset", "tiny", "--set", "seed=3"], ["--set seed: use --seed"]),
+    (["--preset", "small", "--set", "frame_size=40"], ["frame side of 40 px", "multiple of", "= 16", "32 or 48"]),
+    (["--preset", "small", "--set", "frame_size=48", "--set", "dit_patch=4"], ["frame side of 48 px", "= 32"]),
+    (["--preset", "small", "--set", "frame_size=-16"], ["frame_size must be >= 0"]),
+    (["--preset", "tiny", "--set", "frame_size=96"], ["no stored latency table", "tiny/96px",
+                                                      "python search.py --measure tiny/96px"]),
 ])
 def test_train_refuses_bad_flags(argv, needles, tmp_path, capsys):
     refuses(train.main, argv + ["--out", str(tmp_path / "run")], capsys, *needles)
@@ -232,6 +237,20 @@ def test_train_set_overrides_the_preset_and_is_recorded(tmp_path, monkeypatch):
     train.main(["--preset", "tiny", "--set", "base_steps=7", "--set", "dit_lr=0.5", "--out", str(tmp_path / "run")])
     cfg = json.load(open(tmp_path / "run" / "pipeline.json"))
     assert (cfg["base_steps"], cfg["dit_lr"], cfg["text_steps"]) == (7, 0.5, train.get_config("tiny").text_steps)
+
+
+def test_frame_size_sets_every_clip_and_the_latency_table_of_the_run():
+    """frame_size 0 keeps the geometry's side; another side reaches the clips, the latent grid and the
+    search's latency key, and the key names that geometry back."""
+    small, s48 = train.get_config("small"), train.get_config("small", frame_size=48)
+    assert (train.data_cfg(small).size, train.latent_hw(small), search.latency_key(small)) == (64, 16, "small")
+    assert (train.data_cfg(s48).size, train.latent_hw(s48), search.latency_key(s48)) == (48, 12, "small/48px")
+    assert search.latency_key(train.get_config("small", frame_size=64)) == "small"       # the preset's own side
+    for cfg in (small, s48, train.get_config("small", frame_size=64, dit_patch=4)):
+        back = search.parse_latency_key(search.latency_key(cfg))
+        assert (train.data_cfg(back).size, back.dit_patch) == (train.data_cfg(cfg).size, cfg.dit_patch)
+    video, _, _ = data.make_batch(train.data_cfg(s48), 2, seed=0)
+    assert video.shape[-2:] == (48, 48)
 
 
 def test_preset_args_name_the_recipe_that_makes_a_run(tmp_path, monkeypatch):
@@ -496,6 +515,8 @@ def test_concept_clis_name_a_missing_or_broken_run(tmp_path, run_copy, capsys):
     refuses(run_cli("decoder.py", decoder.main), ["--run", run_copy, "--clips", "0"], capsys, "--clips must be >= 1")
     refuses(run_cli("search.py", search.main), ["--run", run_copy], capsys, "search.done.json not found")
     refuses(run_cli("search.py", search.main), ["--run", run_copy, "--budget-ms", "-1"], capsys, "--budget-ms must be > 0")
+    refuses(run_cli("search.py", search.main), ["--measure", "small/patchx"], capsys, "PRESET[/patchP][/Spx]")
+    refuses(run_cli("search.py", search.main), ["--measure", "small/40px"], capsys, "frame side of 40 px")
     open(os.path.join(run_copy, "layout.json"), "w").write("{")
     refuses(run_cli("sandwich.py", sandwich.main), ["--run", run_copy], capsys, "layout.json", "not valid JSON")
     open(os.path.join(run_copy, "decoder.pt"), "wb").write(b"truncated")
