@@ -414,8 +414,9 @@ def main(argv=None):
     p.add_argument("--svg", default="assets/curves.svg", help="where --report writes the plot")
     p.add_argument("--results", default=None, help="with --report: also put the table and plot into this "
                    "Markdown file (RESULTS.md), between its curves markers")
-    p.add_argument("--block", default="curves", help="with --results: the name of the block (its markers) the "
-                   "report goes into, so curves of another protocol get their own")
+    p.add_argument("--block", default=None, help="with --results: the name of the block (its markers) the "
+                   "table goes into, so curves of another protocol or the chain of another run get their own "
+                   "(default: curves, or chain with --chain)")
     p.add_argument("--chain", default=None, help="score every stage of this run's chain (T_theta ... S2DiT-AR) "
                    "on the same seen and held-out prompts and exit")
     p.add_argument("--bench", action="store_true", help="print the training step's GFLOP/s against the matmul peak and exit")
@@ -431,7 +432,7 @@ def main(argv=None):
         body = (f"Made by `python curves.py --chain {args.chain}` on {time.strftime('%Y-%m-%d')}.\n\n" + chain_table(rows))
         print(body)
         if args.results:
-            write_block(args.results, body, "chain")
+            write_block(args.results, body, args.block or "chain")
         return
     if args.report:
         logs = load_curves(args.report)
@@ -440,6 +441,7 @@ def main(argv=None):
             f.write(svg(logs))
         print(f"\nplot: {args.svg}")
         if args.results:
+            args.block = args.block or "curves"
             rel = os.path.relpath(args.svg, os.path.dirname(os.path.abspath(args.results)))
             write_block(args.results, f"Made by `python curves.py --report {args.report} --svg {args.svg} "
                         f"--results {args.results} --block {args.block}` "

@@ -162,6 +162,9 @@ def test_learning_curve_scores_resumes_and_reports(tiny_run, tmp_path):
     text = md.read_text()
     assert text.startswith("# tables\n\nkeep me\n") and text.count("<!-- curves.py curves: begin -->") == 1
     assert "| first_chunk | 4 |" in text and open(svg).read().startswith("<svg")
+    curves.main(["--report", out, "--svg", svg, "--results", str(md), "--block", "curves9"])   # a block of its own
+    text = md.read_text()
+    assert text.count("<!-- curves.py curves: begin -->") == text.count("<!-- curves.py curves9: begin -->") == 1
     assert curves.wilson(0.5, 24) == pytest.approx((0.314, 0.686), abs=1e-3)
 
 
