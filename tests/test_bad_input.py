@@ -259,7 +259,7 @@ def test_preset_args_name_the_recipe_that_makes_a_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "RUNNERS", {})
     monkeypatch.setattr(train, "STAGES", [])
     cases = {"--preset ship": train.get_config("ship"), "--preset small": train.get_config("small"),
-             "--preset ship --seed 3 --set base_steps=7000": train.get_config("ship", seed=3, base_steps=7000),
+             "--preset ship --seed 3 --set base_steps=9000": train.get_config("ship", seed=3, base_steps=9000),
              "--preset tiny --set dit_lr=0.5": train.get_config("tiny", dit_lr=0.5)}
     for i, (want, cfg) in enumerate(cases.items()):
         assert train.preset_args(cfg) == want
