@@ -322,15 +322,21 @@ CHAIN = (("T_theta (all attention)", "base"), ("teacher (2 experts)", "teacher")
 
 
 @torch.no_grad()
-def score_chain(run_dir, n_prompts=21, seeds=2, chunks=3, steps=30, ar_steps=None):
-    """Each stage of the run's chain that exists, scored by evaluate.py on the same SEEN and HELD-OUT
-    combinations (n_prompts each, `seeds` noise draws): the flow-matching models whole-clip (Euler +
-    CFG, `steps` steps, VAE decoder), the few-step students streamed chunk by chunk through the
-    efficient decoder at their own step count, as a user sees them."""
+def score_chain(run_dir, n_prompts=21, seeds=2, chunks=3, steps=30, ar_steps=None, stages=None):
+    """Each stage of the run's chain that exists (of `stages`, default all of CHAIN's), scored by
+    evaluate.py on the same SEEN and HELD-OUT combinations (n_prompts each, `seeds` noise draws): the
+    flow-matching models whole-clip (Euler + CFG, `steps` steps, VAE decoder), the few-step students
+    streamed chunk by chunk through the efficient decoder at their own step count, as a user sees them."""
+    known = [stage for _, stage in CHAIN]
+    unknown = sorted(set(stages or ()) - set(known))
+    if unknown:
+        raise ValueError(f"no chain stage {', '.join(unknown)}: choose from {', '.join(known)}")
     run = runs.open_run(run_dir)
     fcfg = flow.get_config(run.cfg.preset)
     rows = {}
     for label, stage in CHAIN:
+        if stages and stage not in stages:
+            continue
         streaming = stage.startswith("dmd")
         if not os.path.exists(run.path(f"{stage}.pt")) or (not streaming and not os.path.exists(run.path("vae.pt"))):
             continue
@@ -419,6 +425,8 @@ def main(argv=None):
                    "(default: curves, or chain with --chain)")
     p.add_argument("--chain", default=None, help="score every stage of this run's chain (T_theta ... S2DiT-AR) "
                    "on the same seen and held-out prompts and exit")
+    p.add_argument("--chain-stages", default=None, help="with --chain: only these stages, comma-separated "
+                   f"(of {','.join(stage for _, stage in CHAIN)}), e.g. dmd for the streamed student alone")
     p.add_argument("--bench", action="store_true", help="print the training step's GFLOP/s against the matmul peak and exit")
     args = p.parse_args(argv)
     if args.bench:
@@ -428,8 +436,14 @@ def main(argv=None):
         return
     if args.chain:
         torch.set_num_threads(args.threads)
-        rows = score_chain(args.chain, args.prompts or 21, max(args.seeds, 2))
-        body = (f"Made by `python curves.py --chain {args.chain}` on {time.strftime('%Y-%m-%d')}.\n\n" + chain_table(rows))
+        only = args.chain_stages.split(",") if args.chain_stages else None
+        try:
+            rows = score_chain(args.chain, args.prompts or 21, max(args.seeds, 2), stages=only)
+        except ValueError as e:
+            p.error(str(e))
+        flag = f" --chain-stages {args.chain_stages}" if only else ""
+        body = (f"Made by `python curves.py --chain {args.chain}{flag}` on {time.strftime('%Y-%m-%d')}.\n\n"
+                + chain_table(rows))
         print(body)
         if args.results:
             write_block(args.results, body, args.block or "chain")

@@ -85,6 +85,8 @@ class PipelineConfig:
     cache_shard: int = 64
     kd_steps: int = 300            # offline KD updates (Eq. 12)
     dmd_steps: int = 150           # Self-Forcing DMD generator updates (GAN from half way)
+    ode_pairs: int = 128           # ODE trajectories of the real score for DMD's initialisation (distill.ode_init)
+    ode_updates: int = 200         # regression updates on them before DMD (0 = DMD starts from the KD student)
     decoder_steps: int = 400        # small: 2000 (crop steps, 4x cheaper: decoder.PRESETS)
     eval_prompts: int = 12         # held-out prompts for VBench-lite
     sample_chunks: int = 8         # length of the sample video (chunks of 12 frames)

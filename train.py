@@ -60,9 +60,13 @@ from sandwich import SuperNet
 # The fields of a pipeline preset, each with its comment: runs.PipelineConfig (pipeline.json holds one).
 
 PRESETS = {
-    # Most flow-matching updates on first chunks (where the prompt alone sets colour, shape and
-    # direction), the last 10 % on the streaming window; T_theta gets 2000 updates (curves.py)
-    "small": PipelineConfig(first_chunk_frac=0.9, base_steps=2000, decoder_steps=2000),
+    # The 45-minute workshop run: 48-px frames (a 3-chunk window of 324 tokens, 0.56x those of 64 px),
+    # T_theta's updates split as the ship preset's (the first 40% on first chunks, the rest on the
+    # 3-chunk window), and every later stage shortened to leave T_theta most of the time (docs/design.md,
+    # "Presets", has the stage times and scores).
+    "small": PipelineConfig(frame_size=48, first_chunk_frac=0.4, base_steps=2400, vae_steps=1500, pretrain_steps=200,
+                            teacher_steps=150, cache_samples=128, kd_steps=200, dmd_steps=40, ode_pairs=64,
+                            ode_updates=100, decoder_steps=1000),
     # The shipped model: T_theta's first 40 % of 7000 updates on first chunks (colour, shape and
     # direction from the prompt alone), the rest on the 3-chunk streaming window (a chunk learns to
     # continue the motion of the chunks before it; curves.py: direction appears after ~1000 window
@@ -73,7 +77,7 @@ PRESETS = {
     "ship": PipelineConfig(first_chunk_frac=0.4, base_steps=7000, decoder_steps=6000),
     "tiny": PipelineConfig(preset="tiny", threads=1, text_batch=16, text_steps=20, vae_steps=150, vae_batch=4, pool_clips=64, dit_batch=4, base_steps=40,
                            search_steps=10, pretrain_steps=40, teacher_dim=32, teacher_depth=10, teacher_steps=40,
-                           cache_samples=16, cache_shard=8, kd_steps=20, dmd_steps=6, decoder_steps=30, eval_prompts=4, sample_chunks=3,
+                           cache_samples=16, cache_shard=8, kd_steps=20, dmd_steps=6, ode_pairs=8, ode_updates=10, decoder_steps=30, eval_prompts=4, sample_chunks=3,
                            ema=0.9),
 }
 
@@ -283,7 +287,8 @@ def stage_dmd(run, without_teacher=False, name="dmd", n_steps=None):
     real = distill.make_real_score(real_model, n_text, n_mask, fcfg.cfg_scale)
     hw = latent_hw(cfg)
     dcfg = distill.get_config(cfg.preset, seed=cfg.seed, latent_hw=(hw, hw), shift=fcfg.shift, n_steps=n_steps,
-                              steps=cfg.dmd_steps, gan_start=cfg.dmd_steps // 2)
+                              steps=cfg.dmd_steps, gan_start=cfg.dmd_steps // 2, ode_pairs=cfg.ode_pairs,
+                              ode_updates=cfg.ode_updates)
     # The progressive GAN's "real" samples take T' > T steps. ASSUMPTION: T' >= 2 T, so the tiny
     # preset's T' = 4 becomes 8 for a 4-step student (small: T' = 8 for every T <= 4).
     dcfg = replace(dcfg, gan_real_steps=max(dcfg.gan_real_steps, 2 * n_steps),

@@ -168,6 +168,22 @@ def test_learning_curve_scores_resumes_and_reports(tiny_run, tmp_path):
     assert curves.wilson(0.5, 24) == pytest.approx((0.314, 0.686), abs=1e-3)
 
 
+def test_chain_scores_only_the_stages_asked_for(tiny_run, capsys):
+    """curves.py --chain --chain-stages dmd scores the streamed student alone (one row, both splits,
+    the command in the table's line); a stage the chain does not have is refused before any work."""
+    import curves
+    run, _, _ = tiny_run
+    rows = curves.score_chain(run.dir, n_prompts=1, seeds=2, stages=["dmd"])
+    assert list(rows) == ["S2DiT-AR"] and rows["S2DiT-AR"]["seen_n"] == rows["S2DiT-AR"]["heldout_n"] == 2
+    curves.main(["--chain", run.dir, "--chain-stages", "dmd,kd", "--prompts", "1"])
+    out = capsys.readouterr().out
+    assert f"--chain {run.dir} --chain-stages dmd,kd`" in out
+    assert "| S2DiT-KD |" in out and "| S2DiT-AR |" in out and "| T_theta" not in out
+    with pytest.raises(SystemExit):
+        curves.main(["--chain", run.dir, "--chain-stages", "dmd,vae"])
+    assert "no chain stage vae" in capsys.readouterr().err
+
+
 def test_streamed_sampling_of_one_chunk_is_the_whole_window_and_later_chunks_see_the_first(tiny_run):
     """curves.sample_videos(streamed=True) denoises chunk by chunk next to the clean chunks before:
     with one chunk it is the whole-window sampler; with two, the first chunk is the whole-window one
