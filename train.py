@@ -19,7 +19,7 @@ marker `<stage>.done.json`; a stage with a marker is skipped, so an interrupted 
 it stopped (an interrupted stage restarts from its beginning with the same seeds, which gives the
 same result as an uninterrupted run).
 
-    python train.py                          # the `small` preset, everything (under an hour on 2 idle CPU cores)
+    python train.py                          # the `small` preset, everything (about 45 min on 2 CPU cores)
     python train.py --preset tiny --out runs/tiny        # minutes: what the tests run
     python train.py --stages base,search     # only some stages (earlier ones must exist)
     python train.py --device auto            # on a GPU (cuda) or an Apple-silicon Mac (mps)
@@ -61,12 +61,12 @@ from sandwich import SuperNet
 
 PRESETS = {
     # The 45-minute workshop run: 48-px frames (a 3-chunk window of 324 tokens, 0.56x those of 64 px),
-    # T_theta's updates split as the ship preset's (the first 40% on first chunks, the rest on the
-    # 3-chunk window), and every later stage shortened to leave T_theta most of the time (docs/design.md,
+    # T_theta's updates split first chunks then windows as the ship preset's (here the first 30% on
+    # first chunks, the rest on the 3-chunk window, where direction over three chunks is learnt), and every later stage shortened to leave T_theta most of the time (docs/design.md,
     # "Presets", has the stage times and scores).
-    "small": PipelineConfig(frame_size=48, first_chunk_frac=0.4, base_steps=2400, vae_steps=1500, pretrain_steps=200,
+    "small": PipelineConfig(frame_size=48, first_chunk_frac=0.3, base_steps=2700, vae_steps=1200, pretrain_steps=200,
                             teacher_steps=150, cache_samples=128, kd_steps=200, dmd_steps=40, ode_pairs=64,
-                            ode_updates=100, decoder_steps=1000),
+                            ode_updates=100, decoder_steps=800),
     # The shipped model: T_theta's first 40 % of 7000 updates on first chunks (colour, shape and
     # direction from the prompt alone), the rest on the 3-chunk streaming window (a chunk learns to
     # continue the motion of the chunks before it; curves.py: direction appears after ~1000 window
@@ -460,8 +460,8 @@ def parse_sets(items):
 
 def main(argv=None):
     p = safeio.Parser(prog="train.py", description="Train the toy S2DiT pipeline end to end (resumable).")
-    p.add_argument("--preset", default="small", help="tiny (minutes), small (the workshop run, about an "
-                   "hour) or ship (the shipped model, ~2-2.5 h)")
+    p.add_argument("--preset", default="small", help="tiny (minutes), small (the workshop run, about 45 "
+                   "min) or ship (the shipped model, ~2-2.5 h)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--force", default="", help="comma-separated stages to re-run even if done")

@@ -242,7 +242,7 @@ def test_train_set_overrides_the_preset_and_is_recorded(tmp_path, monkeypatch):
 def test_frame_size_sets_every_clip_and_the_latency_table_of_the_run():
     """frame_size 0 keeps the geometry's side; another side reaches the clips, the latent grid and the
     search's latency key, and the key names that geometry back."""
-    small, s48 = train.get_config("small"), train.get_config("small", frame_size=48)
+    small, s48 = train.get_config("small", frame_size=0), train.get_config("ship", frame_size=48)
     assert (train.data_cfg(small).size, train.latent_hw(small), search.latency_key(small)) == (64, 16, "small")
     assert (train.data_cfg(s48).size, train.latent_hw(s48), search.latency_key(s48)) == (48, 12, "small/48px")
     assert search.latency_key(train.get_config("small", frame_size=64)) == "small"       # the preset's own side
