@@ -45,6 +45,22 @@ def test_resume_skips_done_stages_and_reruns_a_killed_one_identically(tiny_run):
     assert all(torch.equal(before[k], after[k]) for k in before)   # same seed, same result
 
 
+def test_pipeline_ode_fields_reach_dmds_initialisation(tiny_run, tmp_path):
+    """PipelineConfig.ode_pairs / ode_updates set DMD's ODE initialisation (the `small` preset shortens
+    it): the dmd stage of a copy of the run with other values draws that many trajectories."""
+    import shutil
+    from dataclasses import replace
+    run, _, _ = tiny_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run.dir, copy)
+    os.remove(os.path.join(copy, "dmd.done.json"))
+    cfg = replace(run.cfg, ode_pairs=3, ode_updates=2, dmd_steps=2)
+    train.run_pipeline(copy, cfg, ["dmd"])
+    ode = torch.load(os.path.join(copy, "dmd_ode.pt"), weights_only=True)["metrics"]
+    assert ode["ode_pairs"] == 3 and run.cfg.ode_pairs != 3
+    assert torch.load(run.path("dmd_ode.pt"), weights_only=True)["metrics"]["ode_pairs"] == run.cfg.ode_pairs
+
+
 def test_resumed_dmd_stage_equals_the_uninterrupted_run(tiny_run):
     """The dmd stage again (a resume after a kill, or `--stages dmd` on a finished run) in a process whose
     global RNG is elsewhere than in the uninterrupted run: the same student, tensor for tensor. Every
