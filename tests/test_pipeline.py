@@ -49,12 +49,14 @@ def test_pipeline_ode_fields_reach_dmds_initialisation(tiny_run, tmp_path):
     """PipelineConfig.ode_pairs / ode_updates set DMD's ODE initialisation (the `small` preset shortens
     it): the dmd stage of a copy of the run with other values draws that many trajectories."""
     import shutil
-    from dataclasses import replace
+    from dataclasses import asdict, replace
     run, _, _ = tiny_run
     copy = str(tmp_path / "copy")
     shutil.copytree(run.dir, copy)
     os.remove(os.path.join(copy, "dmd.done.json"))
     cfg = replace(run.cfg, ode_pairs=3, ode_updates=2, dmd_steps=2)
+    with open(os.path.join(copy, "pipeline.json"), "w") as f:   # the copy is a run of these values
+        json.dump(asdict(cfg), f)
     train.run_pipeline(copy, cfg, ["dmd"])
     ode = torch.load(os.path.join(copy, "dmd_ode.pt"), weights_only=True)["metrics"]
     assert ode["ode_pairs"] == 3 and run.cfg.ode_pairs != 3
