@@ -68,7 +68,7 @@ LATENCY_MS = {
     "tiny/patch4": {"lcha_group_ms": 2.281, "ssa_group_ms": 1.033, "switch_ms": 0.040, "tokens_high": 12, "tokens_low": 3},
     "small": {"lcha_group_ms": 18.345, "ssa_group_ms": 5.813, "switch_ms": 0.557, "tokens_high": 192, "tokens_low": 48},
     "small/patch4": {"lcha_group_ms": 10.654, "ssa_group_ms": 1.812, "switch_ms": 0.103, "tokens_high": 48, "tokens_low": 12},
-    # 48 px frames (--set frame_size=48): the column-wise median of 7 runs of `--measure small/48px`
+    # 48 px frames (the small preset's frame_size): the column-wise median of 7 runs of `--measure small/48px`
     "small/48px": {"lcha_group_ms": 6.310, "ssa_group_ms": 1.977, "switch_ms": 0.139, "tokens_high": 108, "tokens_low": 27},
 }
 

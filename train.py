@@ -63,8 +63,8 @@ PRESETS = {
     # The 45-minute workshop run: 48-px frames (a 3-chunk window of 324 tokens, 0.56x those of 64 px),
     # T_theta's updates split first chunks then windows as in the ship preset (here the first 40% on
     # first chunks, the rest on the 3-chunk window, where direction over three chunks is learnt),
-    # and every later stage shortened to leave T_theta most of the time (docs/design.md, "Presets",
-    # has the stage times and scores).
+    # and every later stage shortened to leave T_theta most of the time (RESULTS.md, "The workshop
+    # run", has the timed runs that chose these values and their scores).
     "small": PipelineConfig(frame_size=48, first_chunk_frac=0.4, base_steps=2400, vae_steps=1500, pretrain_steps=200,
                             teacher_steps=150, cache_samples=128, kd_steps=200, dmd_steps=40, ode_pairs=64,
                             ode_updates=100, decoder_steps=1000),
@@ -74,7 +74,7 @@ PRESETS = {
     # updates and keeps rising); the decoder 6000 updates (27.0 dB, 1.2 dB below the reference
     # decoder). Streamed 2-step student, 42 videos per split: seen colour / shape / direction
     # 1.00 / 0.95 / 0.98, held-out 1.00 / 0.79 / 0.93 (weights/README.md has the intervals and the
-    # stage times: T_theta ~75-90 min of a ~2-2.5 h run on 2 cores).
+    # stage times: 168 min logged on a loaded 2-core machine, ~125 min at idle stage speeds).
     "ship": PipelineConfig(first_chunk_frac=0.4, base_steps=7000, decoder_steps=6000),
     "tiny": PipelineConfig(preset="tiny", threads=1, text_batch=16, text_steps=20, vae_steps=150, vae_batch=4, pool_clips=64, dit_batch=4, base_steps=40,
                            search_steps=10, pretrain_steps=40, teacher_dim=32, teacher_depth=10, teacher_steps=40,
