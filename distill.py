@@ -88,6 +88,8 @@ class DMDConfig:
     t_max: float = 0.98
     ema: float = 0.99             # EMA decay of the generator (paper: 0.99)
     # --- ODE-regression initialisation (CausVid / Self-Forcing's starting point) ---
+    # (train.py passes its own PipelineConfig.ode_pairs / ode_updates; these values serve this
+    # module's demo and tests)
     ode_pairs: int = 128          # (ODE states, ODE end) clips from the real score (Self-Forcing: ~16k)
     ode_steps: int = 16           # Euler steps of the real score's ODE (a multiple of n_steps, so the
                                   # student's schedule lies on the Euler grid)
