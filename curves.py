@@ -322,17 +322,20 @@ CHAIN = (("T_theta (all attention)", "base"), ("teacher (2 experts)", "teacher")
 
 
 @torch.no_grad()
-def score_chain(run_dir, n_prompts=21, seeds=2, chunks=3, steps=30, ar_steps=None, stages=None):
+def score_chain(run_dir, n_prompts=21, seeds=2, chunks=3, steps=30, ar_steps=None, stages=None, cfg_scale=None):
     """Each stage of the run's chain that exists (of `stages`, default all of CHAIN's), scored by
     evaluate.py on the same SEEN and HELD-OUT combinations (n_prompts each, `seeds` noise draws): the
     flow-matching models whole-clip (Euler + CFG, `steps` steps, VAE decoder), the few-step students
-    streamed chunk by chunk through the efficient decoder at their own step count, as a user sees them."""
+    streamed chunk by chunk through the efficient decoder at their own step count, as a user sees them.
+    `cfg_scale` (default: the flow preset's, the scale the run's distillation used) sets the guidance
+    of the flow-matching rows only: the students have their guidance distilled in."""
     known = [stage for _, stage in CHAIN]
     unknown = sorted(set(stages or ()) - set(known))
     if unknown:
         raise ValueError(f"no chain stage {', '.join(unknown)}: choose from {', '.join(known)}")
     run = runs.open_run(run_dir)
     fcfg = flow.get_config(run.cfg.preset)
+    scale = fcfg.cfg_scale if cfg_scale is None else cfg_scale
     rows = {}
     for label, stage in CHAIN:
         if stages and stage not in stages:
@@ -353,9 +356,9 @@ def score_chain(run_dir, n_prompts=21, seeds=2, chunks=3, steps=30, ar_steps=Non
                                       for i, p in enumerate(prompts)])
                 row["setting"] = f"streamed, {k} steps"
             else:
-                videos, prompts = sample_videos(run.model(stage).eval(), run, combos, chunks, seeds, fcfg.cfg_scale,
+                videos, prompts = sample_videos(run.model(stage).eval(), run, combos, chunks, seeds, scale,
                                                 steps, fcfg.shift)
-                row["setting"] = f"Euler {steps} steps + CFG {fcfg.cfg_scale}"
+                row["setting"] = f"Euler {steps} steps + CFG {scale}"
             s = evaluate.score_videos(videos, prompts)
             for key, _, _ in ATTRS:
                 row[f"{split}_{key}"] = s[key]
@@ -409,7 +412,8 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=None, help="combinations per split (seen, held-out); "
                    "default 12 for a curve, 21 (every held-out one) for --chain")
     p.add_argument("--seeds", type=int, default=2, help="noise draws per combination")
-    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the preset's)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="guidance scale of the curves and of --chain's flow-matching rows (default: the preset's)")
     p.add_argument("--eval-chunks", type=int, default=1, help="chunks per scored video (1 = 9 frames: every recipe "
                    "is scored on the same first chunk, where the prompt alone sets the direction)")
     p.add_argument("--euler-steps", type=int, default=20, help="Euler steps of the scored samples")
@@ -438,10 +442,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         only = args.chain_stages.split(",") if args.chain_stages else None
         try:
-            rows = score_chain(args.chain, args.prompts or 21, max(args.seeds, 2), stages=only)
+            rows = score_chain(args.chain, args.prompts or 21, max(args.seeds, 2), stages=only,
+                               cfg_scale=args.cfg_scale)
         except ValueError as e:
             p.error(str(e))
         flag = f" --chain-stages {args.chain_stages}" if only else ""
+        flag += f" --cfg-scale {args.cfg_scale:g}" if args.cfg_scale is not None else ""
         body = (f"Made by `python curves.py --chain {args.chain}{flag}` on {time.strftime('%Y-%m-%d')}.\n\n"
                 + chain_table(rows))
         print(body)

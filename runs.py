@@ -96,20 +96,32 @@ class PipelineConfig:
                                    # object (vae.latent_motion_mask, stored with the pool); 0 = plain MSE.
                                    # DEVIATION: the paper weighs every latent alike. The caption describes the
                                    # objects, ~14% of the latent pixels; the rest is a caption-free background
+    # The toy world's difficulty knobs (data.DataConfig) for every clip the run trains on: the VAE, the
+    # latent pool, the decoder. The text stage (its own 32-px clips) and every evaluation keep the full
+    # world, and the evaluation prompts name one object either way.
+    p_two_objects: float = 0.25    # chance a training clip tries a second, smaller object (~70 % fit)
+    p_textured: float = 0.5        # chance of a low-contrast textured background instead of a plain one
 
 
-def data_cfg(cfg: PipelineConfig):
+def data_cfg(cfg: PipelineConfig, full_world: bool = False):
+    """The clips of the run: its geometry, and its world's knobs unless `full_world` (held-out measurements
+    compare runs on the one full world)."""
     d = data.get_config(cfg.preset)
-    return replace(d, frames=cfg.clip_frames, size=cfg.frame_size or d.size)
+    d = replace(d, frames=cfg.clip_frames, size=cfg.frame_size or d.size)
+    return d if full_world else replace(d, p_two_objects=cfg.p_two_objects, p_textured=cfg.p_textured)
 
 
 def check_geometry(cfg: PipelineConfig):
     """Before any work: the frame side and the DiT patch tile the latent grid down to SSA's strided grid
-    (vae.py: 4x; the patch; sandwich.STRIDE), so that no stage fails half way on a shape."""
+    (vae.py: 4x; the patch; sandwich.STRIDE), so that no stage fails half way on a shape; the world's
+    knobs are probabilities."""
     if cfg.dit_patch < 1:
         raise ValueError(f"dit_patch must be >= 1, got {cfg.dit_patch}")
     if cfg.frame_size < 0:
         raise ValueError(f"frame_size must be >= 0 (0 = the {cfg.preset} geometry's), got {cfg.frame_size}")
+    for name in ("p_two_objects", "p_textured"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} is a probability, between 0 and 1, got {getattr(cfg, name)}")
     side, unit = data_cfg(cfg).size, 4 * cfg.dit_patch * STRIDE
     if side % unit:
         raise ValueError(f"a frame side of {side} px does not tile into DiT tokens and SSA's strided grid: it must "

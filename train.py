@@ -148,7 +148,7 @@ def stage_vae(run):
                         batch=cfg.vae_batch)
     if not dist.is_main():                           # process 0 alone measures and writes (torchrun)
         return m
-    held_out = data.make_batch(dcfg, 16, seed=HELD_OUT_CLIPS, split="eval")[0].to(run.device)
+    held_out = data.make_batch(data_cfg(cfg, full_world=True), 16, seed=HELD_OUT_CLIPS, split="eval")[0].to(run.device)
     m["heldout_psnr"] = vae_mod.reconstruct_psnr(model, held_out)
     print(f"VAE held-out reconstruction PSNR: {m['heldout_psnr']:.2f} dB")
     save_checkpoint(run.path("vae.pt"), model, model.cfg, m)
@@ -324,7 +324,7 @@ def stage_decoder(run):
                             batch=cfg.vae_batch)
     if not dist.is_main():                           # process 0 alone measures and writes (torchrun)
         return m
-    held_out = data.make_batch(dcfg, 8, seed=HELD_OUT_CLIPS, split="eval")[0].to(run.device)
+    held_out = data.make_batch(data_cfg(cfg, full_world=True), 8, seed=HELD_OUT_CLIPS, split="eval")[0].to(run.device)
     m["table_a2"] = dec_mod.compare_decoders(vae, dec, held_out)
     save_checkpoint(run.path("decoder.pt"), dec, dec.cfg, m)
     return m

@@ -6,6 +6,7 @@ torch again for each case. Only the signal test needs a real process."""
 import dataclasses
 import json
 import os
+from dataclasses import replace
 import shutil
 import signal
 import subprocess
@@ -223,6 +224,8 @@ def fake_run(path, **overrides):
     (["--preset", "small", "--set", "frame_size=40"], ["frame side of 40 px", "multiple of", "= 16", "32 or 48"]),
     (["--preset", "small", "--set", "frame_size=48", "--set", "dit_patch=4"], ["frame side of 48 px", "= 32"]),
     (["--preset", "small", "--set", "frame_size=-16"], ["frame_size must be >= 0"]),
+    (["--preset", "small", "--set", "p_textured=1.5"], ["p_textured is a probability", "got 1.5"]),
+    (["--preset", "small", "--set", "p_two_objects=-0.1"], ["p_two_objects is a probability"]),
     (["--preset", "tiny", "--set", "frame_size=96"], ["no stored latency table", "tiny/96px",
                                                       "python search.py --measure tiny/96px"]),
 ])
@@ -251,6 +254,22 @@ def test_frame_size_sets_every_clip_and_the_latency_table_of_the_run():
         assert (train.data_cfg(back).size, back.dit_patch) == (train.data_cfg(cfg).size, cfg.dit_patch)
     video, _, _ = data.make_batch(train.data_cfg(s48), 2, seed=0)
     assert video.shape[-2:] == (48, 48)
+
+
+def test_world_knobs_reach_the_training_clips_not_the_held_out_ones():
+    """p_two_objects / p_textured shape the run's clips; data_cfg(full_world=True), the held-out clips'
+    config, keeps the data preset's world whatever the run sets."""
+    plain = train.get_config("small", p_two_objects=0.0, p_textured=0.0)
+    assert (train.data_cfg(plain).p_two_objects, train.data_cfg(plain).p_textured) == (0.0, 0.0)
+    full = data.get_config("small")
+    assert (train.data_cfg(plain, full_world=True).p_two_objects, train.data_cfg(plain, full_world=True).p_textured) \
+        == (full.p_two_objects, full.p_textured)
+    assert train.data_cfg(train.get_config("small")) == train.data_cfg(train.get_config("small"), full_world=True)
+    _, _, gt = data.make_batch(replace(train.data_cfg(plain), frames=2), 64, seed=0)
+    assert all(len(g["objects"]) == 1 and not g["textured"] for g in gt)         # one object, plain background
+    _, _, gt = data.make_batch(replace(train.data_cfg(train.get_config("small", p_two_objects=1.0, p_textured=1.0)),
+                                       frames=2), 64, seed=0)
+    assert sum(len(g["objects"]) == 2 for g in gt) > 32 and all(g["textured"] for g in gt)   # ~70 % of tries fit
 
 
 def test_preset_args_name_the_recipe_that_makes_a_run(tmp_path, monkeypatch):

@@ -200,6 +200,10 @@ def test_chain_scores_only_the_stages_asked_for(tiny_run, capsys):
     with pytest.raises(SystemExit):
         curves.main(["--chain", run.dir, "--chain-stages", "dmd,vae"])
     assert "no chain stage vae" in capsys.readouterr().err
+    # --cfg-scale sets the flow-matching rows' guidance, and the command in the table's line says so
+    curves.main(["--chain", run.dir, "--chain-stages", "base", "--prompts", "1", "--cfg-scale", "5"])
+    out = capsys.readouterr().out
+    assert f"--chain {run.dir} --chain-stages base --cfg-scale 5`" in out and "CFG 5.0 |" in out
 
 
 def test_streamed_sampling_of_one_chunk_is_the_whole_window_and_later_chunks_see_the_first(tiny_run):
