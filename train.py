@@ -74,7 +74,7 @@ PRESETS = {
     # updates and keeps rising); the decoder 6000 updates (27.0 dB, 1.2 dB below the reference
     # decoder). Streamed 2-step student, 42 videos per split: seen colour / shape / direction
     # 1.00 / 0.95 / 0.98, held-out 1.00 / 0.79 / 0.93 (weights/README.md has the intervals and the
-    # stage times: 168 min logged on a loaded 2-core machine, ~125 min at idle stage speeds).
+    # stage times: about 157 min on this 2-core machine, more than the 2.5 h it is meant to fit).
     "ship": PipelineConfig(first_chunk_frac=0.4, base_steps=7000, decoder_steps=6000),
     "tiny": PipelineConfig(preset="tiny", threads=1, text_batch=16, text_steps=20, vae_steps=150, vae_batch=4, pool_clips=64, dit_batch=4, base_steps=40,
                            search_steps=10, pretrain_steps=40, teacher_dim=32, teacher_depth=10, teacher_steps=40,
@@ -462,7 +462,7 @@ def parse_sets(items):
 def main(argv=None):
     p = safeio.Parser(prog="train.py", description="Train the toy S2DiT pipeline end to end (resumable).")
     p.add_argument("--preset", default="small", help="tiny (minutes), small (the workshop run, about 45 "
-                   "min) or ship (the shipped model, ~2-2.5 h)")
+                   "min) or ship (the shipped model, ~2.6 h on 2 cores)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--force", default="", help="comma-separated stages to re-run even if done")
