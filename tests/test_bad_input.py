@@ -6,7 +6,6 @@ torch again for each case. Only the signal test needs a real process."""
 import dataclasses
 import json
 import os
-from dataclasses import replace
 import shutil
 import signal
 import subprocess
@@ -265,10 +264,10 @@ def test_world_knobs_reach_the_training_clips_not_the_held_out_ones():
     assert (train.data_cfg(plain, full_world=True).p_two_objects, train.data_cfg(plain, full_world=True).p_textured) \
         == (full.p_two_objects, full.p_textured)
     assert train.data_cfg(train.get_config("small")) == train.data_cfg(train.get_config("small"), full_world=True)
-    _, _, gt = data.make_batch(replace(train.data_cfg(plain), frames=2), 64, seed=0)
+    _, _, gt = data.make_batch(dataclasses.replace(train.data_cfg(plain), frames=2), 64, seed=0)
     assert all(len(g["objects"]) == 1 and not g["textured"] for g in gt)         # one object, plain background
-    _, _, gt = data.make_batch(replace(train.data_cfg(train.get_config("small", p_two_objects=1.0, p_textured=1.0)),
-                                       frames=2), 64, seed=0)
+    busy = train.get_config("small", p_two_objects=1.0, p_textured=1.0)
+    _, _, gt = data.make_batch(dataclasses.replace(train.data_cfg(busy), frames=2), 64, seed=0)
     assert sum(len(g["objects"]) == 2 for g in gt) > 32 and all(g["textured"] for g in gt)   # ~70 % of tries fit
 
 
