@@ -111,10 +111,10 @@ def data_cfg(cfg: PipelineConfig, full_world: bool = False):
     return d if full_world else replace(d, p_two_objects=cfg.p_two_objects, p_textured=cfg.p_textured)
 
 
-def check_geometry(cfg: PipelineConfig):
-    """Before any work: the frame side and the DiT patch tile the latent grid down to SSA's strided grid
-    (vae.py: 4x; the patch; sandwich.STRIDE), so that no stage fails half way on a shape; the world's
-    knobs are probabilities."""
+def check_run_config(cfg: PipelineConfig):
+    """The checks of a run's config before any work, so that no stage fails half way: the frame side and
+    the DiT patch tile the latent grid down to SSA's strided grid (vae.py: 4x; the patch;
+    sandwich.STRIDE), and the world's knobs are probabilities."""
     if cfg.dit_patch < 1:
         raise ValueError(f"dit_patch must be >= 1, got {cfg.dit_patch}")
     if cfg.frame_size < 0:

@@ -101,7 +101,7 @@ def parse_latency_key(key: str):
         raise ValueError(f"expected PRESET[/patchP][/Spx] (e.g. small, small/patch4, small/48px), PRESET one of "
                          f"{sorted(PRESETS)}; got {key!r}")
     cfg = runs.PipelineConfig(preset=preset, **fields)
-    runs.check_geometry(cfg)
+    runs.check_run_config(cfg)
     return cfg
 
 

@@ -52,7 +52,7 @@ import search
 import stream
 import text as text_mod
 import vae as vae_mod
-from runs import (STAGES, PipelineConfig, Run, check_geometry, data_cfg, dit_batches, dit_cfg, fm_batches, latent_hw,
+from runs import (STAGES, PipelineConfig, Run, check_run_config, data_cfg, dit_batches, dit_cfg, fm_batches, latent_hw,
                   load_streaming, read_pipeline, ship_weights, spec_of)
 from safeio import save_checkpoint
 from sandwich import SuperNet
@@ -489,7 +489,7 @@ def main(argv=None):
         for s in (stages or []) + force:
             if s not in STAGES:
                 raise ValueError(f"unknown stage {s!r}; stages: {','.join(STAGES)}")
-        check_geometry(cfg)
+        check_run_config(cfg)
         if stages is None or "search" in stages or "search" in force:
             search.latency_of(cfg)                  # the search's stored latency table: hours in, too late to find out
         check_out(out, cfg)
