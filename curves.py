@@ -270,12 +270,15 @@ def svg(logs, width=960, height=330):
 # ----------------------------------------------------------------------------------------------
 # How close to the machine is a training step? (achieved GFLOP/s against the matmul peak, one run)
 # ----------------------------------------------------------------------------------------------
-def bench(preset="small", batch=6, chunks=3, threads=2, reps=5, dit_overrides=None):
+def bench(preset="small", batch=6, chunks=3, threads=2, reps=5, dit_overrides=None, bf16=False):
     """FLOPs of one T_theta update (forward + backward, counted by torch's FlopCounterMode) over its
-    measured time, next to the peak of a square float32 matmul on the same threads, in one process."""
+    measured time, next to the peak of a square float32 matmul on the same threads, in one process.
+    `bf16`: the same update under CPU autocast to bfloat16 (weights and the optimizer stay float32),
+    against a bfloat16 matmul's peak; some CPUs run bfloat16 matmuls in dedicated units, most do not."""
     from torch.utils.flop_counter import FlopCounterMode
     torch.set_num_threads(threads)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     for _ in range(3):
         a @ b
     t0 = time.perf_counter()
@@ -293,7 +296,8 @@ def bench(preset="small", batch=6, chunks=3, threads=2, reps=5, dit_overrides=No
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
-        loss = flow.fm_loss(model, x0, text, mask, text[:1], mask[:1], generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = flow.fm_loss(model, x0, text, mask, text[:1], mask[:1], generator=torch.Generator().manual_seed(0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -306,7 +310,8 @@ def bench(preset="small", batch=6, chunks=3, threads=2, reps=5, dit_overrides=No
         step()
     sec = (time.perf_counter() - t0) / reps
     tokens = batch * T * (hw // cfg.patch[1]) * (hw // cfg.patch[2])
-    return {"preset": preset, "patch": cfg.patch[1], "threads": threads, "batch": batch, "chunks": chunks,
+    return {"preset": preset, "dtype": "bfloat16 autocast" if bf16 else "float32", "patch": cfg.patch[1],
+            "threads": threads, "batch": batch, "chunks": chunks,
             "tokens_per_update": tokens,
             "params": dit.count_params(model), "gflop_per_update": round(flops / 1e9, 2),
             "ms_per_update": round(sec * 1000, 1), "clips_per_s": round(batch / sec, 1),
@@ -432,11 +437,18 @@ def main(argv=None):
     p.add_argument("--chain-stages", default=None, help="with --chain: only these stages, comma-separated "
                    f"(of {','.join(stage for _, stage in CHAIN)}), e.g. dmd for the streamed student alone")
     p.add_argument("--bench", action="store_true", help="print the training step's GFLOP/s against the matmul peak and exit")
+    p.add_argument("--bf16", action="store_true", help="with --bench: also time each step under bfloat16 autocast, "
+                   "side by side with float32 in the same process")
     args = p.parse_args(argv)
     if args.bench:
         for chunks, batch, patch in ((3, 6, 2), (1, 18, 2), (3, 6, 4)):       # the windows, the patch-4 window
-            print(json.dumps(bench("small", batch=batch, chunks=chunks, threads=args.threads,
-                                   dit_overrides={"patch": (1, patch, patch)})))
+            arms = [bench("small", batch=batch, chunks=chunks, threads=args.threads, dit_overrides={"patch": (1, patch, patch)},
+                          bf16=bf16) for bf16 in ((False, True) if args.bf16 else (False,))]
+            for arm in arms:
+                print(json.dumps(arm))
+            if args.bf16:
+                print(f"  bfloat16 autocast / float32, ms per update: {arms[1]['ms_per_update']} / {arms[0]['ms_per_update']} "
+                      f"= {arms[0]['ms_per_update'] / arms[1]['ms_per_update']:.2f}x faster")
         return
     if args.chain:
         torch.set_num_threads(args.threads)
