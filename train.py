@@ -63,13 +63,11 @@ PRESETS = {
     # The 45-minute workshop run: 48-px frames (a 3-chunk window of 324 tokens, 0.56x those of 64 px),
     # T_theta's updates split first chunks then windows as in the ship preset (here the first 40% on
     # first chunks, the rest on the 3-chunk window, where direction over three chunks is learnt),
-    # every later stage shortened to leave T_theta most of the time, and training clips of one object
-    # on a plain background (the evaluation keeps the full world: runs.data_cfg) so that the few
-    # minutes go to the words rather than to second objects and textures (RESULTS.md, "The workshop
+    # and every later stage shortened to leave T_theta most of the time (RESULTS.md, "The workshop
     # run", has the timed runs that chose these values and their scores).
     "small": PipelineConfig(frame_size=48, first_chunk_frac=0.4, base_steps=2400, vae_steps=1500, pretrain_steps=200,
                             teacher_steps=150, cache_samples=128, kd_steps=200, dmd_steps=40, ode_pairs=64,
-                            ode_updates=100, decoder_steps=1000, p_two_objects=0.0, p_textured=0.0),
+                            ode_updates=100, decoder_steps=1000),
     # The shipped model: T_theta's first 40 % of 6000 updates on first chunks (colour, shape and
     # direction from the prompt alone), the rest on the 3-chunk streaming window (a chunk learns to
     # continue the motion of the chunks before it; curves.py: direction appears after ~1000 window
