@@ -3,6 +3,7 @@ chunk; determinism; clear errors before any work."""
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -177,6 +178,6 @@ def test_strip_shows_every_fourth_frame_of_the_stream(models, tmp_path):
     H, W = frames.shape[2:]
     assert res["strip"] == str(strip)
     assert img.size == (6 * (2 * W + 2) - 2, 2 * H + 14)             # frames 0, 4, ..., 20 of 21, 2x larger
-    tile = torch.tensor(list(img.crop((0, 14, 2 * W, 14 + 2 * H)).getdata()), dtype=torch.float32).view(2 * H, 2 * W, 3)
+    tile = torch.tensor(np.asarray(img.convert("RGB").crop((0, 14, 2 * W, 14 + 2 * H))), dtype=torch.float32)  # (2H, 2W, 3)
     first = ((frames[:, 0].permute(1, 2, 0) + 1) * 127.5).round()       # (H, W, 3) the first frame
     assert (tile[::2, ::2] - first).abs().max() <= 1
