@@ -442,13 +442,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.bench:
         for chunks, batch, patch in ((3, 6, 2), (1, 18, 2), (3, 6, 4)):       # the windows, the patch-4 window
-            arms = [bench("small", batch=batch, chunks=chunks, threads=args.threads, dit_overrides={"patch": (1, patch, patch)},
-                          bf16=bf16) for bf16 in ((False, True) if args.bf16 else (False,))]
+            arms = [bench("small", batch=batch, chunks=chunks, threads=args.threads,
+                          dit_overrides={"patch": (1, patch, patch)}, bf16=bf16)
+                    for bf16 in ((False, True) if args.bf16 else (False,))]
             for arm in arms:
                 print(json.dumps(arm))
             if args.bf16:
-                print(f"  ms per update, float32 / bfloat16 autocast: {arms[0]['ms_per_update']} / {arms[1]['ms_per_update']}: "
-                      f"autocast runs at {arms[0]['ms_per_update'] / arms[1]['ms_per_update']:.2f}x the float32 speed")
+                f32, b16 = arms[0]["ms_per_update"], arms[1]["ms_per_update"]
+                print(f"  ms per update, float32 / bfloat16 autocast: {f32} / {b16}: "
+                      f"autocast runs at {f32 / b16:.2f}x the float32 speed")
         return
     if args.chain:
         torch.set_num_threads(args.threads)

@@ -237,3 +237,12 @@ def test_streamed_sampling_of_one_chunk_is_the_whole_window_and_later_chunks_see
     assert [t.shape[1] for t in seen] == [c] * 4 + [2 * c] * 4         # 2 Euler steps x (cond, uncond) per chunk
     assert all((t[:, :c] == 0).all() and (t[:, c:] > 0).all() for t in seen[4:])
     assert isinstance(model, dit.DiT)
+
+
+def test_bench_times_the_same_update_in_float32_and_under_bfloat16_autocast():
+    import curves
+    f32 = curves.bench("tiny", batch=2, chunks=1, threads=1, reps=1)
+    b16 = curves.bench("tiny", batch=2, chunks=1, threads=1, reps=1, bf16=True)
+    assert (f32["dtype"], b16["dtype"]) == ("float32", "bfloat16 autocast")
+    assert f32["gflop_per_update"] == b16["gflop_per_update"] > 0      # the same work, only the precision differs
+    assert f32["ms_per_update"] > 0 and b16["ms_per_update"] > 0
